@@ -1,0 +1,143 @@
+/* The one definition of every struct shared between the XDP program and the
+ * control plane. dataplane/structs.py mirrors it; tests/test_structs.py checks
+ * that sizes and offsets agree. Addresses are 16 bytes for both families: IPv4
+ * is stored IPv4-mapped (::ffff:a.b.c.d) so one key shape serves both. */
+#ifndef XDPGW_STRUCTS_H
+#define XDPGW_STRUCTS_H
+
+#define XDPGW_NO_VM 0xffffffffu       /* Maglev slot / flow value with no VM */
+#define XDPGW_REGION_UNKNOWN 0        /* region id of unmatched sources */
+
+/* vm_location.kind */
+#define VM_LOC_LOCAL 1                /* behind a host port: MAC rewrite + devmap */
+#define VM_LOC_TUNNEL 2               /* behind a remote endpoint: IP-in-IP */
+
+/* vm_location.state: only ACTIVE VMs take new flows; DRAINING keeps its flows;
+ * DOWN flows are re-selected on their next packet. */
+#define VM_STATE_ACTIVE 0
+#define VM_STATE_DRAINING 1
+#define VM_STATE_DOWN 2
+
+/* flow_key.flags */
+#define FLOW_F_FRAGMENT 1             /* ports zeroed: fragments select on addresses+proto */
+
+/* forward_trace.action: what the program did with the last forwarded packet */
+#define FWD_LOCAL 1
+#define FWD_TUNNEL 2
+#define FWD_OFFLOAD 3
+
+struct service_key {
+    __u8 vip[16];
+    __u16 port;                       /* host byte order */
+    __u8 proto;                       /* IPPROTO_TCP / IPPROTO_UDP */
+    __u8 pad;
+};
+
+struct service_info {
+    __u32 id;                         /* index into maglev_tables and service_counters */
+    __u32 flags;
+};
+
+struct flow_key {
+    __u8 src[16];
+    __u8 dst[16];
+    __u16 sport;                      /* host byte order; 0 for fragments */
+    __u16 dport;
+    __u8 proto;
+    __u8 flags;                       /* FLOW_F_* */
+    __u16 pad;
+};
+
+struct flow_entry {
+    __u32 vm_id;
+    __u32 service_id;
+};
+
+struct vm_location {
+    __u8 kind;                        /* VM_LOC_* ; 0 = unused slot */
+    __u8 state;                       /* VM_STATE_* */
+    __u8 tunnel_family;               /* 4 or 6 for VM_LOC_TUNNEL */
+    __u8 pad;
+    __u32 port_slot;                  /* VM_LOC_LOCAL: index into tx_ports devmap */
+    __u8 dst_mac[6];                  /* VM's MAC, or the tunnel next hop's MAC */
+    __u8 src_mac[6];                  /* host port's MAC, or the uplink's MAC */
+    __u8 tunnel_dst[16];              /* remote endpoint (IPv4-mapped for IPv4) */
+    __u8 tunnel_src[16];              /* this gateway's tunnel source */
+};
+
+struct offload_key {
+    __u32 region_id;
+    __u32 service_id;
+};
+
+struct offload_target {
+    __u8 family;                      /* 4 or 6 */
+    __u8 pad[3];
+    __u8 endpoint[16];                /* target data center's tunnel endpoint */
+    __u8 src[16];                     /* this gateway's tunnel source */
+    __u8 next_hop_mac[6];
+    __u8 src_mac[6];
+};
+
+struct lpm_v4_key {
+    __u32 prefixlen;
+    __u8 addr[4];
+};
+
+struct lpm_v6_key {
+    __u32 prefixlen;
+    __u8 addr[16];
+};
+
+struct traffic_counter {              /* per-CPU; folded by the control plane */
+    __u64 packets;
+    __u64 bytes;
+};
+
+struct service_counter {
+    __u64 packets;
+    __u64 bytes;
+    __u64 new_flows;
+};
+
+/* Global per-CPU stats, indexed by STAT_* (one u64 each). */
+#define STAT_FLOW_HITS 0
+#define STAT_FLOW_MISSES 1
+#define STAT_PASS 2
+#define STAT_LOCAL_FWD 3
+#define STAT_TUNNEL_FWD 4
+#define STAT_OFFLOAD_FWD 5
+#define STAT_ICMP_ERR_FWD 6
+#define STAT_FLOW_RESELECT 7          /* flow's VM gone or down: re-selected */
+#define STAT_MAX 8
+
+/* Drop reasons, indexed into drop_counters. Names live in dataplane/structs.py. */
+#define DROP_ETH_TRUNC 0
+#define DROP_VLAN_TRUNC 1
+#define DROP_VLAN_TOO_DEEP 2
+#define DROP_IP4_TRUNC 3
+#define DROP_IP4_BAD_VERSION 4
+#define DROP_IP4_BAD_IHL 5
+#define DROP_IP4_BAD_LEN 6
+#define DROP_IP6_TRUNC 7
+#define DROP_IP6_BAD_VERSION 8
+#define DROP_IP6_BAD_LEN 9
+#define DROP_IP6_EXT_TRUNC 10
+#define DROP_IP6_EXT_LIMIT 11
+#define DROP_L4_TRUNC 12
+#define DROP_TCP_BAD_DOFF 13
+#define DROP_ICMP_INNER_BAD 14
+#define DROP_NO_VM 15                 /* service has no usable VM */
+#define DROP_VM_LOCATION 16           /* selected VM has no location */
+#define DROP_ENCAP 17                 /* could not grow the packet for IP-in-IP */
+
+#define DROP_MAX 18
+
+struct forward_trace {                /* per-CPU, last forwarded packet */
+    __u32 action;                     /* FWD_* */
+    __u32 vm_id;
+    __u32 port_slot;
+    __u32 service_id;
+};
+
+#endif
