@@ -30,7 +30,7 @@ struct service_key {
     __u8 vip[16];
     __u16 port;                       /* host byte order */
     __u8 proto;                       /* IPPROTO_TCP / IPPROTO_UDP */
-    __u8 pad;
+    __u8 fragment;                    /* 1: the VIP's entry for fragments (port 0) */
 };
 
 struct service_info {
@@ -130,8 +130,9 @@ struct service_counter {
 #define DROP_NO_VM 15                 /* service has no usable VM */
 #define DROP_VM_LOCATION 16           /* selected VM has no location */
 #define DROP_ENCAP 17                 /* could not grow the packet for IP-in-IP */
+#define DROP_UDP_BAD_LEN 18           /* UDP length disagrees with the IP payload */
 
-#define DROP_MAX 18
+#define DROP_MAX 19
 
 struct forward_trace {                /* per-CPU, last forwarded packet */
     __u32 action;                     /* FWD_* */

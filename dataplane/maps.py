@@ -1,0 +1,262 @@
+"""Typed access to every map of the loaded XDP program. Writes validate their
+arguments and raise ValueError naming the field; nothing is half-written."""
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import libbpf
+from . import structs as S
+from .fold import fold_bytes
+from .program import Sizes
+
+PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+VM_STATES = {"active": S.VM_STATE_ACTIVE, "draining": S.VM_STATE_DRAINING, "down": S.VM_STATE_DOWN}
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def possible_cpus() -> int:
+    from bcc.utils import get_possible_cpus
+
+    return len(get_possible_cpus())
+
+
+@dataclass(frozen=True)
+class LocalPort:
+    """A VM behind a host port of this gateway."""
+    slot: int
+    vm_mac: str
+    port_mac: str
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """A VM (or a whole data center) behind a remote IP-in-IP endpoint."""
+    endpoint: IPAddress
+    source: IPAddress
+    next_hop_mac: str
+    uplink_mac: str
+
+
+def _family_check(field: str, endpoint: IPAddress, source: IPAddress) -> int:
+    if endpoint.version != source.version:
+        raise ValueError(f"{field}: tunnel endpoint {endpoint} and source {source} are of different IP families")
+    return endpoint.version
+
+
+class Dataplane:
+    """The loaded program's maps. `bpf` is the bcc.BPF object that owns them."""
+
+    def __init__(self, bpf, sizes: Sizes) -> None:
+        self.bpf = bpf
+        self.sizes = sizes
+        self.ncpus = possible_cpus()
+
+    def _fd(self, name: str) -> int:
+        return self.bpf.get_table(name).map_fd
+
+    # ---- regions -------------------------------------------------------
+    def set_region_prefixes(self, prefixes: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, int]) -> None:
+        """Make the LPM tries hold exactly `prefixes` (network -> region id)."""
+        for net, region in prefixes.items():
+            if not 1 <= region <= self.sizes.max_regions:
+                raise ValueError(f"region id {region} for {net} out of range 1..{self.sizes.max_regions}")
+        wanted = {(net.version, bytes(self._lpm_key(net))) for net in prefixes}
+        for net, region in prefixes.items():
+            libbpf.update_elem(self._fd(f"region_prefixes_v{net.version}"), self._lpm_key(net),
+                               ct.c_uint32(region), f"region prefix {net}")
+        for version in (4, 6):
+            table = self.bpf.get_table(f"region_prefixes_v{version}")
+            for key in list(table.keys()):
+                if (version, bytes(key)) not in wanted:
+                    table.__delitem__(key)
+
+    def _lpm_type(self, version: int):
+        return S.LpmV4Key if version == 4 else S.LpmV6Key
+
+    def _lpm_key(self, net):
+        key = self._lpm_type(net.version)()
+        key.prefixlen = net.prefixlen
+        ct.memmove(key.addr, net.network_address.packed, len(net.network_address.packed))
+        return key
+
+    # ---- services ------------------------------------------------------
+    def set_services(self, services: list[tuple[IPAddress, int, str, int]]) -> None:
+        """Make the service map hold exactly (vip, port, protocol, service id) entries.
+
+        Fragments carry no ports, so each (VIP, protocol) also gets a fragment
+        entry (port 0) that points at its lowest-numbered service."""
+        entries: dict[bytes, S.ServiceInfo] = {}
+        for vip, port, proto, sid in sorted(services, key=lambda s: s[3]):
+            if proto not in PROTOCOLS:
+                raise ValueError(f"service {sid}: protocol {proto!r} must be one of {sorted(PROTOCOLS)}")
+            if not 1 <= port <= 65535:
+                raise ValueError(f"service {sid}: port {port} out of range 1..65535")
+            if not 0 <= sid < self.sizes.max_services:
+                raise ValueError(f"service id {sid} out of range 0..{self.sizes.max_services - 1}")
+            key = S.ServiceKey(vip=S.addr16(vip), port=port, proto=PROTOCOLS[proto])
+            frag = S.ServiceKey(vip=S.addr16(vip), port=0, proto=PROTOCOLS[proto], fragment=1)
+            entries[bytes(key)] = S.ServiceInfo(id=sid)
+            entries.setdefault(bytes(frag), S.ServiceInfo(id=sid))
+        table = self.bpf.get_table("services")
+        for raw, info in entries.items():
+            table[S.ServiceKey.from_buffer_copy(raw)] = info
+        for key in list(table.keys()):
+            if bytes(key) not in entries:
+                table.__delitem__(key)
+
+    # ---- Maglev --------------------------------------------------------
+    def set_maglev_table(self, service_id: int, table: np.ndarray) -> None:
+        """Swap in a whole new table for a service: a packet sees the old or the new one, never a mix."""
+        m = self.sizes.maglev_m
+        table = np.ascontiguousarray(table, dtype=np.uint32)
+        if table.shape != (m,):
+            raise ValueError(f"Maglev table for service {service_id} has {table.size} slots, expected {m}")
+        if not 0 <= service_id < self.sizes.max_services:
+            raise ValueError(f"service id {service_id} out of range 0..{self.sizes.max_services - 1}")
+        inner = libbpf.map_create(libbpf.BPF_MAP_TYPE_ARRAY, f"maglev_{service_id}", 4, 4, m)
+        try:
+            keys = np.arange(m, dtype=np.uint32).tobytes()
+            libbpf.update_batch(inner, keys, table.tobytes(), m, f"Maglev table of service {service_id}")
+            libbpf.update_elem(self._fd("maglev_tables"), ct.c_uint32(service_id), ct.c_uint32(inner),
+                               f"maglev_tables[{service_id}]")
+        finally:
+            import os
+            os.close(inner)  # the outer map holds its own reference
+
+    def maglev_table(self, service_id: int) -> np.ndarray | None:
+        """The table the dataplane uses now for a service (None if it has none)."""
+        import os
+
+        inner_id = ct.c_uint32()
+        if not libbpf.lookup_elem(self._fd("maglev_tables"), ct.c_uint32(service_id), inner_id,
+                                  f"maglev_tables[{service_id}]"):
+            return None
+        fd = libbpf.map_fd_by_id(inner_id.value)
+        try:
+            m = self.sizes.maglev_m
+            _, values, n = libbpf.lookup_batch(fd, 4, 4, m, f"Maglev table of service {service_id}")
+            return np.frombuffer(values, dtype=np.uint32, count=n).copy()
+        finally:
+            os.close(fd)
+
+    # ---- VMs, ports ----------------------------------------------------
+    def set_port(self, slot: int, ifindex: int) -> None:
+        if not 0 <= slot < self.sizes.max_ports:
+            raise ValueError(f"port slot {slot} out of range 0..{self.sizes.max_ports - 1}")
+        self.bpf.get_table("tx_ports")[ct.c_int(slot)] = ct.c_int(ifindex)
+
+    def set_vm(self, vm_id: int, where: LocalPort | Tunnel, state: str = "active") -> None:
+        self._check_vm_id(vm_id)
+        if state not in VM_STATES:
+            raise ValueError(f"VM {vm_id}: state {state!r} must be one of {sorted(VM_STATES)}")
+        loc = S.VmLocation(state=VM_STATES[state])
+        if isinstance(where, LocalPort):
+            if not 0 <= where.slot < self.sizes.max_ports:
+                raise ValueError(f"VM {vm_id}: port slot {where.slot} out of range")
+            loc.kind, loc.port_slot = S.VM_LOC_LOCAL, where.slot
+            loc.dst_mac, loc.src_mac = S.mac_bytes(where.vm_mac), S.mac_bytes(where.port_mac)
+        else:
+            loc.kind = S.VM_LOC_TUNNEL
+            loc.tunnel_family = _family_check(f"VM {vm_id}", where.endpoint, where.source)
+            loc.tunnel_dst, loc.tunnel_src = S.addr16(where.endpoint), S.addr16(where.source)
+            loc.dst_mac, loc.src_mac = S.mac_bytes(where.next_hop_mac), S.mac_bytes(where.uplink_mac)
+        self.bpf.get_table("vm_location")[ct.c_uint32(vm_id)] = loc
+
+    def set_vm_state(self, vm_id: int, state: str) -> None:
+        self._check_vm_id(vm_id)
+        if state not in VM_STATES:
+            raise ValueError(f"VM {vm_id}: state {state!r} must be one of {sorted(VM_STATES)}")
+        table = self.bpf.get_table("vm_location")
+        loc = table[ct.c_uint32(vm_id)]
+        if not loc.kind:
+            raise ValueError(f"VM {vm_id} has no location")
+        loc.state = VM_STATES[state]
+        table[ct.c_uint32(vm_id)] = loc
+
+    def clear_vm(self, vm_id: int) -> None:
+        self._check_vm_id(vm_id)
+        self.bpf.get_table("vm_location")[ct.c_uint32(vm_id)] = S.VmLocation()
+
+    def vm_location(self, vm_id: int) -> S.VmLocation:
+        self._check_vm_id(vm_id)
+        return self.bpf.get_table("vm_location")[ct.c_uint32(vm_id)]
+
+    def _check_vm_id(self, vm_id: int) -> None:
+        if not 1 <= vm_id <= self.sizes.max_vms:
+            raise ValueError(f"VM id {vm_id} out of range 1..{self.sizes.max_vms}")
+
+    # ---- region offload -------------------------------------------------
+    def set_offload(self, region_id: int, service_id: int, target: Tunnel) -> None:
+        if not 1 <= region_id <= self.sizes.max_regions:
+            raise ValueError(f"region id {region_id} out of range 1..{self.sizes.max_regions}")
+        if not 0 <= service_id < self.sizes.max_services:
+            raise ValueError(f"service id {service_id} out of range 0..{self.sizes.max_services - 1}")
+        t = S.OffloadTarget(family=_family_check("offload", target.endpoint, target.source),
+                            endpoint=S.addr16(target.endpoint), src=S.addr16(target.source),
+                            next_hop_mac=S.mac_bytes(target.next_hop_mac), src_mac=S.mac_bytes(target.uplink_mac))
+        self.bpf.get_table("region_offload")[S.OffloadKey(region_id, service_id)] = t
+
+    def clear_offload(self, region_id: int, service_id: int) -> bool:
+        table = self.bpf.get_table("region_offload")
+        try:
+            table.__delitem__(S.OffloadKey(region_id, service_id))
+            return True
+        except KeyError:
+            return False
+
+    def offloads(self) -> dict[tuple[int, int], S.OffloadTarget]:
+        return {(k.region_id, k.service_id): v for k, v in self.bpf.get_table("region_offload").items()}
+
+    # ---- flows ---------------------------------------------------------
+    def flows(self) -> list[tuple[S.FlowKey, S.FlowEntry]]:
+        """Every flow-table entry, read with batch operations."""
+        ks, vs = ct.sizeof(S.FlowKey), ct.sizeof(S.FlowEntry)
+        keys, values, n = libbpf.lookup_batch(self._fd("flow_table"), ks, vs, self.sizes.flow_entries, "flow_table")
+        return [(S.FlowKey.from_buffer_copy(keys, i * ks), S.FlowEntry.from_buffer_copy(values, i * vs))
+                for i in range(n)]
+
+    def flow(self, key: S.FlowKey) -> S.FlowEntry | None:
+        value = S.FlowEntry()
+        return value if libbpf.lookup_elem(self._fd("flow_table"), key, value, "flow_table") else None
+
+    def flow_count(self) -> int:
+        return len(self.flows())
+
+    # ---- counters ------------------------------------------------------
+    def _percpu(self, name: str, n_keys: int, value_type) -> np.ndarray:
+        vs = ct.sizeof(value_type)
+        padded = (vs + 7) // 8 * 8
+        _, values, n = libbpf.lookup_batch(self._fd(name), 4, padded * self.ncpus, n_keys, name)
+        return fold_bytes(values, n, self.ncpus, vs, vs // 8)
+
+    def region_counters(self) -> np.ndarray:
+        """(max_regions + 1, 2) packets, bytes; row 0 is the unknown region."""
+        return self._percpu("region_counters", self.sizes.max_regions + 1, S.TrafficCounter)
+
+    def service_counters(self) -> np.ndarray:
+        return self._percpu("service_counters", self.sizes.max_services, S.ServiceCounter)
+
+    def vm_counters(self) -> np.ndarray:
+        return self._percpu("vm_counters", self.sizes.max_vms + 1, S.TrafficCounter)
+
+    def drop_counters(self) -> dict[str, int]:
+        raw = self._percpu("drop_counters", S.DROP_MAX, ct.c_uint64)
+        return {name: int(raw[i, 0]) for i, name in enumerate(S.DROP_REASONS)}
+
+    def stats(self) -> dict[str, int]:
+        raw = self._percpu("stats", S.STAT_MAX, ct.c_uint64)
+        return {name: int(raw[i, 0]) for i, name in enumerate(S.STAT_NAMES)}
+
+    def clear_forward_trace(self) -> None:
+        zeros = (S.ForwardTrace * self.ncpus)()
+        libbpf.update_elem(self._fd("forward_traces"), ct.c_uint32(0), zeros, "forward_traces")
+
+    def last_forward(self) -> S.ForwardTrace | None:
+        """What the program did with the last packet it forwarded since clear_forward_trace()."""
+        traces = [t for t in self.bpf.get_table("forward_traces")[ct.c_int(0)] if t.action]
+        return traces[0] if traces else None

@@ -1,0 +1,128 @@
+"""Python mirror of ebpf/structs.h.
+
+The structs are ctypes mirrors (tests/test_structs.py compiles the C header and
+checks every size and offset against them). The #define constants are read from
+the header itself, so there is one definition of each number.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import re
+from pathlib import Path
+
+EBPF_DIR = Path(__file__).resolve().parent.parent / "ebpf"
+STRUCTS_H = EBPF_DIR / "structs.h"
+
+_DEFINE = re.compile(r"^#define\s+([A-Z][A-Z0-9_]*)\s+(0x[0-9a-fA-F]+|\d+)u?\b", re.M)
+
+
+def _read_defines(path: Path) -> dict[str, int]:
+    return {name: int(value, 0) for name, value in _DEFINE.findall(path.read_text())}
+
+
+DEFINES = _read_defines(STRUCTS_H)
+globals().update(DEFINES)
+
+
+
+def _names(prefix: str) -> list[str]:
+    """Lower-case names of PREFIX_* defines in index order (e.g. DROP_IP4_BAD_IHL -> ip4_bad_ihl)."""
+    items = [(v, n[len(prefix):].lower()) for n, v in DEFINES.items()
+             if n.startswith(prefix) and n != prefix + "MAX"]
+    return [name for _, name in sorted(items)]
+
+
+DROP_REASONS: list[str] = _names("DROP_")
+STAT_NAMES: list[str] = _names("STAT_")
+
+Addr16 = ct.c_uint8 * 16
+Mac = ct.c_uint8 * 6
+
+
+class ServiceKey(ct.Structure):
+    _fields_ = [("vip", Addr16), ("port", ct.c_uint16), ("proto", ct.c_uint8), ("fragment", ct.c_uint8)]
+
+
+class ServiceInfo(ct.Structure):
+    _fields_ = [("id", ct.c_uint32), ("flags", ct.c_uint32)]
+
+
+class FlowKey(ct.Structure):
+    _fields_ = [("src", Addr16), ("dst", Addr16), ("sport", ct.c_uint16), ("dport", ct.c_uint16),
+                ("proto", ct.c_uint8), ("flags", ct.c_uint8), ("pad", ct.c_uint16)]
+
+
+class FlowEntry(ct.Structure):
+    _fields_ = [("vm_id", ct.c_uint32), ("service_id", ct.c_uint32)]
+
+
+class VmLocation(ct.Structure):
+    _fields_ = [("kind", ct.c_uint8), ("state", ct.c_uint8), ("tunnel_family", ct.c_uint8), ("pad", ct.c_uint8),
+                ("port_slot", ct.c_uint32), ("dst_mac", Mac), ("src_mac", Mac),
+                ("tunnel_dst", Addr16), ("tunnel_src", Addr16)]
+
+
+class OffloadKey(ct.Structure):
+    _fields_ = [("region_id", ct.c_uint32), ("service_id", ct.c_uint32)]
+
+
+class OffloadTarget(ct.Structure):
+    _fields_ = [("family", ct.c_uint8), ("pad", ct.c_uint8 * 3), ("endpoint", Addr16), ("src", Addr16),
+                ("next_hop_mac", Mac), ("src_mac", Mac)]
+
+
+class LpmV4Key(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("addr", ct.c_uint8 * 4)]
+
+
+class LpmV6Key(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("addr", Addr16)]
+
+
+class TrafficCounter(ct.Structure):
+    _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64)]
+
+
+class ServiceCounter(ct.Structure):
+    _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64), ("new_flows", ct.c_uint64)]
+
+
+class ForwardTrace(ct.Structure):
+    _fields_ = [("action", ct.c_uint32), ("vm_id", ct.c_uint32), ("port_slot", ct.c_uint32),
+                ("service_id", ct.c_uint32)]
+
+
+# Every mirrored struct with its C name, for the layout test.
+MIRRORS: dict[str, type[ct.Structure]] = {
+    "service_key": ServiceKey, "service_info": ServiceInfo, "flow_key": FlowKey, "flow_entry": FlowEntry,
+    "vm_location": VmLocation, "offload_key": OffloadKey, "offload_target": OffloadTarget,
+    "lpm_v4_key": LpmV4Key, "lpm_v6_key": LpmV6Key, "traffic_counter": TrafficCounter,
+    "service_counter": ServiceCounter, "forward_trace": ForwardTrace,
+}
+
+
+def addr16(ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> Addr16:
+    """16-byte form used by every key: IPv4 is stored IPv4-mapped."""
+    a = ipaddress.ip_address(ip)
+    raw = (b"\0" * 10 + b"\xff\xff" + a.packed) if a.version == 4 else a.packed
+    return Addr16.from_buffer_copy(raw)
+
+
+def addr_from16(raw: bytes | Addr16) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    a = ipaddress.IPv6Address(bytes(raw))
+    return a.ipv4_mapped or a
+
+
+def mac_bytes(mac: str) -> Mac:
+    parts = mac.split(":")
+    if len(parts) != 6:
+        raise ValueError(f"bad MAC address {mac!r}: expected six colon-separated octets")
+    try:
+        return Mac(*(int(p, 16) for p in parts))
+    except ValueError:
+        raise ValueError(f"bad MAC address {mac!r}: octets must be hex") from None
+
+
+def mac_str(raw: Mac | bytes) -> str:
+    return ":".join(f"{b:02x}" for b in bytes(raw))

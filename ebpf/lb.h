@@ -1,0 +1,82 @@
+/* VM selection: flow table first, then region offload, then Maglev. */
+#ifndef XDPGW_LB_H
+#define XDPGW_LB_H
+
+#include "maps.h"
+#include "hash.h"
+#include "parse.h"
+
+#ifndef XDPGW_HASH_SEED
+#define XDPGW_HASH_SEED 0
+#endif
+
+/* A VM that may carry packets: has a location and is not down. */
+static __always_inline struct vm_location *usable_vm(__u32 vm_id)
+{
+    struct vm_location *loc = vm_location.lookup(&vm_id);
+    if (!loc || !loc->kind || loc->state == VM_STATE_DOWN)
+        return NULL;
+    return loc;
+}
+
+static __always_inline __u32 maglev_pick(const struct flow_key *key, __u32 service_id)
+{
+    void *table = maglev_tables.lookup(&service_id);
+    if (!table)
+        return XDPGW_NO_VM;
+    __u32 slot = flow_hash(key->src, key->sport, key->dport, key->proto, XDPGW_HASH_SEED) %
+                 XDPGW_MAGLEV_M;
+    __u32 *vm = bpf_map_lookup_elem(table, &slot);
+    return vm ? *vm : XDPGW_NO_VM;
+}
+
+struct choice {
+    __u32 vm_id;
+    struct vm_location *loc;          /* set when a VM was chosen */
+    struct offload_target *offload;   /* set when the flow goes to another DC */
+    __u16 drop_reason;
+};
+
+/* Choose where the flow goes. `is_new` is set when the choice must be recorded. */
+static __always_inline int choose(const struct flow_key *key, __u32 service_id, __u32 region,
+                                  struct choice *c, int *is_new)
+{
+    struct flow_entry *fe = flow_table.lookup((void *)key);
+    if (fe) {
+        c->loc = usable_vm(fe->vm_id);
+        if (c->loc) {
+            stat_inc(STAT_FLOW_HITS);
+            c->vm_id = fe->vm_id;
+            return 0;
+        }
+        stat_inc(STAT_FLOW_RESELECT);
+    } else {
+        stat_inc(STAT_FLOW_MISSES);
+    }
+
+    struct offload_key ok = {.region_id = region, .service_id = service_id};
+    c->offload = region_offload.lookup(&ok);
+    if (c->offload)
+        return 0;
+
+    c->vm_id = maglev_pick(key, service_id);
+    if (c->vm_id == XDPGW_NO_VM) {
+        c->drop_reason = DROP_NO_VM;
+        return -1;
+    }
+    c->loc = vm_location.lookup(&c->vm_id);
+    if (!c->loc || !c->loc->kind) {
+        c->drop_reason = DROP_VM_LOCATION;
+        return -1;
+    }
+    *is_new = 1;
+    return 0;
+}
+
+static __always_inline void record_flow(const struct flow_key *key, __u32 vm_id, __u32 service_id)
+{
+    struct flow_entry fe = {.vm_id = vm_id, .service_id = service_id};
+    flow_table.update((void *)key, &fe);
+}
+
+#endif

@@ -1,0 +1,83 @@
+/* Every map of the XDP program. Sizes come from the config through -D flags
+ * (dataplane/program.py); the defaults here only let the file compile alone. */
+#ifndef XDPGW_MAPS_H
+#define XDPGW_MAPS_H
+
+#include "structs.h"
+
+#ifndef XDPGW_FLOW_ENTRIES
+#define XDPGW_FLOW_ENTRIES 65536
+#endif
+#ifndef XDPGW_MAX_SERVICES
+#define XDPGW_MAX_SERVICES 64
+#endif
+#ifndef XDPGW_MAX_VMS
+#define XDPGW_MAX_VMS 1024
+#endif
+#ifndef XDPGW_MAX_REGIONS
+#define XDPGW_MAX_REGIONS 256
+#endif
+#ifndef XDPGW_MAX_PREFIXES
+#define XDPGW_MAX_PREFIXES 4096
+#endif
+#ifndef XDPGW_MAX_PORTS
+#define XDPGW_MAX_PORTS 256
+#endif
+#ifndef XDPGW_MAGLEV_M
+#define XDPGW_MAGLEV_M 65537
+#endif
+
+/* source prefix -> region id, one trie per family */
+BPF_LPM_TRIE(region_prefixes_v4, struct lpm_v4_key, __u32, XDPGW_MAX_PREFIXES);
+BPF_LPM_TRIE(region_prefixes_v6, struct lpm_v6_key, __u32, XDPGW_MAX_PREFIXES);
+/* index 0 is the "unknown" region */
+BPF_PERCPU_ARRAY(region_counters, struct traffic_counter, XDPGW_MAX_REGIONS + 1);
+
+/* (VIP, port, proto) -> service; port 0 is the VIP's fragment service */
+BPF_HASH(services, struct service_key, struct service_info, 2 * XDPGW_MAX_SERVICES);
+BPF_PERCPU_ARRAY(service_counters, struct service_counter, XDPGW_MAX_SERVICES);
+
+/* One Maglev table per service, swapped whole by replacing the inner map. */
+BPF_ARRAY(maglev_inner, __u32, XDPGW_MAGLEV_M);
+BPF_ARRAY_OF_MAPS(maglev_tables, "maglev_inner", XDPGW_MAX_SERVICES);
+
+/* 5-tuple -> VM id. LRU lists per CPU (no common LRU) so CPUs do not contend. */
+BPF_F_TABLE("lru_hash", struct flow_key, struct flow_entry, flow_table,
+            XDPGW_FLOW_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/* VM id -> where it is now; a live migration rewrites only this */
+BPF_ARRAY(vm_location, struct vm_location, XDPGW_MAX_VMS + 1);
+BPF_PERCPU_ARRAY(vm_counters, struct traffic_counter, XDPGW_MAX_VMS + 1);
+BPF_DEVMAP(tx_ports, XDPGW_MAX_PORTS);
+
+/* (region, service) -> another data center's tunnel endpoint */
+BPF_HASH(region_offload, struct offload_key, struct offload_target, XDPGW_MAX_REGIONS * 4);
+
+BPF_PERCPU_ARRAY(stats, __u64, STAT_MAX);
+BPF_PERCPU_ARRAY(drop_counters, __u64, DROP_MAX);
+BPF_PERCPU_ARRAY(forward_traces, struct forward_trace, 1);
+
+static __always_inline void stat_inc(__u32 idx)
+{
+    __u64 *v = stats.lookup(&idx);
+    if (v)
+        *v += 1;
+}
+
+static __always_inline int drop(__u32 reason)
+{
+    __u64 *v = drop_counters.lookup(&reason);
+    if (v)
+        *v += 1;
+    return XDP_DROP;
+}
+
+static __always_inline void traffic_add(struct traffic_counter *c, __u64 len)
+{
+    if (c) {
+        c->packets += 1;
+        c->bytes += len;
+    }
+}
+
+#endif

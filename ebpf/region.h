@@ -1,0 +1,31 @@
+/* Source-region accounting: longest-prefix match of the source address. */
+#ifndef XDPGW_REGION_H
+#define XDPGW_REGION_H
+
+#include "maps.h"
+#include "parse.h"
+
+static __always_inline __u32 region_of(const struct pkt *p)
+{
+    __u32 *region;
+
+    if (p->family == 4) {
+        struct lpm_v4_key k4 = {.prefixlen = 32};
+        __builtin_memcpy(k4.addr, p->key.src + 12, 4);
+        region = region_prefixes_v4.lookup(&k4);
+    } else {
+        struct lpm_v6_key k6 = {.prefixlen = 128};
+        __builtin_memcpy(k6.addr, p->key.src, 16);
+        region = region_prefixes_v6.lookup(&k6);
+    }
+    return region ? *region : XDPGW_REGION_UNKNOWN;
+}
+
+static __always_inline __u32 region_account(const struct pkt *p)
+{
+    __u32 region = region_of(p);
+    traffic_add(region_counters.lookup(&region), p->len);
+    return region;
+}
+
+#endif

@@ -1,0 +1,110 @@
+/* xdpgw XDP program: parse -> region account -> service -> flow table ->
+ * region offload -> Maglev -> forward by VM location. */
+#include <uapi/linux/bpf.h>
+#include "structs.h"
+#include "maps.h"
+#include "parse.h"
+#include "region.h"
+#include "lb.h"
+#include "icmp.h"
+#include "forward.h"
+
+static __always_inline int deliver(struct xdp_md *ctx, const struct pkt *p, const struct choice *c,
+                                __u32 service_id)
+{
+    if (c->offload) {
+        const struct offload_target *t = c->offload;
+        stat_inc(STAT_OFFLOAD_FWD);
+        trace_forward(FWD_OFFLOAD, XDPGW_NO_VM, 0, service_id);
+        return tunnel_out(ctx, p, t->family, t->src, t->endpoint, t->next_hop_mac, t->src_mac);
+    }
+    const struct vm_location *loc = c->loc;
+    traffic_add(vm_counters.lookup((__u32 *)&c->vm_id), p->len);
+    if (loc->kind == VM_LOC_LOCAL) {
+        stat_inc(STAT_LOCAL_FWD);
+        trace_forward(FWD_LOCAL, c->vm_id, loc->port_slot, service_id);
+        return forward_local(ctx, p, loc);
+    }
+    stat_inc(STAT_TUNNEL_FWD);
+    trace_forward(FWD_TUNNEL, c->vm_id, 0, service_id);
+    return tunnel_out(ctx, p, loc->tunnel_family, loc->tunnel_src, loc->tunnel_dst, loc->dst_mac,
+                      loc->src_mac);
+}
+
+static __always_inline struct service_info *find_service(const struct flow_key *flow)
+{
+    struct service_key sk = {};
+    __builtin_memcpy(sk.vip, flow->dst, 16);
+    sk.port = flow->dport;
+    sk.proto = flow->proto;
+    sk.fragment = flow->flags & FLOW_F_FRAGMENT;
+    return services.lookup(&sk);
+}
+
+/* An ICMP error goes where its flow goes; it never creates a flow entry. */
+static __always_inline int handle_icmp_error(struct xdp_md *ctx, void *data, void *data_end,
+                                             struct pkt *p, __u32 region)
+{
+    struct flow_key flow = {};
+    int rc = icmp_inner_flow(data, data_end, p, &flow);
+    if (rc == PARSE_DROP)
+        return drop(p->drop_reason);
+    if (rc != ICMP_FLOW_FOUND)
+        goto pass;
+    struct service_info *svc = find_service(&flow);
+    if (!svc)
+        goto pass;
+    struct choice c = {};
+    int is_new = 0;
+    if (choose(&flow, svc->id, region, &c, &is_new))
+        return drop(c.drop_reason);
+    stat_inc(STAT_ICMP_ERR_FWD);
+    return deliver(ctx, p, &c, svc->id);
+pass:
+    stat_inc(STAT_PASS);
+    return XDP_PASS;
+}
+
+int xdpgw_main(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct pkt p = {};
+
+    int rc = parse_l3(data, data_end, &p);
+    if (rc == PARSE_PASS) {
+        stat_inc(STAT_PASS);
+        return XDP_PASS;
+    }
+    if (rc == PARSE_DROP)
+        return drop(p.drop_reason);
+    __u32 region = region_account(&p);
+
+    if (parse_transport(data, data_end, &p) == PARSE_DROP)
+        return drop(p.drop_reason);
+    if (is_icmp_error(&p))
+        return handle_icmp_error(ctx, data, data_end, &p, region);
+
+    struct service_info *svc = find_service(&p.key);
+    if (!svc) {
+        stat_inc(STAT_PASS);
+        return XDP_PASS;
+    }
+    __u32 service_id = svc->id;
+    struct service_counter *sc = service_counters.lookup(&service_id);
+    if (sc) {
+        sc->packets += 1;
+        sc->bytes += p.len;
+    }
+
+    struct choice c = {};
+    int is_new = 0;
+    if (choose(&p.key, service_id, region, &c, &is_new))
+        return drop(c.drop_reason);
+    if (is_new) {
+        record_flow(&p.key, c.vm_id, service_id);
+        if (sc)
+            sc->new_flows += 1;
+    }
+    return deliver(ctx, &p, &c, service_id);
+}
