@@ -1,0 +1,312 @@
+"""The gateway: turns a validated Config into a programmed, attached dataplane,
+and carries out run-time changes (VM moves, VM states, offloads) on it.
+
+Every change is validated completely before the first map write, so a bad
+request changes nothing."""
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from control.config import Config, ConfigError, VMConfig
+from control.flowhash import maglev_slot
+from control.maglev import build_table
+from dataplane import structs as S
+from dataplane.maps import PROTOCOLS, Dataplane, LocalPort, Tunnel
+from dataplane.program import AttachError, Sizes, attach, detach, ifindex, load
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class GatewayError(RuntimeError):
+    """A request the gateway cannot carry out; the message names the culprit."""
+
+
+def sizes_of(config: Config) -> Sizes:
+    g = config.gateway
+    prefixes = sum(len(r.prefixes) for r in config.regions)
+    return Sizes(flow_entries=g.flow_table_size, max_services=g.max_services, max_vms=g.max_vms,
+                 max_regions=g.max_regions, max_prefixes=max(16, 2 * prefixes),
+                 max_ports=max(16, 2 * len(config.vms) + 1), maglev_m=g.maglev_table_size, hash_seed=g.hash_seed)
+
+
+def link_mac(name: str) -> str:
+    """MAC address of an interface of this network namespace."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        links = ipr.get_links(ifindex(name))
+    return links[0].get_attr("IFLA_ADDRESS")
+
+
+def next_hop_mac(endpoint: IPAddress) -> str:
+    """MAC of the next hop towards `endpoint`, from the kernel's routes and neighbours."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        routes = ipr.route("get", dst=str(endpoint))
+        if not routes:
+            raise GatewayError(f"no route to tunnel endpoint {endpoint}; set gateway.next_hop_mac")
+        hop = routes[0].get_attr("RTA_GATEWAY") or str(endpoint)
+        for neigh in ipr.get_neighbours(dst=hop):
+            mac = neigh.get_attr("NDA_LLADDR")
+            if mac:
+                return mac
+    raise GatewayError(f"next hop {hop} towards {endpoint} has no neighbour entry; set gateway.next_hop_mac")
+
+
+@dataclass
+class VmRuntime:
+    """What the gateway knows of a VM now (its location may change by moves)."""
+    config: VMConfig
+    vm_id: int
+    state: str = "active"
+    port: str | None = None
+    mac: str | None = None
+    tunnel: IPAddress | None = None
+    since: float = field(default_factory=time.time)
+
+    def describe(self) -> dict:
+        where = {"port": self.port, "mac": self.mac} if self.port else {"tunnel": str(self.tunnel)}
+        return {"name": self.config.name, "id": self.vm_id, "state": self.state, "weight": self.config.weight,
+                "ip": str(self.config.ip) if self.config.ip else None, **where}
+
+
+class Gateway:
+    """One gateway's dataplane and state. Methods are thread-safe."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.sizes = sizes_of(config)
+        self.region_ids = config.region_ids()
+        self.service_ids = config.service_ids()
+        self.vms = {v.name: VmRuntime(v, i, port=v.port, mac=v.mac, tunnel=v.tunnel)
+                    for v, i in zip(config.vms, (config.vm_ids()[v.name] for v in config.vms))}
+        self.port_slots: dict[str, int] = {}
+        self.tables: dict[int, np.ndarray] = {}
+        self.offload_targets: dict[tuple[str, str], IPAddress] = {}
+        self.lock = threading.RLock()
+        self.dataplane: Dataplane | None = None
+        self.fn = None
+        self.attached_mode: str | None = None
+
+    # ---- lifecycle -----------------------------------------------------
+    def check_environment(self) -> None:
+        """Everything that can be checked before anything is loaded or attached."""
+        try:
+            ifindex(self.config.gateway.interface)
+        except AttachError as exc:
+            raise ConfigError("gateway.interface", str(exc)) from None
+        for i, vm in enumerate(self.config.vms):
+            if vm.port:
+                try:
+                    ifindex(vm.port)
+                except AttachError as exc:
+                    raise ConfigError(f"vm[{i}].port", f"VM {vm.name!r}: {exc}") from None
+
+    def start(self) -> float:
+        """Compile, load, program and attach; returns the seconds it took."""
+        t0 = time.monotonic()
+        self.check_environment()
+        bpf, self.fn = load(self.sizes)
+        self.dataplane = Dataplane(bpf, self.sizes)
+        self.program()
+        self.attached_mode = attach(self.fn, self.config.gateway.interface, self.config.gateway.xdp_mode)
+        return time.monotonic() - t0
+
+    def stop(self) -> None:
+        if self.attached_mode:
+            detach(self.config.gateway.interface, self.attached_mode)
+            self.attached_mode = None
+
+    def program(self) -> None:
+        dp = self._dp()
+        with self.lock:
+            dp.set_region_prefixes({net: self.region_ids[r.name] for r in self.config.regions for net in r.prefixes})
+            dp.set_services([(s.vip, s.port, s.protocol, self.service_ids[s.name]) for s in self.config.services])
+            for vm in self.vms.values():
+                self._write_vm(vm)
+            self._rebuild_tables()
+
+    def _dp(self) -> Dataplane:
+        if self.dataplane is None:
+            raise GatewayError("the dataplane is not loaded")
+        return self.dataplane
+
+    # ---- VM locations --------------------------------------------------
+    def _slot(self, port: str) -> int:
+        if port not in self.port_slots:
+            self.port_slots[port] = len(self.port_slots) + 1
+            self._dp().set_port(self.port_slots[port], ifindex(port))
+        return self.port_slots[port]
+
+    def _tunnel(self, endpoint: IPAddress) -> Tunnel:
+        g = self.config.gateway
+        source = g.tunnel_source if endpoint.version == 4 else g.tunnel_source6
+        if source is None:
+            key = "gateway.tunnel_source" if endpoint.version == 4 else "gateway.tunnel_source6"
+            raise GatewayError(f"tunnel endpoint {endpoint} needs {key}")
+        hop = g.next_hop_mac or next_hop_mac(endpoint)
+        return Tunnel(endpoint, source, hop, link_mac(g.interface))
+
+    def _location(self, vm: VmRuntime) -> LocalPort | Tunnel:
+        if vm.port:
+            return LocalPort(self._slot(vm.port), vm.mac, link_mac(vm.port))
+        return self._tunnel(vm.tunnel)
+
+    def _write_vm(self, vm: VmRuntime) -> None:
+        self._dp().set_vm(vm.vm_id, self._location(vm), vm.state)
+
+    def _rebuild_tables(self) -> None:
+        """Build each service's Maglev table from its active VMs and swap it in if it changed."""
+        g = self.config.gateway
+        for s in self.config.services:
+            sid = self.service_ids[s.name]
+            backends = [(n, self.vms[n].vm_id, self.vms[n].config.weight) for n in s.vms
+                        if self.vms[n].state == "active"]
+            table = build_table(backends, g.maglev_table_size, g.hash_seed)
+            if sid not in self.tables or not np.array_equal(self.tables[sid], table):
+                self._dp().set_maglev_table(sid, table)
+                self.tables[sid] = table
+
+    def vm(self, name: str) -> VmRuntime:
+        if name not in self.vms:
+            raise GatewayError(f"unknown VM {name!r}")
+        return self.vms[name]
+
+    def move_vm(self, name: str, port: str | None = None, mac: str | None = None,
+                tunnel: str | None = None) -> dict:
+        """Re-point a VM (live migration): only its location entry changes, so its flows follow it."""
+        with self.lock:
+            vm = self.vm(name)
+            if (port is None) == (tunnel is None):
+                raise GatewayError("vm move: give exactly one of port or tunnel")
+            if port is not None:
+                ifindex(port)
+                new_mac = mac or vm.mac
+                if new_mac is None:
+                    raise GatewayError(f"VM {name!r} moves to port {port} but has no MAC; give --mac")
+                S.mac_bytes(new_mac)
+                candidate = VmRuntime(vm.config, vm.vm_id, vm.state, port=port, mac=new_mac.lower())
+            else:
+                try:
+                    endpoint = ipaddress.ip_address(tunnel)
+                except ValueError:
+                    raise GatewayError(f"vm move: bad tunnel address {tunnel!r}") from None
+                candidate = VmRuntime(vm.config, vm.vm_id, vm.state, tunnel=endpoint)
+            location = self._location(candidate)      # validates before the write
+            self._dp().set_vm(vm.vm_id, location, vm.state)
+            vm.port, vm.mac, vm.tunnel = candidate.port, candidate.mac, candidate.tunnel
+            vm.since = time.time()
+            return vm.describe()
+
+    def set_vm_state(self, name: str, state: str) -> dict:
+        with self.lock:
+            vm = self.vm(name)
+            self._dp().set_vm_state(vm.vm_id, state)
+            vm.state, vm.since = state, time.time()
+            self._rebuild_tables()
+            return vm.describe()
+
+    # ---- offload -------------------------------------------------------
+    def _region_service(self, region: str, service: str) -> tuple[int, int]:
+        if region not in self.region_ids:
+            raise GatewayError(f"unknown region {region!r}")
+        if service not in self.service_ids:
+            raise GatewayError(f"unknown service {service!r}")
+        return self.region_ids[region], self.service_ids[service]
+
+    def set_offload(self, region: str, service: str, endpoint: str) -> dict:
+        with self.lock:
+            rid, sid = self._region_service(region, service)
+            try:
+                target = ipaddress.ip_address(endpoint)
+            except ValueError:
+                raise GatewayError(f"offload: bad endpoint address {endpoint!r}") from None
+            self._dp().set_offload(rid, sid, self._tunnel(target))
+            self.offload_targets[(region, service)] = target
+            return {"region": region, "service": service, "endpoint": str(target)}
+
+    def clear_offload(self, region: str, service: str) -> dict:
+        with self.lock:
+            rid, sid = self._region_service(region, service)
+            if not self._dp().clear_offload(rid, sid):
+                raise GatewayError(f"no offload for region {region!r} service {service!r}")
+            self.offload_targets.pop((region, service), None)
+            return {"region": region, "service": service}
+
+    def offloads(self) -> list[dict]:
+        region_names = {v: k for k, v in self.region_ids.items()}
+        service_names = {v: k for k, v in self.service_ids.items()}
+        return [{"region": region_names[r], "service": service_names[s],
+                 "endpoint": str(S.addr_from16(t.endpoint))}
+                for (r, s), t in sorted(self._dp().offloads().items())]
+
+    # ---- queries -------------------------------------------------------
+    def region_of(self, address: IPAddress) -> str | None:
+        best = None
+        for r in self.config.regions:
+            for net in r.prefixes:
+                if address in net and (best is None or net.prefixlen > best[0]):
+                    best = (net.prefixlen, r.name)
+        return best[1] if best else None
+
+    def flow_lookup(self, service: str, src: str, sport: int) -> dict:
+        """Which VM this flow goes to, and why: the flow table, an offload, or a Maglev slot."""
+        if service not in self.service_ids:
+            raise GatewayError(f"unknown service {service!r}")
+        try:
+            address = ipaddress.ip_address(src)
+        except ValueError:
+            raise GatewayError(f"flow lookup: bad source address {src!r}") from None
+        if not 0 <= sport <= 65535:
+            raise GatewayError(f"flow lookup: source port {sport} out of range 0..65535")
+        svc = self.config.service(service)
+        if address.version != svc.vip.version:
+            raise GatewayError(f"flow lookup: source {src} and VIP {svc.vip} are of different IP families")
+        sid = self.service_ids[service]
+        names = {vm.vm_id: name for name, vm in self.vms.items()}
+        key = S.FlowKey(src=S.addr16(address), dst=S.addr16(svc.vip), sport=sport, dport=svc.port,
+                        proto=PROTOCOLS[svc.protocol])
+        with self.lock:
+            entry = self._dp().flow(key)
+            result = {"service": service, "src": f"{src}:{sport}", "region": self.region_of(address)}
+            if entry is not None and entry.vm_id in names and self.vms[names[entry.vm_id]].state != "down":
+                return {**result, "vm": names[entry.vm_id], "reason": "flow table"}
+            target = self.offload_targets.get((result["region"], service))
+            if target is not None:
+                return {**result, "vm": None, "reason": f"region offload to {target}"}
+            g = self.config.gateway
+            slot = maglev_slot(str(address), sport, svc.port, PROTOCOLS[svc.protocol], g.hash_seed,
+                               g.maglev_table_size)
+            vm_id = int(self.tables[sid][slot])
+            return {**result, "vm": names.get(vm_id), "reason": f"maglev slot {slot}"}
+
+    def counters(self) -> dict:
+        """Raw cumulative counters in the shape of `xdpgw stats --json`."""
+        dp = self._dp()
+        regions = dp.region_counters()
+        services = dp.service_counters()
+        vms = dp.vm_counters()
+        stats = dp.stats()
+        with self.lock:
+            out = {
+                "regions": {"unknown": {"packets": int(regions[0, 0]), "bytes": int(regions[0, 1])}},
+                "services": {}, "vms": {}, "drops": dp.drop_counters(),
+                "flows": {"entries": dp.flow_count(), "hits": stats["flow_hits"], "misses": stats["flow_misses"]},
+                "datapath": stats,
+            }
+            for name, rid in self.region_ids.items():
+                out["regions"][name] = {"packets": int(regions[rid, 0]), "bytes": int(regions[rid, 1])}
+            for name, sid in self.service_ids.items():
+                p, b, n = (int(x) for x in services[sid])
+                out["services"][name] = {"packets": p, "bytes": b, "new_flows": n}
+            for name, vm in self.vms.items():
+                out["vms"][name] = {"packets": int(vms[vm.vm_id, 0]), "bytes": int(vms[vm.vm_id, 1]),
+                                    "state": vm.state}
+        return out
+

@@ -1,0 +1,732 @@
+"""Network-namespace testbed for the gateway.
+
+::
+
+  {p}-c1 (region r1 client)  --+
+  {p}-c2 (region r2 client)  --+-- {p}-rt (router) --- {p}-gw (gateway, uplink "up0")
+  {p}-dc2 (remote DC)        --+                         |-- gwv1 <-> {p}-vm1 (eth0)
+                                                         |-- gwv2 <-> {p}-vm2 (eth0)
+                                                         |-- gwv3 <-> {p}-vm3 (eth0)
+
+Everything lives in namespaces named ``f"{prefix}-{role}"``; every veth is created
+*inside* those namespaces (never in the root namespace), so removing the namespaces
+removes everything.  Addresses come only from 198.18.0.0/15 and 2001:db8::/32.
+
+The remote data center (dc2) must decapsulate IP-in-IP sent to DC2_ENDPOINT /
+DC2_ENDPOINT6.  This kernel is built without ipip/sit/ip6tnl (and without modules),
+so the kernel tunnel devices cannot be created; instead a tiny XDP program,
+assembled here and loaded with bpf(2), strips the outer header on dc2's eth0
+(4in4, 6in4, 4in6, 6in6) and passes the inner packet to dc2's stack, which is what
+a "remote any" tunnel device would do.
+
+Command line (for crashed runs and demos)::
+
+  python -m dataplane.testbed up|down|cleanup [--prefix xgw]
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import ctypes
+import ctypes.util
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
+
+from .netns import (
+    netns_exists,
+    netns_socket,
+    popen_in_netns,
+    run_cmd_in_netns,
+    run_in_netns,
+)
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- constants
+
+DEFAULT_PREFIX = "xgw"
+ROLES: tuple[str, ...] = ("c1", "c2", "rt", "gw", "dc2", "vm1", "vm2", "vm3")
+
+VIP4 = "198.19.0.10"
+VIP6 = "2001:db8:f::10"
+VIP4_NET = "198.19.0.0/24"
+VIP6_NET = "2001:db8:f::/64"
+
+UPLINK = "up0"                      # gateway's uplink, in {p}-gw
+UPLINK_MAC = "02:00:00:00:02:02"
+UPLINK_IP = "198.18.0.2"
+UPLINK_IP6 = "2001:db8::2"
+ROUTER_DOWNLINK = "to-gw"           # rt's end of the uplink veth (GRO on)
+ROUTER_MAC = "02:00:00:00:02:01"
+ROUTER_IP = "198.18.0.1"
+ROUTER_IP6 = "2001:db8::1"
+
+DC2_IF = "eth0"
+DC2_MAC = "02:00:00:00:03:02"
+DC2_ENDPOINT = "198.18.200.2"
+DC2_ENDPOINT6 = "2001:db8:200::2"
+ROUTER_DC2_IF = "to-dc2"
+ROUTER_DC2_MAC = "02:00:00:00:03:01"
+ROUTER_DC2_IP = "198.18.200.1"
+ROUTER_DC2_IP6 = "2001:db8:200::1"
+
+VM_IF = "eth0"
+
+
+@dataclass(frozen=True)
+class Vm:
+    name: str          # "vm1"
+    ns: str            # "{p}-vm1"
+    port: str          # gateway-side veth in {p}-gw: "gwv1"
+    mac: str           # VM's eth0 MAC
+    port_mac: str      # gateway-side port MAC
+    ip: str
+    ip6: str
+    gw_ip: str         # gateway-side address on this link (the VM's default route)
+    gw_ip6: str
+    ifname: str = VM_IF
+
+
+@dataclass(frozen=True)
+class Client:
+    name: str          # "c1"
+    ns: str
+    ip: str            # primary address
+    ip6: str
+    ips: tuple[str, ...]    # all IPv4 addresses (c1 has a second one)
+    ip6s: tuple[str, ...]
+    mac: str
+    router_ip: str
+    router_ip6: str
+    router_mac: str
+    router_port: str   # rt's interface toward this client
+    subnet: str
+    subnet6: str
+    ifname: str = "eth0"
+
+
+def _vm(n: int, prefix: str) -> Vm:
+    return Vm(name=f"vm{n}", ns=f"{prefix}-vm{n}", port=f"gwv{n}",
+              mac=f"02:00:00:00:00:{n:02x}", port_mac=f"02:00:00:00:01:{n:02x}",
+              ip=f"198.18.{100 + n}.2", ip6=f"2001:db8:{100 + n}::2",
+              gw_ip=f"198.18.{100 + n}.1", gw_ip6=f"2001:db8:{100 + n}::1")
+
+
+def _client(n: int, prefix: str) -> Client:
+    ips = (f"198.18.{n}.2", f"198.18.{n}.3") if n == 1 else (f"198.18.{n}.2",)
+    ip6s = (f"2001:db8:{n}::2", f"2001:db8:{n}::3") if n == 1 else (f"2001:db8:{n}::2",)
+    return Client(name=f"c{n}", ns=f"{prefix}-c{n}", ip=ips[0], ip6=ip6s[0], ips=ips,
+                  ip6s=ip6s, mac=f"02:00:00:00:0{3 + n}:02",
+                  router_ip=f"198.18.{n}.1", router_ip6=f"2001:db8:{n}::1",
+                  router_mac=f"02:00:00:00:0{3 + n}:01", router_port=f"to-c{n}",
+                  subnet=f"198.18.{n}.0/24", subnet6=f"2001:db8:{n}::/64")
+
+
+# Default VM/client sets (prefix-independent fields are what callers usually need).
+VMS: tuple[Vm, ...] = tuple(_vm(n, DEFAULT_PREFIX) for n in (1, 2, 3))
+CLIENTS: tuple[Client, ...] = tuple(_client(n, DEFAULT_PREFIX) for n in (1, 2))
+
+
+@dataclass
+class _End:
+    role: str
+    ifname: str
+    mac: str
+    addrs: tuple[str, ...]   # "addr/prefixlen"
+
+
+@dataclass
+class _Link:
+    a: _End
+    b: _End
+
+
+def _links(clients: Sequence[Client], vms: Sequence[Vm]) -> list[_Link]:
+    links = []
+    for c in clients:
+        n = c.name[1:]
+        links.append(_Link(
+            _End("rt", c.router_port, c.router_mac,
+                 (f"{c.router_ip}/24", f"{c.router_ip6}/64")),
+            _End(c.name, c.ifname, c.mac,
+                 tuple(f"{a}/24" for a in c.ips) + tuple(f"{a}/64" for a in c.ip6s))))
+        assert n  # names are c1, c2
+    links.append(_Link(
+        _End("rt", ROUTER_DOWNLINK, ROUTER_MAC, (f"{ROUTER_IP}/24", f"{ROUTER_IP6}/64")),
+        _End("gw", UPLINK, UPLINK_MAC, (f"{UPLINK_IP}/24", f"{UPLINK_IP6}/64"))))
+    links.append(_Link(
+        _End("rt", ROUTER_DC2_IF, ROUTER_DC2_MAC,
+             (f"{ROUTER_DC2_IP}/24", f"{ROUTER_DC2_IP6}/64")),
+        _End("dc2", DC2_IF, DC2_MAC, (f"{DC2_ENDPOINT}/24", f"{DC2_ENDPOINT6}/64"))))
+    for vm in vms:
+        links.append(_Link(
+            _End("gw", vm.port, vm.port_mac, (f"{vm.gw_ip}/24", f"{vm.gw_ip6}/64")),
+            _End(vm.name, vm.ifname, vm.mac, (f"{vm.ip}/24", f"{vm.ip6}/64"))))
+    return links
+
+
+# ------------------------------------------------------------------ sysctl (per netns)
+
+def _common_sysctls() -> dict[str, str]:
+    return {
+        # rp_filter: decapsulated packets and DSR replies (source = VIP) arrive on
+        # interfaces that are not the reverse path; effective value is max(all, dev),
+        # so both all and default (for devices created later) must be 0.
+        "net/ipv4/conf/all/rp_filter": "0",
+        "net/ipv4/conf/default/rp_filter": "0",
+        # no DAD: IPv6 addresses usable at once (DAD needs both all and dev < 1)
+        "net/ipv6/conf/all/accept_dad": "0",
+        "net/ipv6/conf/default/accept_dad": "0",
+        "net/ipv6/conf/all/dad_transmits": "0",
+        "net/ipv6/conf/default/dad_transmits": "0",
+        # nobody here should learn routes from router advertisements
+        "net/ipv6/conf/all/accept_ra": "0",
+        "net/ipv6/conf/default/accept_ra": "0",
+    }
+
+
+def _sysctls_for(role: str) -> dict[str, str]:
+    s = _common_sysctls()
+    if role in ("rt", "gw"):
+        s.update({
+            "net/ipv4/ip_forward": "1",
+            "net/ipv6/conf/all/forwarding": "1",
+            "net/ipv6/conf/default/forwarding": "1",
+            # redirects would make hosts bypass the gateway; keep paths fixed
+            "net/ipv4/conf/all/send_redirects": "0",
+            "net/ipv4/conf/default/send_redirects": "0",
+        })
+    if role.startswith("vm") or role == "dc2":
+        # DSR hosts: the VIP is on lo; never answer ARP for it on eth0
+        s.update({
+            "net/ipv4/conf/all/arp_ignore": "1",
+            "net/ipv4/conf/all/arp_announce": "2",
+        })
+    return s
+
+
+def _write_sysctls(values: dict[str, str]) -> None:
+    # /proc/sys/net resolves to the opener's netns, so a setns()-ed child can write
+    # it directly (no exec of sysctl needed).
+    for key, value in values.items():
+        with open(f"/proc/sys/{key}", "w") as f:
+            f.write(value)
+
+
+# ------------------------------------------------- dc2 decapsulator (hand-made XDP)
+
+_BPF_PROG_LOAD = 5
+_BPF_PROG_TYPE_XDP = 6
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
+_FN_XDP_ADJUST_HEAD = 44
+_XDP_PASS = 2
+
+
+class _Asm:
+    """Just enough eBPF assembler for the decap program (labels for jumps)."""
+
+    # classes / sizes / modes / ops
+    LDX, STX, ALU64, JMP, JMP32 = 0x01, 0x03, 0x07, 0x05, 0x06
+    W, H, B, DW = 0x00, 0x08, 0x10, 0x18
+    MEM = 0x60
+    K, X = 0x00, 0x08
+    ADD, AND, MOV = 0x00, 0x50, 0xB0
+    JA, JEQ, JGT, JNE, CALL, EXIT = 0x00, 0x10, 0x20, 0x50, 0x80, 0x90
+
+    def __init__(self) -> None:
+        self.insns: list[list[Any]] = []   # [code, dst, src, off|label, imm]
+        self.labels: dict[str, int] = {}
+
+    def _emit(self, code: int, dst: int = 0, src: int = 0, off: Any = 0, imm: int = 0) -> None:
+        self.insns.append([code, dst, src, off, imm])
+
+    def label(self, name: str) -> None:
+        self.labels[name] = len(self.insns)
+
+    def mov(self, dst: int, imm: int) -> None:
+        self._emit(self.ALU64 | self.MOV | self.K, dst, 0, 0, imm)
+
+    def movr(self, dst: int, src: int) -> None:
+        self._emit(self.ALU64 | self.MOV | self.X, dst, src)
+
+    def add(self, dst: int, imm: int) -> None:
+        self._emit(self.ALU64 | self.ADD | self.K, dst, 0, 0, imm)
+
+    def and_(self, dst: int, imm: int) -> None:
+        self._emit(self.ALU64 | self.AND | self.K, dst, 0, 0, imm)
+
+    def ldx(self, size: int, dst: int, src: int, off: int) -> None:
+        self._emit(self.LDX | size | self.MEM, dst, src, off)
+
+    def stx(self, size: int, dst: int, off: int, src: int) -> None:
+        self._emit(self.STX | size | self.MEM, dst, src, off)
+
+    def jmp(self, op: int, dst: int, imm: int, target: str, wide: bool = True) -> None:
+        self._emit((self.JMP if wide else self.JMP32) | op | self.K, dst, 0, target, imm)
+
+    def jmpr(self, op: int, dst: int, src: int, target: str) -> None:
+        self._emit(self.JMP | op | self.X, dst, src, target)
+
+    def ja(self, target: str) -> None:
+        self._emit(self.JMP | self.JA, 0, 0, target)
+
+    def call(self, fn: int) -> None:
+        self._emit(self.JMP | self.CALL, 0, 0, 0, fn)
+
+    def exit(self) -> None:
+        self._emit(self.JMP | self.EXIT)
+
+    def assemble(self) -> bytes:
+        out = bytearray()
+        for i, (code, dst, src, off, imm) in enumerate(self.insns):
+            if isinstance(off, str):
+                off = self.labels[off] - (i + 1)
+            out += struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+        return bytes(out)
+
+
+def _host_u32(b: bytes) -> int:
+    """The signed imm that equals a 4-byte packet field loaded as a host u32."""
+    return int.from_bytes(b, sys.byteorder, signed=True)
+
+
+def _host_u16(v: int) -> int:
+    """A network-order 16-bit constant as read by a host-order u16 load."""
+    return int.from_bytes(v.to_bytes(2, "big"), sys.byteorder)
+
+
+def _decap_program(endpoint4: str, endpoint6: str) -> bytes:
+    """XDP: strip an outer IPv4 (IHL 5, unfragmented) or IPv6 header whose
+    destination is the endpoint and whose payload is IPv4 (4) or IPv6 (41);
+    everything else passes untouched."""
+    a = _Asm()
+    eth_ip, eth_ip6 = _host_u16(0x0800), _host_u16(0x86DD)
+    # r6 = ctx, r2 = data, r3 = data_end
+    a.movr(6, 1)
+    a.ldx(a.W, 2, 6, 0)
+    a.ldx(a.W, 3, 6, 4)
+    a.movr(4, 2); a.add(4, 14); a.jmpr(a.JGT, 4, 3, "pass")
+    a.ldx(a.H, 5, 2, 12)
+    a.jmp(a.JEQ, 5, eth_ip, "v4")
+    a.jmp(a.JEQ, 5, eth_ip6, "v6")
+    a.ja("pass")
+
+    a.label("v4")
+    a.movr(4, 2); a.add(4, 34); a.jmpr(a.JGT, 4, 3, "pass")
+    a.ldx(a.B, 7, 2, 14); a.jmp(a.JNE, 7, 0x45, "pass")           # v4, IHL 5
+    a.ldx(a.H, 7, 2, 20); a.and_(7, _host_u16(0x3FFF))               # MF | offset
+    a.jmp(a.JNE, 7, 0, "pass")
+    a.ldx(a.W, 7, 2, 30)
+    a.jmp(a.JNE, 7, _host_u32(socket.inet_pton(socket.AF_INET, endpoint4)), "pass", wide=False)
+    a.mov(9, 20)
+    a.ldx(a.B, 7, 2, 23)                                              # protocol
+    a.ja("proto")
+
+    a.label("v6")
+    a.movr(4, 2); a.add(4, 54); a.jmpr(a.JGT, 4, 3, "pass")
+    dst6 = socket.inet_pton(socket.AF_INET6, endpoint6)
+    for i in range(4):
+        a.ldx(a.W, 7, 2, 38 + 4 * i)
+        a.jmp(a.JNE, 7, _host_u32(dst6[4 * i:4 * i + 4]), "pass", wide=False)
+    a.mov(9, 40)
+    a.ldx(a.B, 7, 2, 20)                                              # next header
+
+    a.label("proto")
+    a.mov(8, eth_ip); a.jmp(a.JEQ, 7, 4, "strip")
+    a.mov(8, eth_ip6); a.jmp(a.JEQ, 7, 41, "strip")
+    a.ja("pass")
+
+    a.label("strip")
+    # keep the 12 MAC bytes on the stack, drop the outer header, rebuild Ethernet
+    a.ldx(a.DW, 7, 2, 0); a.stx(a.DW, 10, -8, 7)
+    a.ldx(a.W, 7, 2, 8); a.stx(a.W, 10, -12, 7)
+    a.movr(1, 6); a.movr(2, 9); a.call(_FN_XDP_ADJUST_HEAD)
+    a.jmp(a.JNE, 0, 0, "pass")
+    a.ldx(a.W, 2, 6, 0)
+    a.ldx(a.W, 3, 6, 4)
+    a.movr(4, 2); a.add(4, 14); a.jmpr(a.JGT, 4, 3, "pass")
+    a.ldx(a.DW, 7, 10, -8); a.stx(a.DW, 2, 0, 7)
+    a.ldx(a.W, 7, 10, -12); a.stx(a.W, 2, 8, 7)
+    a.stx(a.H, 2, 12, 8)
+
+    a.label("pass")
+    a.mov(0, _XDP_PASS)
+    a.exit()
+    return a.assemble()
+
+
+def _bpf_prog_load_xdp(insns: bytes, name: str = "dc2_decap") -> int:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    ibuf = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(b"GPL")
+
+    def attempt(log_size: int) -> tuple[int, str]:
+        logbuf = ctypes.create_string_buffer(log_size) if log_size else None
+        attr = struct.pack(
+            "=IIQQIIQII16sII", _BPF_PROG_TYPE_XDP, len(insns) // 8,
+            ctypes.addressof(ibuf), ctypes.addressof(lic),
+            1 if log_size else 0, log_size,
+            ctypes.addressof(logbuf) if logbuf is not None else 0,
+            0, 0, name.encode()[:15], 0, 0)
+        abuf = ctypes.create_string_buffer(attr, len(attr))
+        fd = libc.syscall(_SYS_BPF, _BPF_PROG_LOAD, abuf, len(attr))
+        err = ctypes.get_errno()
+        text = logbuf.value.decode(errors="replace") if logbuf is not None else ""
+        return (fd if fd >= 0 else -err), text
+
+    fd, _ = attempt(0)
+    if fd >= 0:
+        return fd
+    _, vlog = attempt(1 << 16)   # again, with the verifier log for the error
+    raise OSError(-fd, f"BPF_PROG_LOAD of {name} failed: {os.strerror(-fd)}\n{vlog}")
+
+
+# ------------------------------------------------------------------------ cleanup
+
+def _ns_names(prefix: str) -> list[str]:
+    return [f"{prefix}-{r}" for r in ROLES]
+
+
+def cleanup_prefix(prefix: str = DEFAULT_PREFIX) -> list[str]:
+    """Remove the testbed namespaces of ``prefix`` (e.g. after a crashed run).
+
+    Only the exact names this module creates (``{prefix}-{role}``) are touched, so
+    a prefix never sweeps up another prefix's namespaces.  Never raises for
+    already-gone namespaces.  Processes still inside are not killed (they are not
+    ours to kill); the namespace dies with its last process.  Returns removed names.
+    """
+    removed = []
+    for name in _ns_names(prefix):
+        if not netns_exists(name):
+            continue
+        try:
+            pr_netns.remove(name)
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not remove netns %s: %s", name, exc)
+    return removed
+
+
+# ------------------------------------------------------------------------ testbed
+
+@dataclass
+class Testbed:
+    """The namespace topology.  ``with Testbed(prefix) as tb: ...`` brings it up and
+    always tears it down."""
+
+    __test__ = False                 # not a pytest test class, despite the name
+
+    prefix: str = DEFAULT_PREFIX
+    dc2_decap: bool = True           # attach the XDP decapsulator on dc2's eth0
+    gro: bool = True                 # GRO on the veth ends that receive XDP redirects
+    vms: list[Vm] = field(init=False)
+    clients: list[Client] = field(init=False)
+    timings: dict[str, float] = field(init=False, default_factory=dict)
+    _procs: list[subprocess.Popen] = field(init=False, default_factory=list)
+    _is_up: bool = field(init=False, default=False)
+
+    # re-exported so users need only the instance
+    VIP4 = VIP4
+    VIP6 = VIP6
+    VIP4_NET = VIP4_NET
+    VIP6_NET = VIP6_NET
+    DC2_ENDPOINT = DC2_ENDPOINT
+    DC2_ENDPOINT6 = DC2_ENDPOINT6
+    UPLINK = UPLINK
+    UPLINK_MAC = UPLINK_MAC
+    UPLINK_IP = UPLINK_IP
+    UPLINK_IP6 = UPLINK_IP6
+    ROUTER_MAC = ROUTER_MAC
+    ROUTER_IP = ROUTER_IP
+    ROUTER_IP6 = ROUTER_IP6
+    ROUTER_DOWNLINK = ROUTER_DOWNLINK
+
+    def __post_init__(self) -> None:
+        # namespace names are {prefix}-vmN etc.; keep them readable and path-safe
+        if not self.prefix or "/" in self.prefix or len(self.prefix) > 40:
+            raise ValueError(f"bad testbed prefix {self.prefix!r}")
+        self.vms = [_vm(n, self.prefix) for n in (1, 2, 3)]
+        self.clients = [_client(n, self.prefix) for n in (1, 2)]
+
+    # ---- names
+    def ns(self, role: str) -> str:
+        if role not in ROLES:
+            raise KeyError(f"unknown role {role!r}; roles: {ROLES}")
+        return f"{self.prefix}-{role}"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return _ns_names(self.prefix)
+
+    def vm(self, name: str) -> Vm:
+        return next(v for v in self.vms if v.name == name)
+
+    def client(self, name: str) -> Client:
+        return next(c for c in self.clients if c.name == name)
+
+    # ---- lifecycle
+    def __enter__(self) -> "Testbed":
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def up(self) -> "Testbed":
+        """Build the topology.  Leftovers with this prefix are removed first; on any
+        failure everything built so far is removed and the error re-raised."""
+        t0 = time.monotonic()
+        self.down()
+        atexit.register(self.down)   # Ctrl-C in a demo still cleans up
+        try:
+            self._build()
+        except BaseException:
+            self.down()
+            raise
+        self._is_up = True
+        self.timings["up"] = time.monotonic() - t0
+        return self
+
+    def down(self) -> None:
+        """Stop processes started through ``popen`` and remove every namespace of this
+        prefix.  Safe to call repeatedly; never raises for already-gone things."""
+        t0 = time.monotonic()
+        atexit.unregister(self.down)
+        self._stop_procs()
+        cleanup_prefix(self.prefix)
+        self._is_up = False
+        self.timings["down"] = time.monotonic() - t0
+
+    @property
+    def is_up(self) -> bool:
+        return self._is_up and all(netns_exists(n) for n in self.namespaces)
+
+    # ---- running things inside
+    def run(self, role: str, func: Callable[..., Any], *args: Any,
+            timeout: float = 30.0, **kwargs: Any) -> Any:
+        """``func(*args, **kwargs)`` in a child inside the role's namespace."""
+        return run_in_netns(self.ns(role), func, *args, timeout=timeout, **kwargs)
+
+    def socket(self, role: str, family: int = socket.AF_INET,
+               sock_type: int = socket.SOCK_DGRAM) -> socket.socket:
+        """A socket living in the role's namespace, used from this process."""
+        return netns_socket(self.ns(role), family, sock_type)
+
+    def cmd(self, role: str, argv: Sequence[str], timeout: float = 30.0,
+            check: bool = True) -> subprocess.CompletedProcess:
+        return run_cmd_in_netns(self.ns(role), argv, timeout=timeout, check=check)
+
+    def popen(self, role: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
+        """Start a process in the role's namespace; ``down()`` stops it by pid.
+        ``start_new_session`` so the signal reaches the process itself, not just
+        ``ip netns exec`` (which execs into it anyway)."""
+        kw.setdefault("start_new_session", True)
+        proc = popen_in_netns(self.ns(role), argv, **kw)
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen, grace: float = 2.0) -> None:
+        """Terminate one process started via ``popen`` (SIGTERM, then SIGKILL)."""
+        if proc.poll() is None:
+            try:
+                os.kill(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=grace)
+            except ProcessLookupError:
+                pass
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+        if proc in self._procs:
+            self._procs.remove(proc)
+
+    def _stop_procs(self) -> None:
+        for proc in list(self._procs):
+            try:
+                self.stop(proc)
+            except Exception as exc:  # noqa: BLE001 - teardown must go on
+                log.warning("could not stop pid %s: %s", proc.pid, exc)
+        self._procs.clear()
+
+    # ---- construction
+    def _build(self) -> None:
+        t = time.monotonic()
+        for role in ROLES:
+            pr_netns.create(self.ns(role))
+        for role in ROLES:
+            # before any link exists: new devices copy the "default" values
+            self.run(role, _write_sysctls, _sysctls_for(role), timeout=10)
+        self.timings["ns+sysctl"] = time.monotonic() - t
+
+        t = time.monotonic()
+        iprs: dict[str, IPRoute] = {}
+        try:
+            for role in ROLES:
+                # flags=0: never create a namespace implicitly (pyroute2's default)
+                iprs[role] = IPRoute(netns=self.ns(role), flags=0)
+            self._build_links(iprs)
+            self._build_routes(iprs)
+            if self.dc2_decap:
+                self.attach_dc2_decap(iprs["dc2"])
+        finally:
+            for ipr in iprs.values():
+                ipr.close()
+        self.timings["netlink"] = time.monotonic() - t
+
+        t = time.monotonic()
+        if self.gro:
+            self._enable_gro()
+        self.timings["gro"] = time.monotonic() - t
+
+    def _build_links(self, iprs: dict[str, IPRoute]) -> None:
+        links = _links(self.clients, self.vms)
+        for link in links:
+            # created inside a's namespace with the peer put straight into b's:
+            # nothing ever appears in the root namespace
+            iprs[link.a.role].link(
+                "add", ifname=link.a.ifname, kind="veth", address=link.a.mac,
+                peer={"ifname": link.b.ifname, "address": link.b.mac,
+                      "net_ns_fd": self.ns(link.b.role)})
+        for role in ROLES:
+            lo = iprs[role].link_lookup(ifname="lo")[0]
+            iprs[role].link("set", index=lo, state="up")
+        for link in links:
+            for end, other in ((link.a, link.b), (link.b, link.a)):
+                ipr = iprs[end.role]
+                idx = ipr.link_lookup(ifname=end.ifname)[0]
+                for cidr in end.addrs:
+                    addr, plen = cidr.split("/")
+                    ipr.addr("add", index=idx, address=addr, prefixlen=int(plen))
+                ipr.link("set", index=idx, state="up")
+                # static neighbours: no ARP/ND races in tests, the XDP path can
+                # rely on them from the first packet
+                for cidr in other.addrs:
+                    ipr.neigh("add", dst=cidr.split("/")[0], lladdr=other.mac, ifindex=idx)
+        # VIPs on the loopback of every backend (local VMs and the remote DC)
+        for role in [v.name for v in self.vms] + ["dc2"]:
+            lo = iprs[role].link_lookup(ifname="lo")[0]
+            iprs[role].addr("add", index=lo, address=VIP4, prefixlen=32)
+            iprs[role].addr("add", index=lo, address=VIP6, prefixlen=128)
+
+    def _build_routes(self, iprs: dict[str, IPRoute]) -> None:
+        def default(role: str, gw4: str, gw6: str) -> None:
+            iprs[role].route("add", dst="0.0.0.0/0", gateway=gw4, family=socket.AF_INET)
+            iprs[role].route("add", dst="::/0", gateway=gw6, family=socket.AF_INET6)
+
+        for c in self.clients:
+            default(c.name, c.router_ip, c.router_ip6)
+        for vm in self.vms:
+            default(vm.name, vm.gw_ip, vm.gw_ip6)
+        default("gw", ROUTER_IP, ROUTER_IP6)
+        default("dc2", ROUTER_DC2_IP, ROUTER_DC2_IP6)
+        rt = iprs["rt"]
+        # the VIPs and the VM subnets live behind the gateway
+        rt.route("add", dst=VIP4_NET, gateway=UPLINK_IP, family=socket.AF_INET)
+        rt.route("add", dst=VIP6_NET, gateway=UPLINK_IP6, family=socket.AF_INET6)
+        for vm in self.vms:
+            net4 = str(ipaddress.ip_interface(f"{vm.ip}/24").network)
+            net6 = str(ipaddress.ip_interface(f"{vm.ip6}/64").network)
+            rt.route("add", dst=net4, gateway=UPLINK_IP, family=socket.AF_INET)
+            rt.route("add", dst=net6, gateway=UPLINK_IP6, family=socket.AF_INET6)
+
+    def attach_dc2_decap(self, ipr: IPRoute | None = None) -> None:
+        """Load the IP-in-IP decapsulator and attach it (native XDP) on dc2's eth0."""
+        fd = _bpf_prog_load_xdp(_decap_program(DC2_ENDPOINT, DC2_ENDPOINT6))
+        own = ipr is None
+        if own:
+            ipr = IPRoute(netns=self.ns("dc2"), flags=0)
+        try:
+            idx = ipr.link_lookup(ifname=DC2_IF)[0]
+            # the device keeps a reference to the program; our fd can go
+            ipr.link("set", index=idx, xdp_fd=fd)
+        finally:
+            os.close(fd)
+            if own:
+                ipr.close()
+
+    def detach_dc2_decap(self) -> None:
+        with IPRoute(netns=self.ns("dc2"), flags=0) as ipr:
+            idx = ipr.link_lookup(ifname=DC2_IF)[0]
+            ipr.link("set", index=idx, xdp_fd=-1)
+
+    def _enable_gro(self) -> None:
+        # A veth delivers frames that XDP redirected (or XDP_TX-ed) into it only if
+        # its *peer* runs NAPI: an XDP program or GRO on the peer.  The gateway
+        # redirects into gwvN (peer: vmN eth0) and transmits on up0 (peer: to-gw).
+        targets = [(vm.name, vm.ifname) for vm in self.vms] + [("rt", ROUTER_DOWNLINK)]
+        procs = [(role, ifname, popen_in_netns(self.ns(role),
+                                               ["ethtool", "-K", ifname, "gro", "on"],
+                                               stdout=subprocess.PIPE,
+                                               stderr=subprocess.PIPE, text=True))
+                 for role, ifname in targets]
+        for role, ifname, p in procs:
+            try:
+                _, err = p.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+                raise RuntimeError(f"ethtool on {role}/{ifname} timed out") from None
+            if p.returncode != 0:
+                raise RuntimeError(f"ethtool -K {ifname} gro on in {role} failed: {err}")
+
+    # ---- introspection helpers for tests/demo
+    def ifindex(self, role: str, ifname: str) -> int:
+        with IPRoute(netns=self.ns(role), flags=0) as ipr:
+            found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise KeyError(f"{ifname} not in {self.ns(role)}")
+        return found[0]
+
+    def describe(self) -> str:
+        lines = [f"testbed {self.prefix}: namespaces {', '.join(self.namespaces)}",
+                 f"  VIP {VIP4} / {VIP6}; uplink {self.ns('gw')}/{UPLINK} {UPLINK_IP} "
+                 f"{UPLINK_MAC}; router {ROUTER_IP} {ROUTER_MAC}",
+                 f"  dc2 endpoint {DC2_ENDPOINT} / {DC2_ENDPOINT6}"]
+        for c in self.clients:
+            lines.append(f"  {c.name} ({c.ns}): {', '.join(c.ips + c.ip6s)}")
+        for v in self.vms:
+            lines.append(f"  {v.name} ({v.ns}): {v.ip} {v.ip6} {v.mac} via gw port "
+                         f"{v.port} {v.port_mac}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ CLI
+
+def main(argv: Iterable[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dataplane.testbed")
+    ap.add_argument("action", choices=("up", "down", "cleanup"))
+    ap.add_argument("--prefix", default=DEFAULT_PREFIX)
+    ap.add_argument("--no-decap", action="store_true", help="no XDP decap on dc2")
+    args = ap.parse_args(list(argv) if argv is not None else None)
+    if args.action == "up":
+        tb = Testbed(args.prefix, dc2_decap=not args.no_decap)
+        tb.up()
+        atexit.unregister(tb.down)   # the CLI leaves it up on purpose
+        print(tb.describe())
+        print(f"up in {tb.timings['up']:.2f}s")
+    else:
+        removed = cleanup_prefix(args.prefix)
+        print("removed:", " ".join(removed) or "nothing")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
