@@ -16,7 +16,7 @@ from control.rates import RateTracker
 
 
 def api_socket_path(config: Config) -> str:
-    return config.gateway.api_socket or f"/run/xdpgw/{config.gateway.name}.sock"
+    return config.gateway.api_socket
 
 
 class Daemon:
