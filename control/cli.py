@@ -153,15 +153,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_testbed(args: argparse.Namespace) -> int:
-    from dataplane.testbed import Testbed
+    from dataplane.testbed import main as testbed_main
 
-    tb = Testbed(prefix=args.prefix)
-    if args.action == "up":
-        tb.up()
-        print(tb.describe())
-    else:
-        tb.down()
-    return 0
+    return testbed_main([args.action, "--prefix", args.prefix])
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
