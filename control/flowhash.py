@@ -17,24 +17,15 @@ import ipaddress
 
 import numpy as np
 
-try:
-    from control import _flowhash
-except ImportError as exc:  # extension not built: the reference still works
-    _flowhash = None
-    _import_error: ImportError | None = exc
-else:
-    _import_error = None
+from dataplane.extensions import extension
+from dataplane.structs import addr16
+
 
 M32 = 0xFFFFFFFF
 
 
 def _ext():
-    if _flowhash is None:
-        raise ImportError(
-            "control._flowhash (Cython) is not built; run `make setup` "
-            "(python setup.py build_ext --inplace)"
-        ) from _import_error
-    return _flowhash
+    return extension("control._flowhash")
 
 
 def _check_flow(addr16: bytes, sport: int, dport: int, proto: int, seed: int) -> None:
@@ -112,9 +103,7 @@ def address_bytes(ip: str) -> bytes:
         addr = ipaddress.ip_address(ip)
     except ValueError:
         raise ValueError(f"not an IPv4 or IPv6 address: {ip!r}") from None
-    if addr.version == 4:
-        return b"\x00" * 10 + b"\xff\xff" + addr.packed
-    return addr.packed
+    return bytes(addr16(addr))
 
 
 def maglev_slot(src_ip: str, sport: int, dport: int, proto: int, seed: int, m: int) -> int:

@@ -26,15 +26,11 @@ from collections.abc import Iterable
 
 import numpy as np
 
-try:
-    from control import _maglev
-except ImportError as exc:  # extension not built: the reference still works
-    _maglev = None
-    _import_error: ImportError | None = exc
-else:
-    _import_error = None
+from dataplane.extensions import extension
+from dataplane.structs import XDPGW_NO_VM
 
-NO_VM = 0xFFFFFFFF  # XDPGW_NO_VM in ebpf/structs.h
+
+NO_VM = XDPGW_NO_VM
 DEFAULT_M = 65537
 U32_MAX = 0xFFFFFFFF
 
@@ -47,12 +43,7 @@ Backend = tuple[str, int, int]  # (name, vm_id, weight)
 
 
 def _ext():
-    if _maglev is None:
-        raise ImportError(
-            "control._maglev (Cython) is not built; run `make setup` "
-            "(python setup.py build_ext --inplace)"
-        ) from _import_error
-    return _maglev
+    return extension("control._maglev")
 
 
 _MR_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)

@@ -9,22 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-try:
-    from dataplane import _fold
-except ImportError as exc:  # extension not built: the reference still works
-    _fold = None
-    _import_error: ImportError | None = exc
-else:
-    _import_error = None
+from dataplane.extensions import extension
+
 
 
 def _ext():
-    if _fold is None:
-        raise ImportError(
-            "dataplane._fold (Cython) is not built; run `make setup` "
-            "(python setup.py build_ext --inplace)"
-        ) from _import_error
-    return _fold
+    return extension("dataplane._fold")
 
 
 def _check_raw(raw: np.ndarray) -> np.ndarray:
