@@ -18,7 +18,7 @@ import ipaddress
 import numpy as np
 
 from dataplane.extensions import extension
-from dataplane.structs import addr16
+from dataplane.structs import addr16 as mapped_address
 
 
 M32 = 0xFFFFFFFF
@@ -103,7 +103,7 @@ def address_bytes(ip: str) -> bytes:
         addr = ipaddress.ip_address(ip)
     except ValueError:
         raise ValueError(f"not an IPv4 or IPv6 address: {ip!r}") from None
-    return bytes(addr16(addr))
+    return bytes(mapped_address(addr))
 
 
 def maglev_slot(src_ip: str, sport: int, dport: int, proto: int, seed: int, m: int) -> int:

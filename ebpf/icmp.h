@@ -29,11 +29,12 @@ static __always_inline int icmp_inner_flow(void *data, void *data_end, struct pk
                                            struct flow_key *flow)
 {
     __u16 off = p->l4_off + 8;        /* ICMP header: type, code, checksum, 4 bytes */
+    __u16 end = p->l3_off + p->l3_len; /* the quote ends with the IP packet, not the frame */
     __u8 proto;
 
     if (p->key.proto == IPPROTO_ICMP) {
         struct iphdr *in = pkt_at(data, off);
-        if ((void *)(in + 1) > data_end || in->version != 4 || in->ihl < 5)
+        if ((void *)(in + 1) > data_end || off + sizeof(*in) > end || in->version != 4 || in->ihl < 5)
             return parse_fail(p, DROP_ICMP_INNER_BAD);
         __u16 ihl = in->ihl * 4;
         proto = in->protocol;
@@ -49,7 +50,7 @@ static __always_inline int icmp_inner_flow(void *data, void *data_end, struct pk
         off += ihl;
     } else {
         struct ipv6hdr *in6 = pkt_at(data, off);
-        if ((void *)(in6 + 1) > data_end || in6->version != 6)
+        if ((void *)(in6 + 1) > data_end || off + sizeof(*in6) > end || in6->version != 6)
             return parse_fail(p, DROP_ICMP_INNER_BAD);
         proto = in6->nexthdr;
         __builtin_memcpy(flow->src, &in6->daddr, 16);
@@ -59,7 +60,7 @@ static __always_inline int icmp_inner_flow(void *data, void *data_end, struct pk
     if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
         return ICMP_NOT_ERROR;
     __be16 *ports = pkt_at(data, off);       /* the quote carries at least 8 L4 bytes */
-    if ((void *)(ports + 2) > data_end)
+    if ((void *)(ports + 2) > data_end || off + 4 > end)
         return parse_fail(p, DROP_ICMP_INNER_BAD);
     flow->proto = proto;
     flow->sport = bpf_ntohs(ports[1]);

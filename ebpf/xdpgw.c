@@ -31,8 +31,19 @@ static __always_inline int deliver(struct xdp_md *ctx, const struct pkt *p, cons
                       loc->src_mac);
 }
 
-static __always_inline struct service_info *find_service(const struct flow_key *flow)
+static __always_inline int is_v4_mapped(const __u8 *a)
 {
+    __u32 w[3];
+    __builtin_memcpy(w, a, 12);
+    return w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0xffff);
+}
+
+/* VIPs are keyed IPv4-mapped, so an IPv6 packet to ::ffff:a.b.c.d must not
+ * match the IPv4 VIP a.b.c.d (it would share that VIP's flows and services). */
+static __always_inline struct service_info *find_service(const struct flow_key *flow, __u8 family)
+{
+    if (family == 6 && is_v4_mapped(flow->dst))
+        return NULL;
     struct service_key sk = {};
     __builtin_memcpy(sk.vip, flow->dst, 16);
     sk.port = flow->dport;
@@ -51,7 +62,7 @@ static __always_inline int handle_icmp_error(struct xdp_md *ctx, void *data, voi
         return drop(p->drop_reason);
     if (rc != ICMP_FLOW_FOUND)
         goto pass;
-    struct service_info *svc = find_service(&flow);
+    struct service_info *svc = find_service(&flow, p->family);
     if (!svc)
         goto pass;
     struct choice c = {};
@@ -85,7 +96,7 @@ int xdpgw_main(struct xdp_md *ctx)
     if (is_icmp_error(&p))
         return handle_icmp_error(ctx, data, data_end, &p, region);
 
-    struct service_info *svc = find_service(&p.key);
+    struct service_info *svc = find_service(&p.key, p.family);
     if (!svc) {
         stat_inc(STAT_PASS);
         return XDP_PASS;
