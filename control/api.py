@@ -68,7 +68,10 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         try:
             return {"ok": True, "result": handler(args)}
         except (ValueError, KeyError, TypeError, RuntimeError, OSError) as exc:
-            return {"ok": False, "error": str(exc).strip("'\"")}
+            # KeyError's str() is the repr of its argument: use the argument itself;
+            # stripping quotes from str() would eat the closing quote of "unknown VM 'x'"
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            return {"ok": False, "error": str(message)}
 
 
 def call(path: str, cmd: str, timeout: float = 10.0, **args: Any) -> Any:

@@ -16,7 +16,7 @@ from control.config import Config, ConfigError, VMConfig
 from control.flowhash import maglev_slot
 from control.maglev import build_table
 from dataplane import structs as S
-from dataplane.maps import PROTOCOLS, Dataplane, LocalPort, Tunnel
+from dataplane.maps import PROTOCOLS, VM_STATES, Dataplane, LocalPort, Tunnel
 from dataplane.program import AttachError, Sizes, attach, detach, ifindex, load
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -207,9 +207,18 @@ class Gateway:
     def set_vm_state(self, name: str, state: str) -> dict:
         with self.lock:
             vm = self.vm(name)
-            self._dp().set_vm_state(vm.vm_id, state)
+            if state not in VM_STATES:
+                raise GatewayError(f"VM {name!r}: state {state!r} must be one of {sorted(VM_STATES)}")
             vm.state, vm.since = state, time.time()
-            self._rebuild_tables()
+            # Order the two writes so that no new flow is ever given a VM that
+            # cannot take it: a leaving VM leaves the Maglev tables first, a
+            # returning VM is usable before the tables name it.
+            if state == "active":
+                self._dp().set_vm_state(vm.vm_id, state)
+                self._rebuild_tables()
+            else:
+                self._rebuild_tables()
+                self._dp().set_vm_state(vm.vm_id, state)
             return vm.describe()
 
     # ---- offload -------------------------------------------------------

@@ -586,6 +586,7 @@ class Testbed:
             self._build_routes(iprs)
             if self.dc2_decap:
                 self.attach_dc2_decap(iprs["dc2"])
+            self._attach_xdp_pass(iprs["rt"], ROUTER_DOWNLINK)
         finally:
             for ipr in iprs.values():
                 ipr.close()
@@ -661,6 +662,23 @@ class Testbed:
             os.close(fd)
             if own:
                 ipr.close()
+
+    def _attach_xdp_pass(self, ipr: IPRoute, ifname: str) -> None:
+        """A do-nothing XDP program (XDP_PASS) on the router's end of the uplink.
+
+        The gateway sends tunnelled packets back out of up0 with XDP_TX. A veth
+        schedules its peer's NAPI after XDP_TX only if the *peer* has an XDP
+        program (veth_xdp_flush checks the peer queue's xdp_prog); with GRO alone
+        the frames sit in the peer's ring until unrelated traffic kicks it, so
+        IP-in-IP to dc2 stalled. Redirects (devmap) are flushed either way."""
+        a = _Asm()
+        a.mov(0, _XDP_PASS)
+        a.exit()
+        fd = _bpf_prog_load_xdp(a.assemble(), "xdp_pass")
+        try:
+            ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], xdp_fd=fd)
+        finally:
+            os.close(fd)
 
     def detach_dc2_decap(self) -> None:
         with IPRoute(netns=self.ns("dc2"), flags=0) as ipr:
