@@ -27,15 +27,25 @@ static __always_inline void set_macs(struct ethhdr *eth, const __u8 *dst, const 
     __builtin_memcpy(eth->h_source, src, ETH_ALEN);
 }
 
+/* Move the frame's start by `delta` bytes (positive: drop headers, negative:
+ * make room) and return its Ethernet header, or NULL if that fails. */
+static __always_inline struct ethhdr *reframe(struct xdp_md *ctx, int delta, void **data_end)
+{
+    if (delta && bpf_xdp_adjust_head(ctx, delta))
+        return NULL;
+    struct ethhdr *eth = (void *)(long)ctx->data;
+    *data_end = (void *)(long)ctx->data_end;
+    if ((void *)(eth + 1) > *data_end)
+        return NULL;
+    return eth;
+}
+
 static __always_inline int forward_local(struct xdp_md *ctx, const struct pkt *p,
                                          const struct vm_location *loc)
 {
-    if (p->vlan_depth && bpf_xdp_adjust_head(ctx, p->vlan_depth * sizeof(struct vlan_tag)))
-        return drop(DROP_ENCAP);
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end)
+    void *data_end;
+    struct ethhdr *eth = reframe(ctx, p->vlan_depth * sizeof(struct vlan_tag), &data_end);
+    if (!eth)
         return drop(DROP_ENCAP);
     eth->h_proto = p->eth_proto;
     set_macs(eth, loc->dst_mac, loc->src_mac);
@@ -68,12 +78,9 @@ static __always_inline int tunnel_out(struct xdp_md *ctx, const struct pkt *p, _
     int grow = outer - p->vlan_depth * (int)sizeof(struct vlan_tag);
     __u8 inner_proto = p->family == 6 ? IPPROTO_IPV6 : IPPROTO_IPIP;
 
-    if (bpf_xdp_adjust_head(ctx, -grow))
-        return drop(DROP_ENCAP);
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end)
+    void *data_end;
+    struct ethhdr *eth = reframe(ctx, -grow, &data_end);
+    if (!eth)
         return drop(DROP_ENCAP);
     set_macs(eth, dmac, smac);
 
