@@ -152,6 +152,15 @@ def lookup_elem(map_fd: int, key, value, what: str) -> bool:
     return True
 
 
+def delete_elem(map_fd: int, key, what: str) -> bool:
+    """Delete a key; False when it was absent."""
+    rc = _lib.bpf_map_delete_elem(map_fd, ct.byref(key))
+    if rc < 0 and (-rc if rc != -1 else ct.get_errno()) == errno.ENOENT:
+        return False
+    _check(rc, f"deleting from {what}")
+    return True
+
+
 def map_fd_by_id(map_id: int) -> int:
     return _check(_lib.bpf_map_get_fd_by_id(map_id), f"opening map id {map_id}")
 

@@ -56,8 +56,11 @@ class Dataplane:
         self.sizes = sizes
         self.ncpus = possible_cpus()
 
+    def _table(self, name: str):
+        return self.bpf.get_table(name.encode())   # bcc warns on str names
+
     def _fd(self, name: str) -> int:
-        return self.bpf.get_table(name).map_fd
+        return self._table(name).map_fd
 
     # ---- regions -------------------------------------------------------
     def set_region_prefixes(self, prefixes: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, int]) -> None:
@@ -70,7 +73,7 @@ class Dataplane:
             libbpf.update_elem(self._fd(f"region_prefixes_v{net.version}"), self._lpm_key(net),
                                ct.c_uint32(region), f"region prefix {net}")
         for version in (4, 6):
-            table = self.bpf.get_table(f"region_prefixes_v{version}")
+            table = self._table(f"region_prefixes_v{version}")
             for key in list(table.keys()):
                 if (version, bytes(key)) not in wanted:
                     table.__delitem__(key)
@@ -102,7 +105,7 @@ class Dataplane:
             frag = S.ServiceKey(vip=S.addr16(vip), port=0, proto=PROTOCOLS[proto], fragment=1)
             entries[bytes(key)] = S.ServiceInfo(id=sid)
             entries.setdefault(bytes(frag), S.ServiceInfo(id=sid))
-        table = self.bpf.get_table("services")
+        table = self._table("services")
         for raw, info in entries.items():
             table[S.ServiceKey.from_buffer_copy(raw)] = info
         for key in list(table.keys()):
@@ -128,6 +131,10 @@ class Dataplane:
             import os
             os.close(inner)  # the outer map holds its own reference
 
+    def remove_maglev_table(self, service_id: int) -> None:
+        """The service then has no table: its new flows drop as no_vm."""
+        libbpf.delete_elem(self._fd("maglev_tables"), ct.c_uint32(service_id), f"maglev_tables[{service_id}]")
+
     def maglev_table(self, service_id: int) -> np.ndarray | None:
         """The table the dataplane uses now for a service (None if it has none)."""
         import os
@@ -148,7 +155,7 @@ class Dataplane:
     def set_port(self, slot: int, ifindex: int) -> None:
         if not 0 <= slot < self.sizes.max_ports:
             raise ValueError(f"port slot {slot} out of range 0..{self.sizes.max_ports - 1}")
-        self.bpf.get_table("tx_ports")[ct.c_int(slot)] = ct.c_int(ifindex)
+        self._table("tx_ports")[ct.c_int(slot)] = ct.c_int(ifindex)
 
     def set_vm(self, vm_id: int, where: LocalPort | Tunnel, state: str = "active") -> None:
         self._check_vm_id(vm_id)
@@ -165,13 +172,13 @@ class Dataplane:
             loc.tunnel_family = _family_check(f"VM {vm_id}", where.endpoint, where.source)
             loc.tunnel_dst, loc.tunnel_src = S.addr16(where.endpoint), S.addr16(where.source)
             loc.dst_mac, loc.src_mac = S.mac_bytes(where.next_hop_mac), S.mac_bytes(where.uplink_mac)
-        self.bpf.get_table("vm_location")[ct.c_uint32(vm_id)] = loc
+        self._table("vm_location")[ct.c_uint32(vm_id)] = loc
 
     def set_vm_state(self, vm_id: int, state: str) -> None:
         self._check_vm_id(vm_id)
         if state not in VM_STATES:
             raise ValueError(f"VM {vm_id}: state {state!r} must be one of {sorted(VM_STATES)}")
-        table = self.bpf.get_table("vm_location")
+        table = self._table("vm_location")
         loc = table[ct.c_uint32(vm_id)]
         if not loc.kind:
             raise ValueError(f"VM {vm_id} has no location")
@@ -180,11 +187,11 @@ class Dataplane:
 
     def clear_vm(self, vm_id: int) -> None:
         self._check_vm_id(vm_id)
-        self.bpf.get_table("vm_location")[ct.c_uint32(vm_id)] = S.VmLocation()
+        self._table("vm_location")[ct.c_uint32(vm_id)] = S.VmLocation()
 
     def vm_location(self, vm_id: int) -> S.VmLocation:
         self._check_vm_id(vm_id)
-        return self.bpf.get_table("vm_location")[ct.c_uint32(vm_id)]
+        return self._table("vm_location")[ct.c_uint32(vm_id)]
 
     def _check_vm_id(self, vm_id: int) -> None:
         if not 1 <= vm_id <= self.sizes.max_vms:
@@ -199,18 +206,23 @@ class Dataplane:
         t = S.OffloadTarget(family=_family_check("offload", target.endpoint, target.source),
                             endpoint=S.addr16(target.endpoint), src=S.addr16(target.source),
                             next_hop_mac=S.mac_bytes(target.next_hop_mac), src_mac=S.mac_bytes(target.uplink_mac))
-        self.bpf.get_table("region_offload")[S.OffloadKey(region_id, service_id)] = t
+        self._table("region_offload")[S.OffloadKey(region_id, service_id)] = t
 
     def clear_offload(self, region_id: int, service_id: int) -> bool:
-        table = self.bpf.get_table("region_offload")
+        table = self._table("region_offload")
         try:
             table.__delitem__(S.OffloadKey(region_id, service_id))
             return True
         except KeyError:
             return False
 
+    def clear_offloads(self) -> None:
+        table = self._table("region_offload")
+        for key in list(table.keys()):
+            table.__delitem__(key)
+
     def offloads(self) -> dict[tuple[int, int], S.OffloadTarget]:
-        return {(k.region_id, k.service_id): v for k, v in self.bpf.get_table("region_offload").items()}
+        return {(k.region_id, k.service_id): v for k, v in self._table("region_offload").items()}
 
     # ---- flows ---------------------------------------------------------
     def flows(self) -> list[tuple[S.FlowKey, S.FlowEntry]]:
@@ -219,6 +231,9 @@ class Dataplane:
         keys, values, n = libbpf.lookup_batch(self._fd("flow_table"), ks, vs, self.sizes.flow_entries, "flow_table")
         return [(S.FlowKey.from_buffer_copy(keys, i * ks), S.FlowEntry.from_buffer_copy(values, i * vs))
                 for i in range(n)]
+
+    def clear_flows(self) -> None:
+        self._table("flow_table").clear()
 
     def flow(self, key: S.FlowKey) -> S.FlowEntry | None:
         value = S.FlowEntry()
@@ -258,5 +273,5 @@ class Dataplane:
 
     def last_forward(self) -> S.ForwardTrace | None:
         """What the program did with the last packet it forwarded since clear_forward_trace()."""
-        traces = [t for t in self.bpf.get_table("forward_traces")[ct.c_int(0)] if t.action]
+        traces = [t for t in self._table("forward_traces")[ct.c_int(0)] if t.action]
         return traces[0] if traces else None

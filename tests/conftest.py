@@ -118,20 +118,14 @@ class Gateway:
                               for v, p, proto, sid in list(SERVICES) + list(extra)])
 
     def reset(self) -> None:
-        dp, bpf = self.dp, self.bpf
-        bpf.get_table("flow_table").clear()
-        offloads = bpf.get_table("region_offload")
-        for key in list(offloads.keys()):
-            offloads.__delitem__(key)
-        locs = bpf.get_table("vm_location")
-        for key, loc in list(locs.items()):
-            if loc.kind:
-                dp.clear_vm(key.value)
-        from dataplane import libbpf
-
-        tables_fd = bpf.get_table("maglev_tables").map_fd
+        dp = self.dp
+        dp.clear_flows()
+        dp.clear_offloads()
+        for vm_id in range(1, self.sizes.max_vms + 1):
+            if dp.vm_location(vm_id).kind:
+                dp.clear_vm(vm_id)
         for sid in range(self.sizes.max_services):
-            libbpf._lib.bpf_map_delete_elem(tables_fd, ct.byref(ct.c_uint32(sid)))  # ENOENT is fine
+            dp.remove_maglev_table(sid)
         dp.set_region_prefixes({ipaddress.ip_network(n): r for n, r in REGION_PREFIXES.items()})
         self.set_services()
         for vm_id, (slot, _, _) in LOCAL_VMS.items():
