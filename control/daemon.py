@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-import time
 from typing import Any
 
 from control.api import ApiServer

@@ -14,8 +14,8 @@ removes everything.  Addresses come only from 198.18.0.0/15 and 2001:db8::/32.
 
 The remote data center (dc2) must decapsulate IP-in-IP sent to DC2_ENDPOINT /
 DC2_ENDPOINT6.  This kernel is built without ipip/sit/ip6tnl (and without modules),
-so the kernel tunnel devices cannot be created; instead a tiny XDP program,
-assembled here and loaded with bpf(2), strips the outer header on dc2's eth0
+so the kernel tunnel devices cannot be created; instead a small XDP program
+(ebpf/testbed.c, compiled by bcc) strips the outer header on dc2's eth0
 (4in4, 6in4, 4in6, 6in6) and passes the inner packet to dc2's stack, which is what
 a "remote any" tunnel device would do.
 
@@ -28,16 +28,13 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import ctypes
-import ctypes.util
+import functools
 import ipaddress
 import logging
 import os
 import signal
 import socket
-import struct
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -45,6 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
+from .structs import EBPF_DIR
 from .netns import (
     netns_exists,
     netns_socket,
@@ -228,171 +226,23 @@ def _write_sysctls(values: dict[str, str]) -> None:
 
 # ------------------------------------------------- dc2 decapsulator (hand-made XDP)
 
-_BPF_PROG_LOAD = 5
-_BPF_PROG_TYPE_XDP = 6
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
-_FN_XDP_ADJUST_HEAD = 44
-_XDP_PASS = 2
+@functools.cache
+def _testbed_programs() -> tuple[int, int]:
+    """(decap fd, pass fd) of ebpf/testbed.c, compiled once per process.
+
+    Loading does not depend on a namespace; the fds are attached to devices of
+    the testbed's namespaces through netlink, and the devices keep them."""
+    from bcc import BPF
+
+    words = ipaddress.IPv6Address(DC2_ENDPOINT6).packed
+    cflags = [f"-DDC2_ENDPOINT4={int(ipaddress.IPv4Address(DC2_ENDPOINT)):#x}u"]
+    cflags += [f"-DDC2_ENDPOINT6_{i}={int.from_bytes(words[4 * i:4 * i + 4], 'big'):#x}u" for i in range(4)]
+    bpf = BPF(src_file=str(EBPF_DIR / "testbed.c").encode(), cflags=cflags)
+    _LOADED.append(bpf)   # keeps the programs' fds open
+    return bpf.load_func(b"testbed_decap", BPF.XDP).fd, bpf.load_func(b"testbed_pass", BPF.XDP).fd
 
 
-class _Asm:
-    """Just enough eBPF assembler for the decap program (labels for jumps)."""
-
-    # classes / sizes / modes / ops
-    LDX, STX, ALU64, JMP, JMP32 = 0x01, 0x03, 0x07, 0x05, 0x06
-    W, H, B, DW = 0x00, 0x08, 0x10, 0x18
-    MEM = 0x60
-    K, X = 0x00, 0x08
-    ADD, AND, MOV = 0x00, 0x50, 0xB0
-    JA, JEQ, JGT, JNE, CALL, EXIT = 0x00, 0x10, 0x20, 0x50, 0x80, 0x90
-
-    def __init__(self) -> None:
-        self.insns: list[list[Any]] = []   # [code, dst, src, off|label, imm]
-        self.labels: dict[str, int] = {}
-
-    def _emit(self, code: int, dst: int = 0, src: int = 0, off: Any = 0, imm: int = 0) -> None:
-        self.insns.append([code, dst, src, off, imm])
-
-    def label(self, name: str) -> None:
-        self.labels[name] = len(self.insns)
-
-    def mov(self, dst: int, imm: int) -> None:
-        self._emit(self.ALU64 | self.MOV | self.K, dst, 0, 0, imm)
-
-    def movr(self, dst: int, src: int) -> None:
-        self._emit(self.ALU64 | self.MOV | self.X, dst, src)
-
-    def add(self, dst: int, imm: int) -> None:
-        self._emit(self.ALU64 | self.ADD | self.K, dst, 0, 0, imm)
-
-    def and_(self, dst: int, imm: int) -> None:
-        self._emit(self.ALU64 | self.AND | self.K, dst, 0, 0, imm)
-
-    def ldx(self, size: int, dst: int, src: int, off: int) -> None:
-        self._emit(self.LDX | size | self.MEM, dst, src, off)
-
-    def stx(self, size: int, dst: int, off: int, src: int) -> None:
-        self._emit(self.STX | size | self.MEM, dst, src, off)
-
-    def jmp(self, op: int, dst: int, imm: int, target: str, wide: bool = True) -> None:
-        self._emit((self.JMP if wide else self.JMP32) | op | self.K, dst, 0, target, imm)
-
-    def jmpr(self, op: int, dst: int, src: int, target: str) -> None:
-        self._emit(self.JMP | op | self.X, dst, src, target)
-
-    def ja(self, target: str) -> None:
-        self._emit(self.JMP | self.JA, 0, 0, target)
-
-    def call(self, fn: int) -> None:
-        self._emit(self.JMP | self.CALL, 0, 0, 0, fn)
-
-    def exit(self) -> None:
-        self._emit(self.JMP | self.EXIT)
-
-    def assemble(self) -> bytes:
-        out = bytearray()
-        for i, (code, dst, src, off, imm) in enumerate(self.insns):
-            if isinstance(off, str):
-                off = self.labels[off] - (i + 1)
-            out += struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
-        return bytes(out)
-
-
-def _host_u32(b: bytes) -> int:
-    """The signed imm that equals a 4-byte packet field loaded as a host u32."""
-    return int.from_bytes(b, sys.byteorder, signed=True)
-
-
-def _host_u16(v: int) -> int:
-    """A network-order 16-bit constant as read by a host-order u16 load."""
-    return int.from_bytes(v.to_bytes(2, "big"), sys.byteorder)
-
-
-def _decap_program(endpoint4: str, endpoint6: str) -> bytes:
-    """XDP: strip an outer IPv4 (IHL 5, unfragmented) or IPv6 header whose
-    destination is the endpoint and whose payload is IPv4 (4) or IPv6 (41);
-    everything else passes untouched."""
-    a = _Asm()
-    eth_ip, eth_ip6 = _host_u16(0x0800), _host_u16(0x86DD)
-    # r6 = ctx, r2 = data, r3 = data_end
-    a.movr(6, 1)
-    a.ldx(a.W, 2, 6, 0)
-    a.ldx(a.W, 3, 6, 4)
-    a.movr(4, 2); a.add(4, 14); a.jmpr(a.JGT, 4, 3, "pass")
-    a.ldx(a.H, 5, 2, 12)
-    a.jmp(a.JEQ, 5, eth_ip, "v4")
-    a.jmp(a.JEQ, 5, eth_ip6, "v6")
-    a.ja("pass")
-
-    a.label("v4")
-    a.movr(4, 2); a.add(4, 34); a.jmpr(a.JGT, 4, 3, "pass")
-    a.ldx(a.B, 7, 2, 14); a.jmp(a.JNE, 7, 0x45, "pass")           # v4, IHL 5
-    a.ldx(a.H, 7, 2, 20); a.and_(7, _host_u16(0x3FFF))               # MF | offset
-    a.jmp(a.JNE, 7, 0, "pass")
-    a.ldx(a.W, 7, 2, 30)
-    a.jmp(a.JNE, 7, _host_u32(socket.inet_pton(socket.AF_INET, endpoint4)), "pass", wide=False)
-    a.mov(9, 20)
-    a.ldx(a.B, 7, 2, 23)                                              # protocol
-    a.ja("proto")
-
-    a.label("v6")
-    a.movr(4, 2); a.add(4, 54); a.jmpr(a.JGT, 4, 3, "pass")
-    dst6 = socket.inet_pton(socket.AF_INET6, endpoint6)
-    for i in range(4):
-        a.ldx(a.W, 7, 2, 38 + 4 * i)
-        a.jmp(a.JNE, 7, _host_u32(dst6[4 * i:4 * i + 4]), "pass", wide=False)
-    a.mov(9, 40)
-    a.ldx(a.B, 7, 2, 20)                                              # next header
-
-    a.label("proto")
-    a.mov(8, eth_ip); a.jmp(a.JEQ, 7, 4, "strip")
-    a.mov(8, eth_ip6); a.jmp(a.JEQ, 7, 41, "strip")
-    a.ja("pass")
-
-    a.label("strip")
-    # keep the 12 MAC bytes on the stack, drop the outer header, rebuild Ethernet
-    a.ldx(a.DW, 7, 2, 0); a.stx(a.DW, 10, -8, 7)
-    a.ldx(a.W, 7, 2, 8); a.stx(a.W, 10, -12, 7)
-    a.movr(1, 6); a.movr(2, 9); a.call(_FN_XDP_ADJUST_HEAD)
-    a.jmp(a.JNE, 0, 0, "pass")
-    a.ldx(a.W, 2, 6, 0)
-    a.ldx(a.W, 3, 6, 4)
-    a.movr(4, 2); a.add(4, 14); a.jmpr(a.JGT, 4, 3, "pass")
-    a.ldx(a.DW, 7, 10, -8); a.stx(a.DW, 2, 0, 7)
-    a.ldx(a.W, 7, 10, -12); a.stx(a.W, 2, 8, 7)
-    a.stx(a.H, 2, 12, 8)
-
-    a.label("pass")
-    a.mov(0, _XDP_PASS)
-    a.exit()
-    return a.assemble()
-
-
-def _bpf_prog_load_xdp(insns: bytes, name: str = "dc2_decap") -> int:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    ibuf = ctypes.create_string_buffer(insns, len(insns))
-    lic = ctypes.create_string_buffer(b"GPL")
-
-    def attempt(log_size: int) -> tuple[int, str]:
-        logbuf = ctypes.create_string_buffer(log_size) if log_size else None
-        attr = struct.pack(
-            "=IIQQIIQII16sII", _BPF_PROG_TYPE_XDP, len(insns) // 8,
-            ctypes.addressof(ibuf), ctypes.addressof(lic),
-            1 if log_size else 0, log_size,
-            ctypes.addressof(logbuf) if logbuf is not None else 0,
-            0, 0, name.encode()[:15], 0, 0)
-        abuf = ctypes.create_string_buffer(attr, len(attr))
-        fd = libc.syscall(_SYS_BPF, _BPF_PROG_LOAD, abuf, len(attr))
-        err = ctypes.get_errno()
-        text = logbuf.value.decode(errors="replace") if logbuf is not None else ""
-        return (fd if fd >= 0 else -err), text
-
-    fd, _ = attempt(0)
-    if fd >= 0:
-        return fd
-    _, vlog = attempt(1 << 16)   # again, with the verifier log for the error
-    raise OSError(-fd, f"BPF_PROG_LOAD of {name} failed: {os.strerror(-fd)}\n{vlog}")
+_LOADED: list = []
 
 
 # ------------------------------------------------------------------------ cleanup
@@ -650,7 +500,7 @@ class Testbed:
 
     def attach_dc2_decap(self, ipr: IPRoute | None = None) -> None:
         """Load the IP-in-IP decapsulator and attach it (native XDP) on dc2's eth0."""
-        fd = _bpf_prog_load_xdp(_decap_program(DC2_ENDPOINT, DC2_ENDPOINT6))
+        fd, _ = _testbed_programs()
         own = ipr is None
         if own:
             ipr = IPRoute(netns=self.ns("dc2"), flags=0)
@@ -659,7 +509,6 @@ class Testbed:
             # the device keeps a reference to the program; our fd can go
             ipr.link("set", index=idx, xdp_fd=fd)
         finally:
-            os.close(fd)
             if own:
                 ipr.close()
 
@@ -671,14 +520,8 @@ class Testbed:
         program (veth_xdp_flush checks the peer queue's xdp_prog); with GRO alone
         the frames sit in the peer's ring until unrelated traffic kicks it, so
         IP-in-IP to dc2 stalled. Redirects (devmap) are flushed either way."""
-        a = _Asm()
-        a.mov(0, _XDP_PASS)
-        a.exit()
-        fd = _bpf_prog_load_xdp(a.assemble(), "xdp_pass")
-        try:
-            ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], xdp_fd=fd)
-        finally:
-            os.close(fd)
+        _, fd = _testbed_programs()
+        ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], xdp_fd=fd)
 
     def detach_dc2_decap(self) -> None:
         with IPRoute(netns=self.ns("dc2"), flags=0) as ipr:

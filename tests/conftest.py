@@ -21,7 +21,6 @@ Standard setup (addresses only from 198.18.0.0/15 and 2001:db8::/32):
 """
 from __future__ import annotations
 
-import ctypes as ct
 import ipaddress
 from dataclasses import dataclass, field
 

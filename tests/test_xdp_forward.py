@@ -138,10 +138,10 @@ def test_vlan_tags_are_stripped_on_local_forward(gw, stack, family):
     frame_of = vlan_stacks()[stack]
     if family == 4:
         src, l3 = "198.18.2.40", IP(src="198.18.2.40", dst=VIP4) / TCP(sport=4444, dport=8080) / Raw(b"v" * 50)
-        sid, vip = WEB, VIP4
+        sid = WEB
     else:
         src, l3 = "2001:db8:2::40", IPv6(src="2001:db8:2::40", dst=VIP6) / TCP(sport=4444, dport=8080) / Raw(b"v")
-        sid, vip = WEB6, VIP6
+        sid = WEB6
     frame = frame_of(l3)
     assert bytes(frame)[12:14] in (b"\x81\x00", b"\x88\xa8")
     r = gw.run(frame)
