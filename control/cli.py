@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from control.api import ApiError, call
 from control.config import Config, ConfigError, load_config
+from dataplane.pinning import LayoutError
 
 DEFAULT_CONFIG = "/etc/xdpgw/xdpgw.toml"
 EXIT_USAGE = 2
@@ -30,7 +31,10 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"TOML config file (default $XDPGW_CONFIG or {DEFAULT_CONFIG})")
         return sp
 
-    with_config(sub.add_parser("run", help="run the gateway daemon in the foreground"))
+    run = with_config(sub.add_parser("run", help="run the gateway daemon in the foreground"))
+    run.add_argument("--reset", action="store_true",
+                     help="discard the pinned state of an earlier run (flows, counters, offloads)")
+    with_config(sub.add_parser("reset", help="remove the gateway's pinned state (the daemon must be stopped)"))
     with_config(sub.add_parser("check", help="validate the config and exit"))
     stats = with_config(sub.add_parser("stats", help="counters and rates"))
     stats.add_argument("--json", action="store_true", help="machine-readable output")
@@ -97,7 +101,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if os.geteuid() != 0:
         raise UsageError("xdpgw run must run as root (it loads BPF programs and attaches XDP)")
-    return Daemon(config).run()
+    return Daemon(config).run(reset=args.reset)
+
+
+def _cmd_reset(args: argparse.Namespace) -> int:
+    from dataplane.pinning import remove_pins
+
+    config = load_config(args.config)
+    try:
+        call(_socket(config), "status")
+    except ApiError:
+        pass
+    else:
+        raise UsageError(f"gateway {config.gateway.name} is running; stop it before removing its pinned state")
+    removed = remove_pins(config.gateway.pin_dir)
+    print(f"{config.gateway.pin_dir}: {'removed' if removed else 'nothing pinned'}")
+    return 0
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -164,7 +183,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(prefix=args.prefix, seconds=args.seconds)
 
 
-COMMANDS = {"run": _cmd_run, "check": _cmd_check, "stats": _cmd_stats, "vm": _cmd_vm, "flow": _cmd_flow,
+COMMANDS = {"run": _cmd_run, "reset": _cmd_reset, "check": _cmd_check, "stats": _cmd_stats, "vm": _cmd_vm, "flow": _cmd_flow,
             "offload": _cmd_offload, "testbed": _cmd_testbed, "demo": _cmd_demo}
 
 
@@ -172,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, UsageError) as exc:
+    except (ConfigError, UsageError, LayoutError) as exc:
         print(f"xdpgw: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (ApiError, RuntimeError, OSError, ValueError) as exc:

@@ -30,6 +30,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 XDP_MODES = ("auto", "native", "generic")
 PROTOCOLS = ("tcp", "udp")
+HEALTH_KINDS = ("tcp", "http", "udp")
 
 # The gateway name becomes part of pinned map and socket names, hence the tight set.
 _GATEWAY_NAME = re.compile(r"[a-z0-9-]{1,15}")
@@ -61,10 +62,12 @@ class GatewayConfig:
     name: str
     interface: str
     xdp_mode: str = "auto"
+    netns: str = ""  # network namespace (/run/netns/<netns>) the daemon joins; "" = its own
     tunnel_source: ipaddress.IPv4Address | None = None
     tunnel_source6: ipaddress.IPv6Address | None = None
     next_hop_mac: str | None = None
     api_socket: str = ""  # "" means the default, /run/xdpgw/<name>.sock
+    pin_dir: str = ""  # "" means the default, /sys/fs/bpf/xdpgw/<name>: state kept across restarts
     flow_table_size: int = 65536
     maglev_table_size: int = 65537
     hash_seed: int = 0
@@ -78,6 +81,8 @@ class GatewayConfig:
         # dataclasses.replace(gw, name=...) keeps the already-filled path.
         if self.api_socket == "":
             object.__setattr__(self, "api_socket", f"/run/xdpgw/{self.name}.sock")
+        if self.pin_dir == "":
+            object.__setattr__(self, "pin_dir", f"/sys/fs/bpf/xdpgw/{self.name}")
 
 
 @dataclass(frozen=True)
@@ -87,12 +92,32 @@ class RegionConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """A service's health check of its VMs, probed at each VM's `ip` (see control/health.py).
+
+    tcp: connect to ip:port; http: GET `path` on ip:port, a 2xx status is healthy;
+    udp: send `payload` to ip:port, any reply is healthy. `port` defaults to the
+    service's port. A VM goes down after `fall` failed probes in a row and up
+    after `rise` good ones; each probe may take `timeout` s, one starts every
+    `interval` s."""
+    kind: str
+    interval: float = 1.0
+    timeout: float = 0.5
+    rise: int = 2
+    fall: int = 3
+    port: int | None = None
+    path: str | None = None       # http only; None means "/"
+    payload: str | None = None    # udp only; None means "xdpgw health probe"
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     name: str
     vip: IPAddress
     port: int
     protocol: str
     vms: tuple[str, ...]
+    health: HealthConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -263,6 +288,10 @@ def _parse_prefixes(value: Any, path: str) -> tuple[IPNetwork, ...]:
     return tuple(_parse_prefix(v, f"{path}[{i}]") for i, v in enumerate(_parse_array(value, path)))
 
 
+def _parse_health(value: Any, path: str) -> "HealthConfig":
+    return _from_table(value, path, HealthConfig)
+
+
 _CONVERTERS: dict[str, Callable[[Any, str], Any]] = {
     "tunnel_source": _parse_address,
     "tunnel_source6": _parse_address,
@@ -271,6 +300,7 @@ _CONVERTERS: dict[str, Callable[[Any, str], Any]] = {
     "tunnel": _parse_address,
     "prefixes": _parse_prefixes,
     "vms": _parse_array,
+    "health": _parse_health,
 }
 
 
@@ -303,6 +333,9 @@ def validate(config: Config) -> Config:
 def _check_gateway(g: GatewayConfig) -> GatewayConfig:
     _match(g.name, "gateway.name", _GATEWAY_NAME, "gateway name (1-15 of a-z, 0-9, -)")
     _ifname(g.interface, "gateway.interface")
+    netns = _str(g.netns, "gateway.netns")
+    if netns and (netns in (".", "..") or "/" in netns or "\0" in netns):
+        raise ConfigError("gateway.netns", f"{_quote(netns)} is not a network namespace name")
     _choice(g.xdp_mode, "gateway.xdp_mode", XDP_MODES)
     if g.tunnel_source is not None:
         _address(g.tunnel_source, "gateway.tunnel_source", version=4)
@@ -310,6 +343,9 @@ def _check_gateway(g: GatewayConfig) -> GatewayConfig:
         _address(g.tunnel_source6, "gateway.tunnel_source6", version=6)
     next_hop_mac = None if g.next_hop_mac is None else _unicast_mac(g.next_hop_mac, "gateway.next_hop_mac")
     _socket_path(g.api_socket, "gateway.api_socket")
+    pin_dir = _str(g.pin_dir, "gateway.pin_dir")
+    if not pin_dir.startswith("/sys/fs/bpf/") or "\0" in pin_dir or "/../" in pin_dir + "/":
+        raise ConfigError("gateway.pin_dir", f"{_quote(pin_dir)} is not a directory under /sys/fs/bpf/")
     _int(g.flow_table_size, "gateway.flow_table_size", 1024, 1 << 24)
     # Maglev's permutation (offset + j*skip mod M) visits every slot only when M is prime.
     if not _is_prime(_int(g.maglev_table_size, "gateway.maglev_table_size", 251, 1000003)):
@@ -347,7 +383,43 @@ def _check_service(s: ServiceConfig, path: str) -> ServiceConfig:
         raise ConfigError(f"{path}.vms", "must not be empty")
     for i, name in enumerate(vms):
         _str(name, f"{path}.vms[{i}]")
-    return dataclasses.replace(s, vms=vms)
+    health = None if s.health is None else _check_health(_instance(s.health, f"{path}.health", HealthConfig),
+                                                          f"{path}.health")
+    return dataclasses.replace(s, vms=vms, health=health)
+
+
+_HTTP_PATH = re.compile(r"/[!-~]*")  # printable ASCII, no spaces: it goes into the request line
+
+
+def _check_health(h: HealthConfig, path: str) -> HealthConfig:
+    _choice(h.kind, f"{path}.kind", HEALTH_KINDS)
+    interval = _seconds(h.interval, f"{path}.interval", 3600.0)
+    timeout = _seconds(h.timeout, f"{path}.timeout", 3600.0)
+    if timeout > interval:
+        raise ConfigError(f"{path}.timeout", f"{timeout} is longer than the interval ({interval})")
+    _int(h.rise, f"{path}.rise", 1, 100)
+    _int(h.fall, f"{path}.fall", 1, 100)
+    if h.port is not None:
+        _int(h.port, f"{path}.port", 1, 65535)
+    if h.path is not None:
+        if h.kind != "http":
+            raise ConfigError(f"{path}.path", f'only for kind "http", not {_quote(h.kind)}')
+        if not _HTTP_PATH.fullmatch(_str(h.path, f"{path}.path")):
+            raise ConfigError(f"{path}.path", f"{_quote(h.path)} is not a URL path (starts with /, no spaces)")
+    if h.payload is not None:
+        if h.kind != "udp":
+            raise ConfigError(f"{path}.payload", f'only for kind "udp", not {_quote(h.kind)}')
+        if not 0 < len(_str(h.payload, f"{path}.payload").encode()) <= 1024:
+            raise ConfigError(f"{path}.payload", "must be 1 to 1024 bytes of UTF-8")
+    return dataclasses.replace(h, interval=interval, timeout=timeout)
+
+
+def _seconds(value: Any, path: str, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(path, f"expected a number of seconds, got {_describe(value)}")
+    if not (math.isfinite(value) and 0 < value <= high):
+        raise ConfigError(path, f"{value} is not a number of seconds in (0, {high:g}]")
+    return float(value)
 
 
 def _check_vm(v: VMConfig, path: str) -> VMConfig:
@@ -389,6 +461,7 @@ def _check_region_prefixes(regions: tuple[RegionConfig, ...]) -> None:
 
 def _check_service_relations(services: tuple[ServiceConfig, ...], vms: tuple[VMConfig, ...]) -> None:
     vm_names = {v.name for v in vms}
+    vm_index = {v.name: i for i, v in enumerate(vms)}
     first: dict[tuple[IPAddress, int, str], int] = {}
     for i, service in enumerate(services):
         here = _named("service", i, service)
@@ -406,6 +479,11 @@ def _check_service_relations(services: tuple[ServiceConfig, ...], vms: tuple[VMC
             if name in listed:
                 raise ConfigError(f"{here}.vms", f"VM {_quote(name)} is listed twice")
             listed.add(name)
+            # Health checks probe the VM's own address, also for a VM behind a tunnel.
+            if service.health is not None and vms[vm_index[name]].ip is None:
+                j = vm_index[name]
+                raise ConfigError(f"{_named('vm', j, vms[j])}.ip",
+                                  f"missing; required by the health check of {here}")
 
 
 def _check_vm_relations(gateway: GatewayConfig, vms: tuple[VMConfig, ...]) -> None:
@@ -593,6 +671,9 @@ def _toml_table(header: str, entry: Any) -> str:
 def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
+    if dataclasses.is_dataclass(value):  # a nested table (service.health), written inline
+        return "{ " + ", ".join(f"{f.name} = {_toml_value(getattr(value, f.name))}"
+                                for f in dataclasses.fields(value) if getattr(value, f.name) is not None) + " }"
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return _toml_string(str(value))  # strings, addresses, networks

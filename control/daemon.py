@@ -9,9 +9,23 @@ import threading
 from typing import Any
 
 from control.api import ApiServer
-from control.config import Config
+from control.config import Config, ConfigError
 from control.gateway import Gateway, GatewayError
 from control.rates import RateTracker
+
+
+def enter_netns(name: str) -> None:
+    """Join the gateway's network namespace (network only: the mount namespace,
+    and with it the host's /sys/fs/bpf, stays). Must run before any thread starts,
+    since setns() moves only the calling thread and threads inherit it."""
+    if not name:
+        return
+    from pyroute2 import netns
+
+    try:
+        netns.setns(name, flags=0)
+    except (FileNotFoundError, OSError) as exc:
+        raise ConfigError("gateway.netns", f"cannot enter network namespace {name!r}: {exc}") from None
 
 
 def api_socket_path(config: Config) -> str:
@@ -54,11 +68,12 @@ class Daemon:
                                  "mode": gw.attached_mode},
         }
 
-    def run(self) -> int:
+    def run(self, reset: bool = False) -> int:
+        enter_netns(self.config.gateway.netns)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         try:
-            took = self.gateway.start()
+            took = self.gateway.start(reset=reset)
             self.api = ApiServer(api_socket_path(self.config), self.commands())
             self.api.start()
             print(f"xdpgw: gateway {self.config.gateway.name} up on {self.config.gateway.interface} "

@@ -126,7 +126,8 @@ READY_RE = re.compile(r"^xdpgw: gateway \S+ up on (\S+) \((\w+) XDP\) in ([0-9.]
 
 
 class GatewayDaemon:
-    """`xdpgw run --config FILE` inside the gw namespace, started and stopped by pid."""
+    """`xdpgw run --config FILE` (which enters the gw namespace itself, `gateway.netns`),
+    started and stopped by pid."""
 
     def __init__(self, tb: Testbed, config_path: str, xdpgw: str | None = None) -> None:
         self.tb = tb
@@ -157,7 +158,7 @@ class GatewayDaemon:
     def start(self, timeout: float = 60.0) -> float:
         """Start the daemon and wait, at most `timeout` s, for its ready line."""
         t0 = time.monotonic()
-        self.proc = self.tb.popen("gw", [self.xdpgw, "run", "--config", self.config_path],
+        self.proc = self.tb.spawn([self.xdpgw, "run", "--config", self.config_path],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for stream, sink, watch in ((self.proc.stdout, self.stdout, True), (self.proc.stderr, self.stderr, False)):
             t = threading.Thread(target=self._drain, args=(stream, sink, watch), daemon=True)

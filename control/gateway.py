@@ -17,6 +17,7 @@ from control.flowhash import maglev_slot
 from control.maglev import build_table
 from dataplane import structs as S
 from dataplane.maps import PROTOCOLS, VM_STATES, Dataplane, LocalPort, Tunnel
+from dataplane.pinning import PinnedState, check_reused_maps
 from dataplane.program import AttachError, Sizes, attach, detach, ifindex, load
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -31,7 +32,8 @@ def sizes_of(config: Config) -> Sizes:
     prefixes = sum(len(r.prefixes) for r in config.regions)
     return Sizes(flow_entries=g.flow_table_size, max_services=g.max_services, max_vms=g.max_vms,
                  max_regions=g.max_regions, max_prefixes=max(16, 2 * prefixes),
-                 max_ports=max(16, 2 * len(config.vms) + 1), maglev_m=g.maglev_table_size, hash_seed=g.hash_seed)
+                 max_ports=max(16, 2 * len(config.vms) + 1), maglev_m=g.maglev_table_size, hash_seed=g.hash_seed,
+                 pin_dir=g.pin_dir)
 
 
 def link_mac(name: str) -> str:
@@ -108,15 +110,55 @@ class Gateway:
                 except AttachError as exc:
                     raise ConfigError(f"vm[{i}].port", f"VM {vm.name!r}: {exc}") from None
 
-    def start(self) -> float:
-        """Compile, load, program and attach; returns the seconds it took."""
+    def start(self, reset: bool = False) -> float:
+        """Compile, load, program and attach; returns the seconds it took.
+
+        The state maps pinned by an earlier run of this gateway (flows,
+        counters, offloads) are reused unless `reset`; so are the ids they are
+        keyed by. Nothing is attached until everything is programmed."""
         t0 = time.monotonic()
         self.check_environment()
+        pins = PinnedState(self.config.gateway.pin_dir)
+        if reset:
+            pins.reset()
+        pins.open()
+        try:
+            pins.check_layout(self.sizes)
+            fresh = self._adopt_ids(pins)
+        finally:
+            pins.close()
         bpf, self.fn = load(self.sizes)
+        check_reused_maps(bpf, self.sizes)
         self.dataplane = Dataplane(bpf, self.sizes)
+        for kind, ids in fresh.items():
+            self.dataplane.zero_counters(kind, ids)
         self.program()
+        self._adopt_offloads()
         self.attached_mode = attach(self.fn, self.config.gateway.interface, self.config.gateway.xdp_mode)
         return time.monotonic() - t0
+
+    def _adopt_ids(self, pins: PinnedState) -> dict[str, list[int]]:
+        """Take the pinned name -> id assignment; returns the ids given to new names."""
+        c, z = self.config, self.sizes
+        self.region_ids, new_regions = pins.assign_ids("region", [r.name for r in c.regions], 1, z.max_regions)
+        self.service_ids, new_services = pins.assign_ids("service", [s.name for s in c.services], 0,
+                                                         z.max_services - 1)
+        vm_ids, new_vms = pins.assign_ids("vm", [v.name for v in c.vms], 1, z.max_vms)
+        for name, vm in self.vms.items():
+            vm.vm_id = vm_ids[name]
+        return {"region": [self.region_ids[n] for n in new_regions],
+                "service": [self.service_ids[n] for n in new_services],
+                "vm": [vm_ids[n] for n in new_vms]}
+
+    def _adopt_offloads(self) -> None:
+        """Offloads survive a restart; those of regions or services no longer configured go."""
+        regions = {v: k for k, v in self.region_ids.items()}
+        services = {v: k for k, v in self.service_ids.items()}
+        for (rid, sid), target in self._dp().offloads().items():
+            if rid in regions and sid in services:
+                self.offload_targets[(regions[rid], services[sid])] = S.addr_from16(target.endpoint)
+            else:
+                self._dp().clear_offload(rid, sid)
 
     def stop(self) -> None:
         if self.attached_mode:

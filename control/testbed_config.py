@@ -28,8 +28,9 @@ def testbed_config(prefix: str = tb.DEFAULT_PREFIX, name: str = "gw1", **gateway
         ServiceConfig(name="echo", vip=ip(tb.VIP4), port=ECHO_PORT, protocol="udp", vms=local),
         ServiceConfig(name="remote", vip=ip(tb.VIP4), port=REMOTE_PORT, protocol="tcp", vms=("vm9",)),
     )
-    settings = dict(name=name, interface=tb.UPLINK, tunnel_source=ip(tb.UPLINK_IP),
+    settings = dict(name=name, interface=tb.UPLINK, netns=f"{prefix}-gw", tunnel_source=ip(tb.UPLINK_IP),
                     tunnel_source6=ip(tb.UPLINK_IP6), next_hop_mac=tb.ROUTER_MAC,
-                    api_socket=f"/run/xdpgw/{prefix}-{name}.sock", flow_table_size=65536)
+                    api_socket=f"/run/xdpgw/{prefix}-{name}.sock", pin_dir=tb.pin_dir(prefix, name),
+                    flow_table_size=65536)
     settings.update(gateway)
     return validate(Config(gateway=GatewayConfig(**settings), regions=regions, services=services, vms=vms))

@@ -57,6 +57,15 @@ class MapCreateOpts(ct.Structure):
                 ("numa_node", ct.c_uint32), ("map_ifindex", ct.c_uint32)]
 
 
+class MapInfo(ct.Structure):
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32), ("map_flags", ct.c_uint32),
+                ("name", ct.c_char * 16), ("ifindex", ct.c_uint32), ("btf_vmlinux_value_type_id", ct.c_uint32),
+                ("netns_dev", ct.c_uint64), ("netns_ino", ct.c_uint64), ("btf_id", ct.c_uint32),
+                ("btf_key_type_id", ct.c_uint32), ("btf_value_type_id", ct.c_uint32), ("pad", ct.c_uint32),
+                ("map_extra", ct.c_uint64)]
+
+
 _lib.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.POINTER(TestRunOpts)]
 _lib.bpf_map_create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32,
                                 ct.POINTER(MapCreateOpts)]
@@ -70,6 +79,7 @@ _lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
 _lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
 _lib.bpf_obj_get.argtypes = [ct.c_char_p]
 _lib.bpf_map_get_fd_by_id.argtypes = [ct.c_uint32]
+_lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
 
 
 def _check(rc: int, what: str) -> int:
@@ -163,6 +173,13 @@ def delete_elem(map_fd: int, key, what: str) -> bool:
 
 def map_fd_by_id(map_id: int) -> int:
     return _check(_lib.bpf_map_get_fd_by_id(map_id), f"opening map id {map_id}")
+
+
+def map_info(map_fd: int) -> MapInfo:
+    info = MapInfo()
+    n = ct.c_uint32(ct.sizeof(info))
+    _check(_lib.bpf_obj_get_info_by_fd(map_fd, ct.byref(info), ct.byref(n)), f"reading info of map fd {map_fd}")
+    return info
 
 
 def obj_pin(fd: int, path: str) -> None:

@@ -249,6 +249,14 @@ class Dataplane:
         _, values, n = libbpf.lookup_batch(self._fd(name), 4, padded * self.ncpus, n_keys, name)
         return fold_bytes(values, n, self.ncpus, vs, vs // 8)
 
+    def zero_counters(self, kind: str, ids: list[int]) -> None:
+        """Zero the per-CPU counters of ids that now belong to someone new."""
+        table, value = {"region": ("region_counters", S.TrafficCounter), "service": ("service_counters", S.ServiceCounter),
+                        "vm": ("vm_counters", S.TrafficCounter)}[kind]
+        zeros = (value * self.ncpus)()
+        for i in ids:
+            libbpf.update_elem(self._fd(table), ct.c_uint32(i), zeros, f"{table}[{i}]")
+
     def region_counters(self) -> np.ndarray:
         """(max_regions + 1, 2) packets, bytes; row 0 is the unknown region."""
         return self._percpu("region_counters", self.sizes.max_regions + 1, S.TrafficCounter)

@@ -29,7 +29,7 @@ globals().update(DEFINES)
 def _names(prefix: str) -> list[str]:
     """Lower-case names of PREFIX_* defines in index order (e.g. DROP_IP4_BAD_IHL -> ip4_bad_ihl)."""
     items = [(v, n[len(prefix):].lower()) for n, v in DEFINES.items()
-             if n.startswith(prefix) and n != prefix + "MAX"]
+             if n.startswith(prefix) and n not in (prefix + "MAX", prefix + "SLOTS")]
     return [name for _, name in sorted(items)]
 
 

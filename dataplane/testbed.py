@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
+from .pinning import PIN_ROOT, remove_pins
 from .structs import EBPF_DIR
 from .netns import (
     netns_exists,
@@ -251,8 +252,14 @@ def _ns_names(prefix: str) -> list[str]:
     return [f"{prefix}-{r}" for r in ROLES]
 
 
+def pin_dir(prefix: str, gateway: str) -> str:
+    """Where a testbed gateway pins its state: per prefix, so runs never share it."""
+    return str(PIN_ROOT / f"{prefix}-{gateway}")
+
+
 def cleanup_prefix(prefix: str = DEFAULT_PREFIX) -> list[str]:
-    """Remove the testbed namespaces of ``prefix`` (e.g. after a crashed run).
+    """Remove the testbed namespaces of ``prefix`` (e.g. after a crashed run),
+    and the pinned state of its gateways.
 
     Only the exact names this module creates (``{prefix}-{role}``) are touched, so
     a prefix never sweeps up another prefix's namespaces.  Never raises for
@@ -270,6 +277,9 @@ def cleanup_prefix(prefix: str = DEFAULT_PREFIX) -> list[str]:
             pass
         except OSError as exc:
             log.warning("could not remove netns %s: %s", name, exc)
+    for pins in PIN_ROOT.glob(f"{prefix}-*"):
+        if remove_pins(pins):
+            removed.append(str(pins))
     return removed
 
 
@@ -388,6 +398,15 @@ class Testbed:
         ``ip netns exec`` (which execs into it anyway)."""
         kw.setdefault("start_new_session", True)
         proc = popen_in_netns(self.ns(role), argv, **kw)
+        self._procs.append(proc)
+        return proc
+
+    def spawn(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
+        """Start a process that enters a namespace by itself (e.g. a gateway daemon
+        with ``gateway.netns``, which must keep the host's /sys/fs/bpf that
+        ``ip netns exec`` would hide); ``down()`` stops it by pid like ``popen``."""
+        kw.setdefault("start_new_session", True)
+        proc = subprocess.Popen(list(argv), **kw)
         self._procs.append(proc)
         return proc
 

@@ -27,34 +27,44 @@
 #define XDPGW_MAGLEV_M 65537
 #endif
 
+/* State that must outlive a daemon restart (flows, counters, offloads) is
+ * pinned under XDPGW_PIN_DIR, which the loader sets per gateway; without it
+ * (packet tests) every map is private to the loaded program. */
+#ifdef XDPGW_PIN_DIR
+#define STATE_TABLE(type, key, leaf, name, size, flags) \
+    BPF_F_TABLE(type ":" XDPGW_PIN_DIR "/" #name, key, leaf, name, size, flags)
+#else
+#define STATE_TABLE(type, key, leaf, name, size, flags) BPF_F_TABLE(type, key, leaf, name, size, flags)
+#endif
+
 /* source prefix -> region id, one trie per family */
 BPF_LPM_TRIE(region_prefixes_v4, struct lpm_v4_key, __u32, XDPGW_MAX_PREFIXES);
 BPF_LPM_TRIE(region_prefixes_v6, struct lpm_v6_key, __u32, XDPGW_MAX_PREFIXES);
 /* index 0 is the "unknown" region */
-BPF_PERCPU_ARRAY(region_counters, struct traffic_counter, XDPGW_MAX_REGIONS + 1);
+STATE_TABLE("percpu_array", __u32, struct traffic_counter, region_counters, XDPGW_MAX_REGIONS + 1, 0);
 
 /* (VIP, port, proto) -> service; port 0 is the VIP's fragment service */
 BPF_HASH(services, struct service_key, struct service_info, 2 * XDPGW_MAX_SERVICES);
-BPF_PERCPU_ARRAY(service_counters, struct service_counter, XDPGW_MAX_SERVICES);
+STATE_TABLE("percpu_array", __u32, struct service_counter, service_counters, XDPGW_MAX_SERVICES, 0);
 
 /* One Maglev table per service, swapped whole by replacing the inner map. */
 BPF_ARRAY(maglev_inner, __u32, XDPGW_MAGLEV_M);
 BPF_ARRAY_OF_MAPS(maglev_tables, "maglev_inner", XDPGW_MAX_SERVICES);
 
 /* 5-tuple -> VM id. LRU lists per CPU (no common LRU) so CPUs do not contend. */
-BPF_F_TABLE("lru_hash", struct flow_key, struct flow_entry, flow_table,
-            XDPGW_FLOW_ENTRIES, BPF_F_NO_COMMON_LRU);
+STATE_TABLE("lru_hash", struct flow_key, struct flow_entry, flow_table, XDPGW_FLOW_ENTRIES,
+            BPF_F_NO_COMMON_LRU);
 
 /* VM id -> where it is now; a live migration rewrites only this */
 BPF_ARRAY(vm_location, struct vm_location, XDPGW_MAX_VMS + 1);
-BPF_PERCPU_ARRAY(vm_counters, struct traffic_counter, XDPGW_MAX_VMS + 1);
+STATE_TABLE("percpu_array", __u32, struct traffic_counter, vm_counters, XDPGW_MAX_VMS + 1, 0);
 BPF_DEVMAP(tx_ports, XDPGW_MAX_PORTS);
 
 /* (region, service) -> another data center's tunnel endpoint */
-BPF_HASH(region_offload, struct offload_key, struct offload_target, XDPGW_MAX_REGIONS * 4);
+STATE_TABLE("hash", struct offload_key, struct offload_target, region_offload, XDPGW_MAX_REGIONS * 4, 0);
 
-BPF_PERCPU_ARRAY(stats, __u64, STAT_MAX);
-BPF_PERCPU_ARRAY(drop_counters, __u64, DROP_MAX);
+STATE_TABLE("percpu_array", __u32, __u64, stats, STAT_SLOTS, 0);
+STATE_TABLE("percpu_array", __u32, __u64, drop_counters, DROP_SLOTS, 0);
 BPF_PERCPU_ARRAY(forward_traces, struct forward_trace, 1);
 
 static __always_inline void stat_inc(__u32 idx)

@@ -110,6 +110,7 @@ struct service_counter {
 #define STAT_ICMP_ERR_FWD 6
 #define STAT_FLOW_RESELECT 7          /* flow's VM gone or down: re-selected */
 #define STAT_MAX 8
+#define STAT_SLOTS 32                 /* map size: room for new stats without a layout change */
 
 /* Drop reasons, indexed into drop_counters. Names live in dataplane/structs.py. */
 #define DROP_ETH_TRUNC 0
@@ -133,6 +134,7 @@ struct service_counter {
 #define DROP_UDP_BAD_LEN 18           /* UDP length disagrees with the IP payload */
 
 #define DROP_MAX 19
+#define DROP_SLOTS 64                 /* map size: room for new reasons without a layout change */
 
 struct forward_trace {                /* per-CPU, last forwarded packet */
     __u32 action;                     /* FWD_* */

@@ -338,12 +338,20 @@ def test_cli_errors(env):
 
     # the testbed config in a namespace without its uplink: nothing gets attached there
     other = env.tmp / "in-c2.toml"
-    other.write_text(make_config(PREFIX, name="gwc2").to_toml())
+    other.write_text(make_config(PREFIX, name="gwc2", netns=tb.ns("c2")).to_toml())
     r = env.cli("run", role="c2", config=str(other))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "gateway.interface" in lines[0] and f"'{UPLINK}'" in lines[0], lines
     assert _xdp_on(tb, "c2") == []
+
+    # a network namespace that does not exist
+    nons = env.tmp / "no-netns.toml"
+    nons.write_text(make_config(PREFIX, name="gwns", netns=f"{PREFIX}-nosuch").to_toml())
+    r = env.cli("run", config=str(nons))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "gateway.netns" in lines[0] and f"{PREFIX}-nosuch" in lines[0], lines
 
     # a service naming a VM that is not configured
     text = Path(env.config_path).read_text()

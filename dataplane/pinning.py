@@ -1,0 +1,195 @@
+"""Gateway state that outlives the daemon: pinned maps in bpffs.
+
+The XDP program pins its state maps (flow table, counters, offloads) under one
+directory per gateway (ebpf/maps.h, STATE_TABLE), and bcc reuses them when the
+next daemon loads the program. Two things make that safe:
+
+* ids: flows and counters are keyed by region, service and VM *ids*, so the
+  name -> id assignment is kept in a pinned map of its own (`state_ids`) and a
+  restarted gateway gives every known name its old id;
+* layout: bcc reuses a pinned map whatever its shape, so a fingerprint of
+  every pinned map's layout (key and value structs, entries) is stored with the
+  ids and compared before anything is loaded; a mismatch is refused unless the
+  operator asks for a reset. The kernel's own view of each reused map (sizes,
+  entries, flags) is checked against the compiled program as well.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from . import libbpf
+from . import structs as S
+from .program import Sizes
+
+PIN_ROOT = Path("/sys/fs/bpf/xdpgw")
+BPF_MAP_TYPE_HASH = 1
+IDS_MAP = "state_ids"
+MAX_NAMES = 4096 * 3 + 16
+
+# Every STATE_TABLE of ebpf/maps.h with its key and value types and entries.
+PINNED_MAPS: dict[str, tuple[type, type, Callable[[Sizes], int]]] = {
+    "region_counters": (ct.c_uint32, S.TrafficCounter, lambda z: z.max_regions + 1),
+    "service_counters": (ct.c_uint32, S.ServiceCounter, lambda z: z.max_services),
+    "flow_table": (S.FlowKey, S.FlowEntry, lambda z: z.flow_entries),
+    "vm_counters": (ct.c_uint32, S.TrafficCounter, lambda z: z.max_vms + 1),
+    "region_offload": (S.OffloadKey, S.OffloadTarget, lambda z: z.max_regions * 4),
+    "stats": (ct.c_uint32, ct.c_uint64, lambda z: S.STAT_SLOTS),
+    "drop_counters": (ct.c_uint32, ct.c_uint64, lambda z: S.DROP_SLOTS),
+}
+KINDS = {"layout": 0, "region": 1, "service": 2, "vm": 3}
+
+
+class LayoutError(RuntimeError):
+    """Pinned state from an incompatible build or configuration."""
+
+
+class IdsKey(ct.Structure):
+    _fields_ = [("kind", ct.c_uint8), ("name", ct.c_char * 63)]
+
+
+def _describe(t: type) -> str:
+    if issubclass(t, ct.Structure):
+        return "{" + ",".join(f"{n}@{getattr(t, n).offset}:{_describe(ft)}" for n, ft, *_ in t._fields_) + "}"
+    if issubclass(t, ct.Array):
+        return f"{_describe(t._type_)}[{t._length_}]"
+    return f"{t.__name__}/{ct.sizeof(t)}"
+
+
+def fingerprint(sizes: Sizes) -> int:
+    """64-bit digest of the layout of every pinned map under these sizes."""
+    text = ";".join(f"{name}:{_describe(k)}:{_describe(v)}:{entries(sizes)}"
+                    for name, (k, v, entries) in sorted(PINNED_MAPS.items()))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") or 1
+
+
+class PinnedState:
+    """The pin directory of one gateway and its `state_ids` map."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.dir = Path(directory)
+        self._fd: int | None = None
+
+    @property
+    def exists(self) -> bool:
+        return (self.dir / IDS_MAP).exists()
+
+    def open(self) -> None:
+        """Open the ids map, creating the directory and map on first use."""
+        if self._fd is not None:
+            return
+        fstype = mount_type(self.dir)
+        if fstype != "bpf":
+            raise LayoutError(f"pin directory {self.dir} is on {fstype}, not on a BPF filesystem in this mount "
+                              "namespace (`ip netns exec` hides /sys/fs/bpf: set gateway.netns instead)")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LayoutError(f"cannot create pin directory {self.dir}: {exc.strerror} "
+                              "(is bpffs mounted at /sys/fs/bpf?)") from None
+        path = str(self.dir / IDS_MAP)
+        if os.path.exists(path):
+            self._fd = libbpf.obj_get(path)
+        else:
+            self._fd = libbpf.map_create(BPF_MAP_TYPE_HASH, IDS_MAP, ct.sizeof(IdsKey), 8, MAX_NAMES)
+            libbpf.obj_pin(self._fd, path)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _get(self, kind: str, name: str) -> int | None:
+        value = ct.c_uint64()
+        key = IdsKey(KINDS[kind], name.encode())
+        return value.value if libbpf.lookup_elem(self._fd, key, value, IDS_MAP) else None
+
+    def _put(self, kind: str, name: str, value: int) -> None:
+        libbpf.update_elem(self._fd, IdsKey(KINDS[kind], name.encode()), ct.c_uint64(value), IDS_MAP)
+
+    def _all(self, kind: str) -> dict[str, int]:
+        keys, values, n = libbpf.lookup_batch(self._fd, ct.sizeof(IdsKey), 8, MAX_NAMES, IDS_MAP)
+        out = {}
+        for i in range(n):
+            key = IdsKey.from_buffer_copy(keys, i * ct.sizeof(IdsKey))
+            if key.kind == KINDS[kind]:
+                out[key.name.decode()] = int.from_bytes(values[i * 8:i * 8 + 8], "little")
+        return out
+
+    def check_layout(self, sizes: Sizes) -> None:
+        """Refuse pinned state of another layout; record ours on first use."""
+        want = fingerprint(sizes)
+        have = self._get("layout", "maps")
+        if have is None:
+            self._put("layout", "maps", want)
+        elif have != want:
+            raise LayoutError(f"the pinned state in {self.dir} was made with another map layout "
+                              "(program or table sizes changed); run with --reset to discard it "
+                              "(flows and counters start over)")
+
+    def assign_ids(self, kind: str, names: list[str], first: int, last: int) -> tuple[dict[str, int], set[str]]:
+        """Ids for `names` and the set of names that are new here.
+
+        A known name keeps its id. A new name takes an id above every id this
+        gateway ever gave (pinned flows may still name a departed VM's id, and
+        must not land on a stranger); ids are reused only when the range is spent."""
+        known = self._all(kind)
+        ids = {n: known[n] for n in names if n in known}
+        high = self._get("layout", f"high_{kind}") or first - 1
+        used = set(ids.values())
+        fresh = [i for i in range(high + 1, last + 1)] + [i for i in range(first, high + 1) if i not in used]
+        new = [n for n in names if n not in ids]
+        if len(new) > len(fresh):
+            raise LayoutError(f"no free {kind} id in {first}..{last} for {new[len(fresh)]!r}")
+        for name, i in zip(new, fresh):
+            ids[name] = i
+            self._put(kind, name, i)
+        if new:
+            self._put("layout", f"high_{kind}", max(high, *(ids[n] for n in new)))
+        for stale in set(known) - set(names):
+            libbpf.delete_elem(self._fd, IdsKey(KINDS[kind], stale.encode()), IDS_MAP)
+        return ids, set(new)
+
+    def reset(self) -> None:
+        """Remove every pinned object of this gateway."""
+        self.close()
+        remove_pins(self.dir)
+
+
+def mount_type(path: Path) -> str:
+    """File system type of the mount that holds `path` (it need not exist yet)."""
+    best, fstype = "", "no file system"
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            _, point, kind, *_ = line.split()
+            point = point.replace("\\040", " ")
+            if (str(path) + "/").startswith(point.rstrip("/") + "/") and len(point) >= len(best):
+                best, fstype = point, kind
+    return fstype
+
+
+def check_reused_maps(bpf, sizes: Sizes) -> None:
+    """The kernel's view of each pinned map must be what the compiled program expects."""
+    problems = []
+    for name, (key_type, value_type, entries) in PINNED_MAPS.items():
+        info = libbpf.map_info(bpf.get_table(name.encode()).map_fd)
+        want = (ct.sizeof(key_type), ct.sizeof(value_type), entries(sizes))
+        have = (info.key_size, info.value_size, info.max_entries)
+        if have != want:
+            problems.append(f"{name} has key/value/entries {have}, this build expects {want}")
+    if problems:
+        raise LayoutError("pinned maps do not fit this build: " + "; ".join(problems)
+                          + "; run with --reset to discard them")
+
+
+def remove_pins(directory: str | os.PathLike[str]) -> bool:
+    """Remove a gateway's pin directory; False when there was none."""
+    try:
+        shutil.rmtree(directory)
+        return True
+    except FileNotFoundError:
+        return False
