@@ -3,6 +3,7 @@ dataplane, serves the local API, samples counters into rates, and on SIGTERM
 or SIGINT detaches and exits 0."""
 from __future__ import annotations
 
+import resource
 import signal
 import sys
 import threading
@@ -11,6 +12,7 @@ from typing import Any
 from control.api import ApiServer
 from control.config import Config, ConfigError
 from control.gateway import Gateway, GatewayError
+from control.health import HealthMonitor, checks_from_config
 from control.rates import RateTracker
 
 
@@ -39,6 +41,7 @@ class Daemon:
         self.rates = RateTracker()
         self.stopping = threading.Event()
         self.api: ApiServer | None = None
+        self.health: HealthMonitor | None = None
 
     def commands(self) -> dict[str, Any]:
         gw = self.gateway
@@ -54,7 +57,7 @@ class Daemon:
             return value
 
         return {
-            "stats": lambda a: {**gw.counters(), "rates": self.rates.rates()},
+            "stats": lambda a: {**gw.counters(), "rates": self.rates.rates(), "health": self.health_summary()},
             "vm.list": lambda a: [vm.describe() for vm in gw.vms.values()],
             "vm.move": lambda a: gw.move_vm(arg(a, "name"), port=arg(a, "port", required=False),
                                             mac=arg(a, "mac", required=False),
@@ -64,26 +67,57 @@ class Daemon:
             "offload.set": lambda a: gw.set_offload(arg(a, "region"), arg(a, "service"), arg(a, "endpoint")),
             "offload.clear": lambda a: gw.clear_offload(arg(a, "region"), arg(a, "service")),
             "offload.list": lambda a: gw.offloads(),
+            "maglev.tables": lambda a: gw.maglev_tables(),
             "status": lambda a: {"name": self.config.gateway.name, "interface": self.config.gateway.interface,
                                  "mode": gw.attached_mode},
         }
 
+    def health_summary(self) -> dict:
+        """Probe counts and VMs by health, and the last table rebuild (when, how long)."""
+        summary = self.health.summary() if self.health else {"checks": 0}
+        return {**summary, "last_rebuild": self.gateway.last_rebuild}
+
+    def start_health(self) -> None:
+        """Probe the VMs in a thread of this daemon (in the gateway's network namespace):
+        health changes go to the gateway in batches, probe results to `vm list`."""
+        checks = checks_from_config(self.config)
+        if checks:
+            # Up to max_concurrent probe sockets besides the maps' and the API's fds.
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if soft != resource.RLIM_INFINITY and soft < 4096:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (4096 if hard == resource.RLIM_INFINITY
+                                                            else min(4096, hard), hard))
+            gw = self.gateway
+            self.health = HealthMonitor(checks, on_change=gw.set_vm_health,
+                                        on_probe=lambda vm, check, r: gw.record_probe(vm, r.as_dict(check)))
+            self.health.start()
+
     def run(self, reset: bool = False) -> int:
+        """Serve until SIGTERM/SIGINT (detach, exit 0) or SIGUSR2 (exit 0 leaving the
+        program attached and the state pinned: the upgrade path, where the next
+        `xdpgw run` replaces the program in one step and no packet goes unserved)."""
         enter_netns(self.config.gateway.netns)
+        keep_attached = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGUSR2, lambda *_: (keep_attached.set(), self.stopping.set()))
         try:
             took = self.gateway.start(reset=reset)
             self.api = ApiServer(api_socket_path(self.config), self.commands())
             self.api.start()
+            self.start_health()
             print(f"xdpgw: gateway {self.config.gateway.name} up on {self.config.gateway.interface} "
                   f"({self.gateway.attached_mode} XDP) in {took:.2f} s; API at {self.api.path}", flush=True)
             interval = self.config.gateway.stats_interval
             while not self.stopping.wait(interval):
                 self.rates.sample(self.gateway.counters())
         finally:
+            if self.health:
+                self.health.stop()
             if self.api:
                 self.api.close()
-            self.gateway.stop()
-        print(f"xdpgw: gateway {self.config.gateway.name} stopped, XDP detached", file=sys.stderr, flush=True)
+            if not keep_attached.is_set():
+                self.gateway.stop()
+        state = "XDP left attached for the next run" if keep_attached.is_set() else "XDP detached"
+        print(f"xdpgw: gateway {self.config.gateway.name} stopped, {state}", file=sys.stderr, flush=True)
         return 0

@@ -171,14 +171,15 @@ class GatewayDaemon:
                                + " | ".join((self.stdout + self.stderr)[-5:]))
         return time.monotonic() - t0
 
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM (by pid), wait; SIGKILL only if it overstays. Returns the exit code."""
+    def stop(self, timeout: float = 15.0, sig: int = signal.SIGTERM) -> int | None:
+        """`sig` (SIGTERM: detach; SIGUSR2: leave XDP attached) by pid, wait; SIGKILL
+        only if it overstays. Returns the exit code."""
         if self.proc is None:
             return self.returncode
         proc = self.proc
         if proc.poll() is None:
             try:
-                os.kill(proc.pid, signal.SIGTERM)
+                os.kill(proc.pid, sig)
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
