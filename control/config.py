@@ -71,6 +71,7 @@ class GatewayConfig:
     flow_table_size: int = 65536
     maglev_table_size: int = 65537
     hash_seed: int = 0
+    new_flow_rate_limit: int = 100000  # new flows per CPU per second before flood mode; 0: none
     max_services: int = 64
     max_vms: int = 1024
     max_regions: int = 256
@@ -351,6 +352,7 @@ def _check_gateway(g: GatewayConfig) -> GatewayConfig:
     if not _is_prime(_int(g.maglev_table_size, "gateway.maglev_table_size", 251, 1000003)):
         raise ConfigError("gateway.maglev_table_size", f"{g.maglev_table_size} is not prime")
     _int(g.hash_seed, "gateway.hash_seed", 0, (1 << 32) - 1)
+    _int(g.new_flow_rate_limit, "gateway.new_flow_rate_limit", 0, 1 << 32)
     _int(g.max_services, "gateway.max_services", 1, 4096)
     _int(g.max_vms, "gateway.max_vms", 1, 65535)
     _int(g.max_regions, "gateway.max_regions", 1, 65535)

@@ -5,6 +5,7 @@ Every change is validated completely before the first map write, so a bad
 request changes nothing."""
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import threading
 import time
@@ -16,7 +17,7 @@ from control.config import Config, ConfigError, VMConfig
 from control.flowhash import maglev_slot
 from control.maglev import build_table
 from dataplane import structs as S
-from dataplane.maps import PROTOCOLS, VM_STATES, Dataplane, LocalPort, Tunnel
+from dataplane.maps import PROTOCOLS, Dataplane, LocalPort, Tunnel
 from dataplane.pinning import PinnedState, check_reused_maps
 from dataplane.program import AttachError, Sizes, attach, detach, ifindex, load
 
@@ -33,7 +34,7 @@ def sizes_of(config: Config) -> Sizes:
     return Sizes(flow_entries=g.flow_table_size, max_services=g.max_services, max_vms=g.max_vms,
                  max_regions=g.max_regions, max_prefixes=max(16, 2 * prefixes),
                  max_ports=max(16, 2 * len(config.vms) + 1), maglev_m=g.maglev_table_size, hash_seed=g.hash_seed,
-                 pin_dir=g.pin_dir)
+                 new_flow_limit=g.new_flow_rate_limit, pin_dir=g.pin_dir)
 
 
 def link_mac(name: str) -> str:
@@ -61,21 +62,55 @@ def next_hop_mac(endpoint: IPAddress) -> str:
     raise GatewayError(f"next hop {hop} towards {endpoint} has no neighbour entry; set gateway.next_hop_mac")
 
 
+ADMIN_STATES = ("active", "draining", "down")   # set by the operator (xdpgw vm up|drain|down)
+HEALTH_STATES = ("unknown", "up", "down")        # set by the health checks (control/health.py)
+
+
+def effective_state(admin: str, health: str, weight: int) -> str:
+    """The state the dataplane and the Maglev tables use; the one place it is computed.
+
+    down if the health checks say so (or the operator forces it), else the
+    operator's state, where weight 0 means draining: only active VMs are in the
+    Maglev tables; a draining VM keeps its flows and takes no new ones; a down
+    VM's flows are re-selected on their next packet. Unknown health (no check,
+    or none decided yet) leaves the admin state alone."""
+    if health == "down" or admin == "down":
+        return "down"
+    if admin == "draining" or weight == 0:
+        return "draining"
+    return "active"
+
+
 @dataclass
 class VmRuntime:
     """What the gateway knows of a VM now (its location may change by moves)."""
     config: VMConfig
     vm_id: int
-    state: str = "active"
+    admin_state: str = "active"
     port: str | None = None
     mac: str | None = None
     tunnel: IPAddress | None = None
-    since: float = field(default_factory=time.time)
+    since: float = field(default_factory=time.time)       # the effective state's start
+    health: str = "unknown"
+    health_since: float = field(default_factory=time.time)
+    last_probe: dict | None = None       # the latest probe result (control/health.py ProbeResult.as_dict)
+    tables_at: float | None = None       # when the Maglev tables last took in a change of this VM
+    moved_at: float | None = None
+
+    @property
+    def state(self) -> str:
+        return effective_state(self.admin_state, self.health, self.config.weight)
 
     def describe(self) -> dict:
         where = {"port": self.port, "mac": self.mac} if self.port else {"tunnel": str(self.tunnel)}
         return {"name": self.config.name, "id": self.vm_id, "state": self.state, "weight": self.config.weight,
-                "ip": str(self.config.ip) if self.config.ip else None, **where}
+                "ip": str(self.config.ip) if self.config.ip else None, **where, **self.status()}
+
+    def status(self) -> dict:
+        """Admin state, health, last probe and time in state (the fields `vm list` and `stats` add)."""
+        return {"admin_state": self.admin_state, "health": self.health, "health_since": self.health_since,
+                "last_probe": self.last_probe, "since": self.since,
+                "in_state_s": round(max(0.0, time.time() - self.since), 3), "tables_at": self.tables_at}
 
 
 class Gateway:
@@ -90,6 +125,7 @@ class Gateway:
                     for v, i in zip(config.vms, (config.vm_ids()[v.name] for v in config.vms))}
         self.port_slots: dict[str, int] = {}
         self.tables: dict[int, np.ndarray] = {}
+        self.last_rebuild: dict | None = None   # the last rebuild that swapped a table: when, how long
         self.offload_targets: dict[tuple[str, str], IPAddress] = {}
         self.lock = threading.RLock()
         self.dataplane: Dataplane | None = None
@@ -203,17 +239,30 @@ class Gateway:
     def _write_vm(self, vm: VmRuntime) -> None:
         self._dp().set_vm(vm.vm_id, self._location(vm), vm.state)
 
-    def _rebuild_tables(self) -> None:
-        """Build each service's Maglev table from its active VMs and swap it in if it changed."""
+    def _rebuild_tables(self, vms: set[str] | None = None) -> None:
+        """Build the Maglev table of each service (of those with one of `vms`; all if None)
+        from its active VMs, and swap it in, whole, if it changed. A table depends
+        only on the active VMs' names and weights and the seed."""
         g = self.config.gateway
+        t0 = time.perf_counter()
+        build_s = 0.0
+        swapped = []
         for s in self.config.services:
+            if vms is not None and vms.isdisjoint(s.vms):
+                continue
             sid = self.service_ids[s.name]
             backends = [(n, self.vms[n].vm_id, self.vms[n].config.weight) for n in s.vms
                         if self.vms[n].state == "active"]
+            tb = time.perf_counter()
             table = build_table(backends, g.maglev_table_size, g.hash_seed)
+            build_s += time.perf_counter() - tb
             if sid not in self.tables or not np.array_equal(self.tables[sid], table):
                 self._dp().set_maglev_table(sid, table)
                 self.tables[sid] = table
+                swapped.append(s.name)
+        if swapped:
+            self.last_rebuild = {"at": time.time(), "services": swapped, "build_ms": round(build_s * 1000, 3),
+                                 "total_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
     def vm(self, name: str) -> VmRuntime:
         if name not in self.vms:
@@ -233,35 +282,98 @@ class Gateway:
                 if new_mac is None:
                     raise GatewayError(f"VM {name!r} moves to port {port} but has no MAC; give --mac")
                 S.mac_bytes(new_mac)
-                candidate = VmRuntime(vm.config, vm.vm_id, vm.state, port=port, mac=new_mac.lower())
+                candidate = VmRuntime(vm.config, vm.vm_id, vm.admin_state, port=port, mac=new_mac.lower())
             else:
                 try:
                     endpoint = ipaddress.ip_address(tunnel)
                 except ValueError:
                     raise GatewayError(f"vm move: bad tunnel address {tunnel!r}") from None
-                candidate = VmRuntime(vm.config, vm.vm_id, vm.state, tunnel=endpoint)
+                candidate = VmRuntime(vm.config, vm.vm_id, vm.admin_state, tunnel=endpoint)
             location = self._location(candidate)      # validates before the write
             self._dp().set_vm(vm.vm_id, location, vm.state)
             vm.port, vm.mac, vm.tunnel = candidate.port, candidate.mac, candidate.tunnel
-            vm.since = time.time()
+            vm.moved_at = time.time()
             return vm.describe()
 
     def set_vm_state(self, name: str, state: str) -> dict:
+        """The operator's (admin) state: active (`vm up`, clears a drain), draining, or
+        down (an override that holds whatever the health checks say)."""
         with self.lock:
             vm = self.vm(name)
-            if state not in VM_STATES:
-                raise GatewayError(f"VM {name!r}: state {state!r} must be one of {sorted(VM_STATES)}")
-            vm.state, vm.since = state, time.time()
-            # Order the two writes so that no new flow is ever given a VM that
-            # cannot take it: a leaving VM leaves the Maglev tables first, a
-            # returning VM is usable before the tables name it.
-            if state == "active":
-                self._dp().set_vm_state(vm.vm_id, state)
-                self._rebuild_tables()
-            else:
-                self._rebuild_tables()
-                self._dp().set_vm_state(vm.vm_id, state)
+            if state not in ADMIN_STATES:
+                raise GatewayError(f"VM {name!r}: state {state!r} must be one of {sorted(ADMIN_STATES)}")
+            old = vm.state
+            vm.admin_state = state
+            self._apply([(vm, old)])
             return vm.describe()
+
+    def set_vm_health(self, changes: dict[str, str]) -> list[dict]:
+        """Health from the checks ({vm: up|down|unknown}), applied in one batch: one
+        rebuild of the affected tables, however many VMs changed."""
+        with self.lock:
+            for name, health in changes.items():
+                self.vm(name)
+                if health not in HEALTH_STATES:
+                    raise GatewayError(f"VM {name!r}: health {health!r} must be one of {list(HEALTH_STATES)}")
+            now = time.time()
+            changed = []
+            for name, health in changes.items():
+                vm = self.vms[name]
+                if vm.health != health:
+                    changed.append((vm, vm.state))
+                    vm.health, vm.health_since = health, now
+            self._apply(changed)
+            return [vm.describe() for vm, _ in changed]
+
+    def record_probe(self, name: str, result: dict) -> None:
+        """The latest probe result of a VM (for `vm list`); no lock: one attribute store."""
+        vm = self.vms.get(name)
+        if vm is not None:
+            vm.last_probe = result
+
+    def _apply(self, changed: list[tuple[VmRuntime, str]]) -> None:
+        """Carry out effective-state changes (VM, its state before). Called with the lock held.
+
+        The writes are ordered so that no new flow is ever given a VM that cannot
+        take it: a leaving VM leaves the Maglev tables before it is marked down, a
+        returning VM is usable before the tables name it."""
+        dp = self._dp()
+        now = time.time()
+        moved = [(vm, old) for vm, old in changed if vm.state != old]
+        for vm, _ in moved:
+            vm.since = now
+        returning = [vm for vm, old in moved if old == "down"]
+        leaving = [vm for vm, old in moved if old != "down"]
+        for vm in returning:
+            dp.set_vm_state(vm.vm_id, vm.state)
+        self._rebuild_tables({vm.config.name for vm, _ in moved})
+        for vm in leaving:
+            dp.set_vm_state(vm.vm_id, vm.state)
+        done = time.time()
+        for vm, _ in moved:
+            vm.tables_at = done
+
+    def maglev_tables(self) -> dict:
+        """Per service: each VM's number of slots in the table the dataplane uses now
+        (read back from the map), and a digest of that table written as VM names, so
+        gateways that agree on every flow show equal digests even if they numbered
+        their VMs differently."""
+        by_id = {vm.vm_id: name for name, vm in self.vms.items()}
+        names = sorted(by_id.values()) + ["none"]
+        rank = {name: i for i, name in enumerate(names)}
+        out = {}
+        with self.lock:
+            for s in self.config.services:
+                table = self._dp().maglev_table(self.service_ids[s.name])
+                if table is None:
+                    out[s.name] = {"sha256": None, "slots": {}}
+                    continue
+                ids, inverse, counts = np.unique(table, return_inverse=True, return_counts=True)
+                labels = [by_id.get(int(i), "none") for i in ids]
+                as_names = np.array([rank[n] for n in labels], dtype=np.uint32)[inverse]
+                digest = hashlib.sha256("\n".join(names).encode() + as_names.tobytes()).hexdigest()
+                out[s.name] = {"sha256": digest, "slots": dict(zip(labels, (int(c) for c in counts)))}
+        return out
 
     # ---- offload -------------------------------------------------------
     def _region_service(self, region: str, service: str) -> tuple[int, int]:
@@ -358,6 +470,6 @@ class Gateway:
                 out["services"][name] = {"packets": p, "bytes": b, "new_flows": n}
             for name, vm in self.vms.items():
                 out["vms"][name] = {"packets": int(vms[vm.vm_id, 0]), "bytes": int(vms[vm.vm_id, 1]),
-                                    "state": vm.state}
+                                    "state": vm.state, **vm.status()}
         return out
 

@@ -32,6 +32,7 @@ class Sizes:
     max_ports: int = 256
     maglev_m: int = 65537
     hash_seed: int = 0
+    new_flow_limit: int = 0           # new flows per CPU per second before flood mode; 0: none
     pin_dir: str | None = None        # where state maps are pinned; None: private maps
 
     def cflags(self) -> list[str]:
@@ -40,6 +41,7 @@ class Sizes:
             f"-DXDPGW_MAX_VMS={self.max_vms}", f"-DXDPGW_MAX_REGIONS={self.max_regions}",
             f"-DXDPGW_MAX_PREFIXES={self.max_prefixes}", f"-DXDPGW_MAX_PORTS={self.max_ports}",
             f"-DXDPGW_MAGLEV_M={self.maglev_m}", f"-DXDPGW_HASH_SEED={self.hash_seed}u",
+            f"-DXDPGW_NEW_FLOW_LIMIT={self.new_flow_limit}ull",
         ] + ([f'-DXDPGW_PIN_DIR="{self.pin_dir}"'] if self.pin_dir else [])
 
 

@@ -93,12 +93,16 @@ class ForwardTrace(ct.Structure):
                 ("service_id", ct.c_uint32)]
 
 
+class FloodWindow(ct.Structure):
+    _fields_ = [("start_ns", ct.c_uint64), ("new_flows", ct.c_uint64)]
+
+
 # Every mirrored struct with its C name, for the layout test.
 MIRRORS: dict[str, type[ct.Structure]] = {
     "service_key": ServiceKey, "service_info": ServiceInfo, "flow_key": FlowKey, "flow_entry": FlowEntry,
     "vm_location": VmLocation, "offload_key": OffloadKey, "offload_target": OffloadTarget,
     "lpm_v4_key": LpmV4Key, "lpm_v6_key": LpmV6Key, "traffic_counter": TrafficCounter,
-    "service_counter": ServiceCounter, "forward_trace": ForwardTrace,
+    "service_counter": ServiceCounter, "forward_trace": ForwardTrace, "flood_window": FloodWindow,
 }
 
 

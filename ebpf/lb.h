@@ -73,8 +73,31 @@ static __always_inline int choose(const struct flow_key *key, __u32 service_id, 
     return 0;
 }
 
+/* More new flows this second on this CPU than the limit: a flood (SYN flood,
+ * scan). Its flows are still served, by Maglev, which is consistent, but are
+ * not recorded, so they cannot push established flows out of the LRU table. */
+static __always_inline int under_flood(void)
+{
+    if (!XDPGW_NEW_FLOW_LIMIT)
+        return 0;
+    __u32 zero = 0;
+    struct flood_window *w = flood_windows.lookup(&zero);
+    if (!w)
+        return 0;
+    __u64 now = bpf_ktime_get_ns();
+    if (now - w->start_ns > 1000000000ull) {
+        w->start_ns = now;
+        w->new_flows = 0;
+    }
+    return ++w->new_flows > XDPGW_NEW_FLOW_LIMIT;
+}
+
 static __always_inline void record_flow(const struct flow_key *key, __u32 vm_id, __u32 service_id)
 {
+    if (under_flood()) {
+        stat_inc(STAT_FLOOD_UNRECORDED);
+        return;
+    }
     struct flow_entry fe = {.vm_id = vm_id, .service_id = service_id};
     flow_table.update((void *)key, &fe);
 }

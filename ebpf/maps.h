@@ -23,6 +23,9 @@
 #ifndef XDPGW_MAX_PORTS
 #define XDPGW_MAX_PORTS 256
 #endif
+#ifndef XDPGW_NEW_FLOW_LIMIT
+#define XDPGW_NEW_FLOW_LIMIT 0         /* new flows per CPU per second; 0: no limit */
+#endif
 #ifndef XDPGW_MAGLEV_M
 #define XDPGW_MAGLEV_M 65537
 #endif
@@ -66,6 +69,7 @@ STATE_TABLE("hash", struct offload_key, struct offload_target, region_offload, X
 STATE_TABLE("percpu_array", __u32, __u64, stats, STAT_SLOTS, 0);
 STATE_TABLE("percpu_array", __u32, __u64, drop_counters, DROP_SLOTS, 0);
 BPF_PERCPU_ARRAY(forward_traces, struct forward_trace, 1);
+BPF_PERCPU_ARRAY(flood_windows, struct flood_window, 1);
 
 static __always_inline void stat_inc(__u32 idx)
 {

@@ -109,7 +109,8 @@ struct service_counter {
 #define STAT_OFFLOAD_FWD 5
 #define STAT_ICMP_ERR_FWD 6
 #define STAT_FLOW_RESELECT 7          /* flow's VM gone or down: re-selected */
-#define STAT_MAX 8
+#define STAT_FLOOD_UNRECORDED 8       /* new flow served by Maglev but not recorded: flood */
+#define STAT_MAX 9
 #define STAT_SLOTS 32                 /* map size: room for new stats without a layout change */
 
 /* Drop reasons, indexed into drop_counters. Names live in dataplane/structs.py. */
@@ -135,6 +136,11 @@ struct service_counter {
 
 #define DROP_MAX 19
 #define DROP_SLOTS 64                 /* map size: room for new reasons without a layout change */
+
+struct flood_window {                 /* per-CPU new-flow rate over one-second windows */
+    __u64 start_ns;
+    __u64 new_flows;
+};
 
 struct forward_trace {                /* per-CPU, last forwarded packet */
     __u32 action;                     /* FWD_* */
