@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from control.api import ApiError, call
 from control.config import Config, ConfigError, load_config
 from dataplane.pinning import LayoutError
+from dataplane.program import LoadError
 
 DEFAULT_CONFIG = "/etc/xdpgw/xdpgw.toml"
 EXIT_USAGE = 2
@@ -191,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, UsageError, LayoutError) as exc:
+    except (ConfigError, UsageError, LayoutError, LoadError) as exc:
         print(f"xdpgw: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (ApiError, RuntimeError, OSError, ValueError) as exc:

@@ -17,6 +17,10 @@ MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
 
 
+class LoadError(RuntimeError):
+    """The XDP program could not be compiled or loaded (no BPF support, no headers, ...)."""
+
+
 class AttachError(RuntimeError):
     """XDP could not be attached or detached; the message names the interface."""
 
@@ -70,8 +74,13 @@ def load(sizes: Sizes):
     """Compile and load; returns (bcc.BPF, program function)."""
     from bcc import BPF  # imported late: importing bcc is slow and needs root for nothing here
 
-    bpf = BPF(text=program_source().encode(), cflags=sizes.cflags() + ["-Wno-unused-function"])
-    fn = bpf.load_func(ENTRY_FUNCTION.encode(), BPF.XDP)
+    try:
+        bpf = BPF(text=program_source().encode(), cflags=sizes.cflags() + ["-Wno-unused-function"])
+        fn = bpf.load_func(ENTRY_FUNCTION.encode(), BPF.XDP)
+    except Exception as exc:  # bcc raises bare Exceptions; its details went to stderr
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LoadError(f"cannot load the XDP program: {reason} (needs root, bpf() support, and kernel "
+                        "headers at /lib/modules/$(uname -r)/build: run `make setup`)") from None
     return bpf, fn
 
 
