@@ -48,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--port", help="local host port (ifname) the VM is now behind")
     where.add_argument("--tunnel", help="remote endpoint address the VM is now behind")
     move.add_argument("--mac", help="the VM's MAC on its new port (default: unchanged)")
-    for state, text in (("drain", "keep existing flows, take no new ones"), ("down", "take no traffic"),
-                        ("up", "take new flows again")):
+    for state, text in (("drain", "keep existing flows, take no new ones"),
+                        ("down", "take no traffic, whatever the health checks say (admin override)"),
+                        ("up", "take new flows again (clears drain and down; health checks still apply)")):
         sp = with_config(vm.add_parser(state, help=text))
         sp.add_argument("name")
 
@@ -134,9 +135,10 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _cmd_vm(args: argparse.Namespace) -> int:
     path = _socket(load_config(args.config))
     if args.vm_command == "list":
+        from control.stats_view import render_vm_line
+
         for vm in call(path, "vm.list"):
-            where = f"port {vm['port']} mac {vm['mac']}" if vm.get("port") else f"tunnel {vm['tunnel']}"
-            print(f"{vm['name']:<12} id {vm['id']:<5} {vm['state']:<9} weight {vm['weight']:<3} {where}")
+            print(render_vm_line(vm))
     elif args.vm_command == "move":
         _print(call(path, "vm.move", name=args.name, port=args.port, tunnel=args.tunnel, mac=args.mac))
     else:

@@ -58,7 +58,7 @@ class Daemon:
 
         return {
             "stats": lambda a: {**gw.counters(), "rates": self.rates.rates(), "health": self.health_summary()},
-            "vm.list": lambda a: [vm.describe() for vm in gw.vms.values()],
+            "vm.list": lambda a: gw.vm_list(),
             "vm.move": lambda a: gw.move_vm(arg(a, "name"), port=arg(a, "port", required=False),
                                             mac=arg(a, "mac", required=False),
                                             tunnel=arg(a, "tunnel", required=False)),

@@ -99,6 +99,13 @@ def vm_binds() -> list[str]:
     return [f"tcp:{VIP4}:{WEB_PORT}", f"tcp:[{VIP6}]:{WEB_PORT}", f"udp:{VIP4}:{ECHO_PORT}"]
 
 
+def vm_health_binds(tb: Testbed, vm_name: str) -> list[str]:
+    """What health checks probe on a local VM: web (TCP) and echo (UDP) on the VM's
+    own address, served by the same process as the VIP (its death fails them)."""
+    vm = tb.vm(vm_name)
+    return [f"tcp:{vm.ip}:{WEB_PORT}", f"udp:{vm.ip}:{ECHO_PORT}"]
+
+
 def dc2_binds() -> list[str]:
     """What the remote DC serves: remote (vm9) and web (for region offloads)."""
     return [f"tcp:{VIP4}:{REMOTE_PORT}", f"tcp:{VIP4}:{WEB_PORT}", f"tcp:[{VIP6}]:{WEB_PORT}"]

@@ -325,6 +325,11 @@ class Gateway:
             self._apply(changed)
             return [vm.describe() for vm, _ in changed]
 
+    def vm_list(self) -> list[dict]:
+        """Every VM as `vm list` shows it; under the lock, so a change is seen whole."""
+        with self.lock:
+            return [vm.describe() for vm in self.vms.values()]
+
     def record_probe(self, name: str, result: dict) -> None:
         """The latest probe result of a VM (for `vm list`); no lock: one attribute store."""
         vm = self.vms.get(name)

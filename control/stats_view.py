@@ -1,7 +1,41 @@
-"""Readable rendering of `xdpgw stats`: counters with the daemon's rates."""
+"""Readable rendering of `xdpgw stats` (counters with the daemon's rates) and of
+`xdpgw vm list` (state, health, last probe, time in state)."""
 from __future__ import annotations
 
+import time
 from typing import Any
+
+
+def duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def probe_text(probe: dict | None, now: float | None = None) -> str:
+    """`ok tcp 198.18.101.2:8080 connected 0.2ms, 0.4s ago` or `never probed`."""
+    if not probe:
+        return "never probed"
+    now = time.time() if now is None else now
+    rtt = f" {probe['rtt_ms']:.1f}ms" if probe.get("rtt_ms") is not None else ""
+    check = f"{probe['check']} " if probe.get("check") else ""
+    return (f"{'ok' if probe['ok'] else 'FAIL'} {check}{probe['detail']}{rtt}, "
+            f"{duration(max(0.0, now - probe['at']))} ago")
+
+
+def vm_status_text(vm: dict, now: float | None = None) -> str:
+    """State (with the admin state when it differs), health, time in state, last probe."""
+    state = vm["state"] if vm.get("admin_state", vm["state"]) == vm["state"] else \
+        f"{vm['state']} (admin {vm['admin_state']})"
+    return (f"{state:<9} health {vm.get('health', 'unknown'):<7} for {duration(vm.get('in_state_s', 0.0))}; "
+            f"last probe {probe_text(vm.get('last_probe'), now)}")
+
+
+def render_vm_line(vm: dict) -> str:
+    where = f"port {vm['port']} mac {vm['mac']}" if vm.get("port") else f"tunnel {vm['tunnel']}"
+    return (f"{vm['name']:<12} id {vm['id']:<5} weight {vm['weight']:<3} {vm_status_text(vm)}; {where}")
 
 
 def _rate(rates: dict, section: str, name: str) -> str:
@@ -20,11 +54,21 @@ def render(stats: dict[str, Any]) -> str:
             if section == "services":
                 extra = f"  new flows {c['new_flows']}"
             elif section == "vms":
-                extra = f"  {c['state']}"
+                extra = f"  {vm_status_text(c)}"
             lines.append(f"{title + ' ' + name:<22}{c['packets']:>12} {c['bytes']:>14} "
                          f"{_rate(rates, section, name)}{extra}")
     f = stats["flows"]
     lines.append(f"flows: {f['entries']} entries, {f['hits']} hits, {f['misses']} misses")
     drops = {k: v for k, v in stats["drops"].items() if v}
     lines.append("drops: " + (", ".join(f"{k} {v}" for k, v in drops.items()) if drops else "none"))
+    health = stats.get("health")
+    if health and health.get("checks"):
+        vms = health.get("vms", {})
+        line = (f"health: {health['checks']} checks, {health['probes']} probes ({health['failed_probes']} failed); "
+                f"VMs up {vms.get('up', 0)}, down {vms.get('down', 0)}, unknown {vms.get('unknown', 0)}")
+        rebuild = health.get("last_rebuild")
+        if rebuild:
+            line += (f"; last table rebuild {duration(max(0.0, time.time() - rebuild['at']))} ago "
+                     f"({', '.join(rebuild['services'])}: {rebuild['total_ms']:.1f} ms)")
+        lines.append(line)
     return "\n".join(lines)

@@ -8,6 +8,25 @@
                                                          |-- gwv2 <-> {p}-vm2 (eth0)
                                                          |-- gwv3 <-> {p}-vm3 (eth0)
 
+With ``Testbed(prefix, gateways=2)`` a second, independent gateway serves the same VMs::
+
+  {p}-rt --- to-gw2 <-> {p}-gw2 (uplink "up0", 198.18.6.2)
+                           |-- gwv1 <-> {p}-vm1 (eth2, the VM's own MAC)
+                           |-- gwv2 <-> {p}-vm2 (eth2)
+                           |-- gwv3 <-> {p}-vm3 (eth2)
+
+gw2 has its own uplink from the router and its own port to every VM: a second
+veth per VM, whose VM end carries the VM's MAC, so gw2's config names the same
+ports, MACs and addresses as gw1's (only the [gateway] table differs). The
+point-to-point links of gw1 stay exactly as they are (no bridge to add, nothing
+of the one-gateway testbed changes). gw2 reaches each VM's own address (its
+``ip``, which the health checks probe) by a host route via the VM's eth2. The
+VMs' replies (direct server return, from the VIP) leave by their default route
+via gw1's namespace, which plays the hosts' router: no XDP program is on that
+path, so it does not matter which gateway carried the request. The router sends
+the VIPs to gw1, gw2 or both (ECMP, per-flow layer-4 hash, dead links skipped):
+``steer("gw1" | "gw2" | "ecmp")``.
+
 Everything lives in namespaces named ``f"{prefix}-{role}"``; every veth is created
 *inside* those namespaces (never in the root namespace), so removing the namespaces
 removes everything.  Addresses come only from 198.18.0.0/15 and 2001:db8::/32.
@@ -84,6 +103,17 @@ ROUTER_DC2_IP6 = "2001:db8:200::1"
 
 VM_IF = "eth0"
 
+# the second gateway (Testbed(gateways=2))
+GW2_ROLE = "gw2"
+GW2_UPLINK_MAC = "02:00:00:00:02:12"
+GW2_UPLINK_IP = "198.18.6.2"
+GW2_UPLINK_IP6 = "2001:db8:6::2"
+ROUTER_GW2_IF = "to-gw2"
+ROUTER_GW2_MAC = "02:00:00:00:02:11"
+ROUTER_GW2_IP = "198.18.6.1"
+ROUTER_GW2_IP6 = "2001:db8:6::1"
+GW2_VM_IF = "eth2"                  # the VM's interface toward gw2
+
 
 @dataclass(frozen=True)
 class Vm:
@@ -115,6 +145,27 @@ class Client:
     subnet: str
     subnet6: str
     ifname: str = "eth0"
+
+
+@dataclass(frozen=True)
+class Gw2Port:
+    """gw2's port to a VM: gwvN in {p}-gw2 <-> eth2 in the VM (with the VM's MAC)."""
+    vm: str
+    port: str          # "gwvN", in {p}-gw2 (the same name as gw1's port)
+    port_mac: str
+    vm_if: str
+    vm_mac: str
+    gw_ip: str
+    gw_ip6: str
+    vm_ip: str         # the VM's address on this link (gw2 reaches the VM's own ip via it)
+    vm_ip6: str
+
+
+def _gw2_port(vm: Vm) -> Gw2Port:
+    n = int(vm.name[2:])
+    return Gw2Port(vm=vm.name, port=vm.port, port_mac=f"02:00:00:00:12:{n:02x}", vm_if=GW2_VM_IF,
+                   vm_mac=vm.mac, gw_ip=f"198.18.{120 + n}.1", gw_ip6=f"2001:db8:{120 + n}::1",
+                   vm_ip=f"198.18.{120 + n}.2", vm_ip6=f"2001:db8:{120 + n}::2")
 
 
 def _vm(n: int, prefix: str) -> Vm:
@@ -153,7 +204,7 @@ class _Link:
     b: _End
 
 
-def _links(clients: Sequence[Client], vms: Sequence[Vm]) -> list[_Link]:
+def _links(clients: Sequence[Client], vms: Sequence[Vm], gw2_ports: Sequence[Gw2Port] = ()) -> list[_Link]:
     links = []
     for c in clients:
         n = c.name[1:]
@@ -174,6 +225,14 @@ def _links(clients: Sequence[Client], vms: Sequence[Vm]) -> list[_Link]:
         links.append(_Link(
             _End("gw", vm.port, vm.port_mac, (f"{vm.gw_ip}/24", f"{vm.gw_ip6}/64")),
             _End(vm.name, vm.ifname, vm.mac, (f"{vm.ip}/24", f"{vm.ip6}/64"))))
+    if gw2_ports:
+        links.append(_Link(
+            _End("rt", ROUTER_GW2_IF, ROUTER_GW2_MAC, (f"{ROUTER_GW2_IP}/24", f"{ROUTER_GW2_IP6}/64")),
+            _End(GW2_ROLE, UPLINK, GW2_UPLINK_MAC, (f"{GW2_UPLINK_IP}/24", f"{GW2_UPLINK_IP6}/64"))))
+    for p in gw2_ports:
+        links.append(_Link(
+            _End(GW2_ROLE, p.port, p.port_mac, (f"{p.gw_ip}/24", f"{p.gw_ip6}/64")),
+            _End(p.vm, p.vm_if, p.vm_mac, (f"{p.vm_ip}/24", f"{p.vm_ip6}/64"))))
     return links
 
 
@@ -199,7 +258,7 @@ def _common_sysctls() -> dict[str, str]:
 
 def _sysctls_for(role: str) -> dict[str, str]:
     s = _common_sysctls()
-    if role in ("rt", "gw"):
+    if role in ("rt", "gw", GW2_ROLE):
         s.update({
             "net/ipv4/ip_forward": "1",
             "net/ipv6/conf/all/forwarding": "1",
@@ -249,7 +308,8 @@ _LOADED: list = []
 # ------------------------------------------------------------------------ cleanup
 
 def _ns_names(prefix: str) -> list[str]:
-    return [f"{prefix}-{r}" for r in ROLES]
+    # every role any testbed of this prefix may have, so cleanup finds gw2 too
+    return [f"{prefix}-{r}" for r in ROLES + (GW2_ROLE,)]
 
 
 def pin_dir(prefix: str, gateway: str) -> str:
@@ -295,7 +355,9 @@ class Testbed:
     prefix: str = DEFAULT_PREFIX
     dc2_decap: bool = True           # attach the XDP decapsulator on dc2's eth0
     gro: bool = True                 # GRO on the veth ends that receive XDP redirects
+    gateways: int = 1                # 2: a second gateway {p}-gw2 with its own ports to the same VMs
     vms: list[Vm] = field(init=False)
+    gw2_ports: list[Gw2Port] = field(init=False)
     clients: list[Client] = field(init=False)
     timings: dict[str, float] = field(init=False, default_factory=dict)
     _procs: list[subprocess.Popen] = field(init=False, default_factory=list)
@@ -321,18 +383,25 @@ class Testbed:
         # namespace names are {prefix}-vmN etc.; keep them readable and path-safe
         if not self.prefix or "/" in self.prefix or len(self.prefix) > 40:
             raise ValueError(f"bad testbed prefix {self.prefix!r}")
+        if self.gateways not in (1, 2):
+            raise ValueError(f"gateways must be 1 or 2, got {self.gateways!r}")
         self.vms = [_vm(n, self.prefix) for n in (1, 2, 3)]
         self.clients = [_client(n, self.prefix) for n in (1, 2)]
+        self.gw2_ports = [_gw2_port(vm) for vm in self.vms] if self.gateways == 2 else []
 
     # ---- names
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ROLES + ((GW2_ROLE,) if self.gateways == 2 else ())
+
     def ns(self, role: str) -> str:
-        if role not in ROLES:
-            raise KeyError(f"unknown role {role!r}; roles: {ROLES}")
+        if role not in self.roles:
+            raise KeyError(f"unknown role {role!r}; roles: {self.roles}")
         return f"{self.prefix}-{role}"
 
     @property
     def namespaces(self) -> list[str]:
-        return _ns_names(self.prefix)
+        return [f"{self.prefix}-{r}" for r in self.roles]
 
     def vm(self, name: str) -> Vm:
         return next(v for v in self.vms if v.name == name)
@@ -438,17 +507,29 @@ class Testbed:
     # ---- construction
     def _build(self) -> None:
         t = time.monotonic()
-        for role in ROLES:
+        for role in self.roles:
             pr_netns.create(self.ns(role))
-        for role in ROLES:
+        for role in self.roles:
             # before any link exists: new devices copy the "default" values
-            self.run(role, _write_sysctls, _sysctls_for(role), timeout=10)
+            values = _sysctls_for(role)
+            if role == "rt" and self.gateways == 2:
+                values.update({
+                    # ECMP over the gateways by the flow's 5-tuple, as a data-center fabric does
+                    "net/ipv4/fib_multipath_hash_policy": "1",
+                    "net/ipv6/fib_multipath_hash_policy": "1",
+                    # a gateway whose link is down is no next hop (for ECMP failover)
+                    "net/ipv4/conf/all/ignore_routes_with_linkdown": "1",
+                    "net/ipv4/conf/default/ignore_routes_with_linkdown": "1",
+                    "net/ipv6/conf/all/ignore_routes_with_linkdown": "1",
+                    "net/ipv6/conf/default/ignore_routes_with_linkdown": "1",
+                })
+            self.run(role, _write_sysctls, values, timeout=10)
         self.timings["ns+sysctl"] = time.monotonic() - t
 
         t = time.monotonic()
         iprs: dict[str, IPRoute] = {}
         try:
-            for role in ROLES:
+            for role in self.roles:
                 # flags=0: never create a namespace implicitly (pyroute2's default)
                 iprs[role] = IPRoute(netns=self.ns(role), flags=0)
             self._build_links(iprs)
@@ -456,6 +537,8 @@ class Testbed:
             if self.dc2_decap:
                 self.attach_dc2_decap(iprs["dc2"])
             self._attach_xdp_pass(iprs["rt"], ROUTER_DOWNLINK)
+            if self.gateways == 2:
+                self._attach_xdp_pass(iprs["rt"], ROUTER_GW2_IF)
         finally:
             for ipr in iprs.values():
                 ipr.close()
@@ -467,7 +550,7 @@ class Testbed:
         self.timings["gro"] = time.monotonic() - t
 
     def _build_links(self, iprs: dict[str, IPRoute]) -> None:
-        links = _links(self.clients, self.vms)
+        links = _links(self.clients, self.vms, self.gw2_ports)
         for link in links:
             # created inside a's namespace with the peer put straight into b's:
             # nothing ever appears in the root namespace
@@ -475,7 +558,7 @@ class Testbed:
                 "add", ifname=link.a.ifname, kind="veth", address=link.a.mac,
                 peer={"ifname": link.b.ifname, "address": link.b.mac,
                       "net_ns_fd": self.ns(link.b.role)})
-        for role in ROLES:
+        for role in self.roles:
             lo = iprs[role].link_lookup(ifname="lo")[0]
             iprs[role].link("set", index=lo, state="up")
         for link in links:
@@ -516,6 +599,27 @@ class Testbed:
             net6 = str(ipaddress.ip_interface(f"{vm.ip6}/64").network)
             rt.route("add", dst=net4, gateway=UPLINK_IP, family=socket.AF_INET)
             rt.route("add", dst=net6, gateway=UPLINK_IP6, family=socket.AF_INET6)
+        if self.gateways == 2:
+            default(GW2_ROLE, ROUTER_GW2_IP, ROUTER_GW2_IP6)
+            gw2 = iprs[GW2_ROLE]
+            for vm, p in zip(self.vms, self.gw2_ports):
+                # the VM's own address (what health checks probe) via its link to gw2
+                gw2.route("add", dst=f"{vm.ip}/32", gateway=p.vm_ip, family=socket.AF_INET)
+                gw2.route("add", dst=f"{vm.ip6}/128", gateway=p.vm_ip6, family=socket.AF_INET6)
+
+    def steer(self, to: str) -> None:
+        """Where the router sends the VIPs: "gw1", "gw2", or "ecmp" (both; a flow's
+        layer-4 hash picks one, and a gateway whose link is down is skipped)."""
+        hops = {"gw1": [(UPLINK_IP, UPLINK_IP6)], "gw2": [(GW2_UPLINK_IP, GW2_UPLINK_IP6)],
+                "ecmp": [(UPLINK_IP, UPLINK_IP6), (GW2_UPLINK_IP, GW2_UPLINK_IP6)]}
+        if to not in hops:
+            raise ValueError(f"steer: {to!r} is not one of {sorted(hops)}")
+        if to != "gw1" and self.gateways != 2:
+            raise ValueError(f"steer {to!r}: this testbed has one gateway")
+        for family, net, i in (("-4", VIP4_NET, 0), ("-6", VIP6_NET, 1)):
+            via = ["via", hops[to][0][i]] if len(hops[to]) == 1 else \
+                [word for hop in hops[to] for word in ("nexthop", "via", hop[i])]
+            self.cmd("rt", ["ip", family, "route", "replace", net, *via])
 
     def attach_dc2_decap(self, ipr: IPRoute | None = None) -> None:
         """Load the IP-in-IP decapsulator and attach it (native XDP) on dc2's eth0."""
@@ -557,6 +661,9 @@ class Testbed:
         # complete checksums on the wire.
         targets = [(vm.name, vm.ifname, ["gro", "on"]) for vm in self.vms]
         targets.append(("rt", ROUTER_DOWNLINK, ["gro", "on", "tx", "off"]))
+        targets += [(p.vm, p.vm_if, ["gro", "on"]) for p in self.gw2_ports]
+        if self.gateways == 2:
+            targets.append(("rt", ROUTER_GW2_IF, ["gro", "on", "tx", "off"]))
         procs = [(role, ifname, popen_in_netns(self.ns(role), ["ethtool", "-K", ifname, *features],
                                                stdout=subprocess.PIPE,
                                                stderr=subprocess.PIPE, text=True))
@@ -589,6 +696,11 @@ class Testbed:
         for v in self.vms:
             lines.append(f"  {v.name} ({v.ns}): {v.ip} {v.ip6} {v.mac} via gw port "
                          f"{v.port} {v.port_mac}")
+        if self.gateways == 2:
+            lines.append(f"  gw2: uplink {self.ns(GW2_ROLE)}/{UPLINK} {GW2_UPLINK_IP} {GW2_UPLINK_MAC}; "
+                         f"router {ROUTER_GW2_IP} {ROUTER_GW2_MAC} ({ROUTER_GW2_IF})")
+            for p in self.gw2_ports:
+                lines.append(f"  {p.vm} also via gw2 port {p.port} {p.port_mac} <-> {p.vm_if} {p.vm_ip} {p.vm_ip6}")
         return "\n".join(lines)
 
 
@@ -599,9 +711,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("action", choices=("up", "down", "cleanup"))
     ap.add_argument("--prefix", default=DEFAULT_PREFIX)
     ap.add_argument("--no-decap", action="store_true", help="no XDP decap on dc2")
+    ap.add_argument("--gateways", type=int, choices=(1, 2), default=1, help="1 (default) or 2 gateways")
     args = ap.parse_args(list(argv) if argv is not None else None)
     if args.action == "up":
-        tb = Testbed(args.prefix, dc2_decap=not args.no_decap)
+        tb = Testbed(args.prefix, dc2_decap=not args.no_decap, gateways=args.gateways)
         tb.up()
         atexit.unregister(tb.down)   # the CLI leaves it up on purpose
         print(tb.describe())

@@ -15,9 +15,11 @@ static __always_inline int is_icmp_error(const struct pkt *p)
 {
     if (p->fragment)
         return 0;
-    if (p->key.proto == IPPROTO_ICMP)
+    /* ICMP only in IPv4, ICMPv6 only in IPv6: ICMPv6 carried by IPv4 would
+     * otherwise steer the packet to the owner of an IPv6 flow */
+    if (p->key.proto == IPPROTO_ICMP && p->family == 4)
         return p->icmp_type == ICMP_DEST_UNREACH;
-    if (p->key.proto == IPPROTO_ICMPV6)
+    if (p->key.proto == IPPROTO_ICMPV6 && p->family == 6)
         return p->icmp_type == ICMPV6_DEST_UNREACH_T || p->icmp_type == ICMPV6_PKT_TOOBIG_T;
     return 0;
 }

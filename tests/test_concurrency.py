@@ -41,8 +41,9 @@ def _body(prefix: str, seconds: float) -> dict:
         frames = []
         for i, src in enumerate(sources):
             for sport in (1000 + i, 2000 + i):
-                frames.append((WEB_PORT, Ether() / IP(src=src, dst=VIP4) / TCP(sport=sport, dport=WEB_PORT)))
-                frames.append((ECHO_PORT, Ether() / IP(src=src, dst=VIP4) / UDP(sport=sport, dport=ECHO_PORT)))
+                eth = Ether(dst="02:00:00:00:02:02", src="02:00:00:00:02:01")
+                frames.append((WEB_PORT, bytes(eth / IP(src=src, dst=VIP4) / TCP(sport=sport, dport=WEB_PORT))))
+                frames.append((ECHO_PORT, bytes(eth / IP(src=src, dst=VIP4) / UDP(sport=sport, dport=ECHO_PORT))))
         stop = threading.Event()
         seen = {"packets": 0, "outside": [], "verdicts": {}}
 
