@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--region", required=True)
         sp.add_argument("--service", required=True)
     oset.add_argument("--endpoint", required=True, help="tunnel endpoint of the target data center")
+    oclear.add_argument("--now", action="store_true",
+                        help="also bring flows already offloaded home (default: they finish remotely)")
     with_config(off.add_parser("list", help="active offloads"))
 
     tb = sub.add_parser("testbed", help="the built-in namespace testbed")
@@ -160,7 +162,7 @@ def _cmd_offload(args: argparse.Namespace) -> int:
     if args.offload_command == "set":
         _print(call(path, "offload.set", region=args.region, service=args.service, endpoint=args.endpoint))
     elif args.offload_command == "clear":
-        _print(call(path, "offload.clear", region=args.region, service=args.service))
+        _print(call(path, "offload.clear", region=args.region, service=args.service, now=args.now))
     else:
         for o in call(path, "offload.list"):
             print(f"region {o['region']} service {o['service']} -> {o['endpoint']}")

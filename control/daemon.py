@@ -52,7 +52,7 @@ class Daemon:
                 if required:
                     raise GatewayError(f"missing argument {name!r}")
                 return None
-            if not isinstance(value, kind) or isinstance(value, bool):
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
                 raise GatewayError(f"argument {name!r} must be a {kind.__name__}")
             return value
 
@@ -65,7 +65,8 @@ class Daemon:
             "vm.state": lambda a: gw.set_vm_state(arg(a, "name"), arg(a, "state")),
             "flow.lookup": lambda a: gw.flow_lookup(arg(a, "service"), arg(a, "src"), arg(a, "sport", int)),
             "offload.set": lambda a: gw.set_offload(arg(a, "region"), arg(a, "service"), arg(a, "endpoint")),
-            "offload.clear": lambda a: gw.clear_offload(arg(a, "region"), arg(a, "service")),
+            "offload.clear": lambda a: gw.clear_offload(arg(a, "region"), arg(a, "service"),
+                                                        now=bool(arg(a, "now", bool, required=False))),
             "offload.list": lambda a: gw.offloads(),
             "maglev.tables": lambda a: gw.maglev_tables(),
             "status": lambda a: {"name": self.config.gateway.name, "interface": self.config.gateway.interface,

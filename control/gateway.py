@@ -399,10 +399,12 @@ class Gateway:
             self.offload_targets[(region, service)] = target
             return {"region": region, "service": service, "endpoint": str(target)}
 
-    def clear_offload(self, region: str, service: str) -> dict:
+    def clear_offload(self, region: str, service: str, now: bool = False) -> dict:
+        """New flows of the region are served here again; flows already offloaded
+        finish at the target, unless `now` (they then come home on their next packet)."""
         with self.lock:
             rid, sid = self._region_service(region, service)
-            if not self._dp().clear_offload(rid, sid):
+            if not self._dp().clear_offload(rid, sid, forget=now):
                 raise GatewayError(f"no offload for region {region!r} service {service!r}")
             self.offload_targets.pop((region, service), None)
             return {"region": region, "service": service}
@@ -445,6 +447,11 @@ class Gateway:
             result = {"service": service, "src": f"{src}:{sport}", "region": self.region_of(address)}
             if entry is not None and entry.vm_id in names and self.vms[names[entry.vm_id]].state != "down":
                 return {**result, "vm": names[entry.vm_id], "reason": "flow table"}
+            if entry is not None and entry.vm_id & S.FLOW_OFFLOADED:
+                endpoint = self._dp().offload_endpoints().get(entry.vm_id & ~S.FLOW_OFFLOADED)
+                if endpoint is not None:
+                    return {**result, "vm": None,
+                            "reason": f"flow table: offloaded to {S.addr_from16(endpoint.endpoint)}"}
             target = self.offload_targets.get((result["region"], service))
             if target is not None:
                 return {**result, "vm": None, "reason": f"region offload to {target}"}

@@ -198,7 +198,11 @@ class Dataplane:
             raise ValueError(f"VM id {vm_id} out of range 1..{self.sizes.max_vms}")
 
     # ---- region offload -------------------------------------------------
-    def set_offload(self, region_id: int, service_id: int, target: Tunnel) -> None:
+    def set_offload(self, region_id: int, service_id: int, target: Tunnel) -> int:
+        """New flows of the region to the service go to `target`; returns its endpoint id.
+
+        The target is written (or found) first, then the region points at it,
+        so a packet never sees a reference to a missing endpoint."""
         if not 1 <= region_id <= self.sizes.max_regions:
             raise ValueError(f"region id {region_id} out of range 1..{self.sizes.max_regions}")
         if not 0 <= service_id < self.sizes.max_services:
@@ -206,23 +210,47 @@ class Dataplane:
         t = S.OffloadTarget(family=_family_check("offload", target.endpoint, target.source),
                             endpoint=S.addr16(target.endpoint), src=S.addr16(target.source),
                             next_hop_mac=S.mac_bytes(target.next_hop_mac), src_mac=S.mac_bytes(target.uplink_mac))
-        self._table("region_offload")[S.OffloadKey(region_id, service_id)] = t
+        endpoints = self.offload_endpoints()
+        same = [i for i, e in endpoints.items() if bytes(e) == bytes(t)]
+        free = [i for i in range(S.OFFLOAD_ENDPOINTS) if i not in endpoints]
+        if not same and not free:
+            raise ValueError(f"all {S.OFFLOAD_ENDPOINTS} offload endpoints are in use; clear some with --now")
+        endpoint_id = same[0] if same else free[0]
+        if not same:
+            self._table("offload_endpoints")[ct.c_uint32(endpoint_id)] = t
+        self._table("region_offload")[S.OffloadKey(region_id, service_id)] = S.OffloadRef(endpoint_id)
+        return endpoint_id
 
-    def clear_offload(self, region_id: int, service_id: int) -> bool:
-        table = self._table("region_offload")
+    def clear_offload(self, region_id: int, service_id: int, forget: bool = False) -> bool:
+        """New flows of the region are served here again. Flows already offloaded
+        stay at their target unless `forget`, which also drops the target when no
+        other region uses it: its flows then come home on their next packet."""
+        refs = self._table("region_offload")
+        key = S.OffloadKey(region_id, service_id)
         try:
-            table.__delitem__(S.OffloadKey(region_id, service_id))
-            return True
+            endpoint_id = refs[key].endpoint_id
+            refs.__delitem__(key)
         except KeyError:
             return False
+        if forget and all(r.endpoint_id != endpoint_id for r in refs.values()):
+            self._table("offload_endpoints")[ct.c_uint32(endpoint_id)] = S.OffloadTarget()
+        return True
 
     def clear_offloads(self) -> None:
-        table = self._table("region_offload")
-        for key in list(table.keys()):
-            table.__delitem__(key)
+        refs = self._table("region_offload")
+        for key in list(refs.keys()):
+            refs.__delitem__(key)
+        for endpoint_id in self.offload_endpoints():
+            self._table("offload_endpoints")[ct.c_uint32(endpoint_id)] = S.OffloadTarget()
+
+    def offload_endpoints(self) -> dict[int, S.OffloadTarget]:
+        """Endpoints in use (by a region, or by flows offloaded earlier)."""
+        return {k.value: v for k, v in self._table("offload_endpoints").items() if v.family}
 
     def offloads(self) -> dict[tuple[int, int], S.OffloadTarget]:
-        return {(k.region_id, k.service_id): v for k, v in self._table("region_offload").items()}
+        endpoints = self.offload_endpoints()
+        return {(k.region_id, k.service_id): endpoints[r.endpoint_id]
+                for k, r in self._table("region_offload").items() if r.endpoint_id in endpoints}
 
     # ---- flows ---------------------------------------------------------
     def flows(self) -> list[tuple[S.FlowKey, S.FlowEntry]]:

@@ -37,7 +37,8 @@ PINNED_MAPS: dict[str, tuple[type, type, Callable[[Sizes], int]]] = {
     "service_counters": (ct.c_uint32, S.ServiceCounter, lambda z: z.max_services),
     "flow_table": (S.FlowKey, S.FlowEntry, lambda z: z.flow_entries),
     "vm_counters": (ct.c_uint32, S.TrafficCounter, lambda z: z.max_vms + 1),
-    "region_offload": (S.OffloadKey, S.OffloadTarget, lambda z: z.max_regions * 4),
+    "region_offload": (S.OffloadKey, S.OffloadRef, lambda z: z.max_regions * 4),
+    "offload_endpoints": (ct.c_uint32, S.OffloadTarget, lambda z: S.OFFLOAD_ENDPOINTS),
     "stats": (ct.c_uint32, ct.c_uint64, lambda z: S.STAT_SLOTS),
     "drop_counters": (ct.c_uint32, ct.c_uint64, lambda z: S.DROP_SLOTS),
 }

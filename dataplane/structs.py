@@ -67,6 +67,10 @@ class OffloadKey(ct.Structure):
     _fields_ = [("region_id", ct.c_uint32), ("service_id", ct.c_uint32)]
 
 
+class OffloadRef(ct.Structure):
+    _fields_ = [("endpoint_id", ct.c_uint32), ("flags", ct.c_uint32)]
+
+
 class OffloadTarget(ct.Structure):
     _fields_ = [("family", ct.c_uint8), ("pad", ct.c_uint8 * 3), ("endpoint", Addr16), ("src", Addr16),
                 ("next_hop_mac", Mac), ("src_mac", Mac)]
@@ -100,7 +104,8 @@ class FloodWindow(ct.Structure):
 # Every mirrored struct with its C name, for the layout test.
 MIRRORS: dict[str, type[ct.Structure]] = {
     "service_key": ServiceKey, "service_info": ServiceInfo, "flow_key": FlowKey, "flow_entry": FlowEntry,
-    "vm_location": VmLocation, "offload_key": OffloadKey, "offload_target": OffloadTarget,
+    "vm_location": VmLocation, "offload_key": OffloadKey, "offload_ref": OffloadRef,
+    "offload_target": OffloadTarget,
     "lpm_v4_key": LpmV4Key, "lpm_v6_key": LpmV6Key, "traffic_counter": TrafficCounter,
     "service_counter": ServiceCounter, "forward_trace": ForwardTrace, "flood_window": FloodWindow,
 }

@@ -30,6 +30,12 @@ static __always_inline __u32 maglev_pick(const struct flow_key *key, __u32 servi
     return vm ? *vm : XDPGW_NO_VM;
 }
 
+static __always_inline struct offload_target *offload_endpoint(__u32 id)
+{
+    struct offload_target *t = offload_endpoints.lookup(&id);
+    return t && t->family ? t : NULL;
+}
+
 struct choice {
     __u32 vm_id;
     struct vm_location *loc;          /* set when a VM was chosen */
@@ -43,10 +49,14 @@ static __always_inline int choose(const struct flow_key *key, __u32 service_id, 
 {
     struct flow_entry *fe = flow_table.lookup((void *)key);
     if (fe) {
-        c->loc = usable_vm(fe->vm_id);
-        if (c->loc) {
+        __u32 vm_id = fe->vm_id;
+        if (vm_id & FLOW_OFFLOADED)
+            c->offload = offload_endpoint(vm_id & ~FLOW_OFFLOADED);
+        else
+            c->loc = usable_vm(vm_id);
+        if (c->loc || c->offload) {
             stat_inc(STAT_FLOW_HITS);
-            c->vm_id = fe->vm_id;
+            c->vm_id = vm_id;
             return 0;
         }
         stat_inc(STAT_FLOW_RESELECT);
@@ -55,9 +65,15 @@ static __always_inline int choose(const struct flow_key *key, __u32 service_id, 
     }
 
     struct offload_key ok = {.region_id = region, .service_id = service_id};
-    c->offload = region_offload.lookup(&ok);
-    if (c->offload)
-        return 0;
+    struct offload_ref *ref = region_offload.lookup(&ok);
+    if (ref) {
+        c->offload = offload_endpoint(ref->endpoint_id);
+        if (c->offload) {
+            c->vm_id = FLOW_OFFLOADED | ref->endpoint_id;
+            *is_new = 1;
+            return 0;
+        }
+    }
 
     c->vm_id = maglev_pick(key, service_id);
     if (c->vm_id == XDPGW_NO_VM) {

@@ -64,7 +64,10 @@ STATE_TABLE("percpu_array", __u32, struct traffic_counter, vm_counters, XDPGW_MA
 BPF_DEVMAP(tx_ports, XDPGW_MAX_PORTS);
 
 /* (region, service) -> another data center's tunnel endpoint */
-STATE_TABLE("hash", struct offload_key, struct offload_target, region_offload, XDPGW_MAX_REGIONS * 4, 0);
+STATE_TABLE("hash", struct offload_key, struct offload_ref, region_offload, XDPGW_MAX_REGIONS * 4, 0);
+/* Offload targets by id: offloaded flows point here, so clearing a region's
+ * offload sends its new flows home while its offloaded flows finish remotely. */
+STATE_TABLE("array", __u32, struct offload_target, offload_endpoints, OFFLOAD_ENDPOINTS, 0);
 
 STATE_TABLE("percpu_array", __u32, __u64, stats, STAT_SLOTS, 0);
 STATE_TABLE("percpu_array", __u32, __u64, drop_counters, DROP_SLOTS, 0);

@@ -18,6 +18,11 @@
 #define VM_STATE_DRAINING 1
 #define VM_STATE_DOWN 2
 
+/* flow_entry.vm_id with this bit: the flow was offloaded to another data
+ * center, offload_endpoints[low bits]; it stays there until that endpoint goes. */
+#define FLOW_OFFLOADED 0x80000000u
+#define OFFLOAD_ENDPOINTS 64          /* size of offload_endpoints */
+
 /* flow_key.flags */
 #define FLOW_F_FRAGMENT 1             /* ports zeroed: fragments select on addresses+proto */
 
@@ -70,7 +75,12 @@ struct offload_key {
     __u32 service_id;
 };
 
-struct offload_target {
+struct offload_ref {                  /* region_offload value */
+    __u32 endpoint_id;                /* index into offload_endpoints */
+    __u32 flags;
+};
+
+struct offload_target {               /* offload_endpoints value; family 0 = unused */
     __u8 family;                      /* 4 or 6 */
     __u8 pad[3];
     __u8 endpoint[16];                /* target data center's tunnel endpoint */

@@ -6,6 +6,7 @@ import socket
 import numpy as np
 from scapy.all import ARP, IP, TCP, UDP, Dot1Q, IPv6, Raw
 
+from dataplane import structs as S
 from dataplane.maps import Tunnel
 from tests.conftest import (DNS, LOCAL_VMS, NEXT_HOP_MAC, TUNNEL4_VM, TUNNEL6_VM, TUNNEL_VMS, UPLINK_MAC, VIP4, VIP6,
                             WEB, WEB6)
@@ -184,6 +185,31 @@ def test_region_offload(gw):
     r = gw.run(gw.ingress(new2))
     vm = gw.maglev_vm(WEB, "198.18.1.43", 4005, 8080, TCP_P)
     assert r.verdict == "REDIRECT" and r.vm_id == vm and r.data == gw.expected_local(vm, new2)
+
+    # ...while the flow offloaded before finishes at the target
+    r = gw.run(gw.ingress(new_r1))
+    assert r.verdict == "TX" and r.data == gw.expected_tunnel(*OFFLOAD4, new_r1)
+
+
+def test_offloaded_flows_finish_remotely_unless_the_target_is_forgotten(gw):
+    flow = tcp4("198.18.1.50", 4100, b"away", flags="S")
+    endpoint = gw.dp.set_offload(1, WEB, tunnel_to(*OFFLOAD4))
+    assert gw.dp.set_offload(2, WEB, tunnel_to(*OFFLOAD4)) == endpoint     # one endpoint, two regions
+    assert gw.run(gw.ingress(flow)).verdict == "TX"
+    entry = gw.dp.flow(gw.flow_key("198.18.1.50", VIP4, 4100, 8080, TCP_P))
+    assert entry.vm_id == S.FLOW_OFFLOADED | endpoint
+
+    # another region still uses the endpoint: forgetting r1's offload keeps it
+    assert gw.dp.clear_offload(1, WEB, forget=True)
+    assert gw.run(gw.ingress(flow)).verdict == "TX"
+    # the last user forgets it: the offloaded flow comes home, re-selected by Maglev
+    before = gw.snapshot()
+    assert gw.dp.clear_offload(2, WEB, forget=True)
+    assert gw.dp.offload_endpoints() == {}
+    r = gw.run(gw.ingress(flow))
+    vm = gw.maglev_vm(WEB, "198.18.1.50", 4100, 8080, TCP_P)
+    assert r.verdict == "REDIRECT" and r.vm_id == vm
+    assert gw.delta(before).stats["flow_reselect"] == 1
 
 
 # ---- 14. VM move ---------------------------------------------------------------------
