@@ -78,6 +78,11 @@ static __always_inline int tunnel_out(struct xdp_md *ctx, const struct pkt *p, _
     int grow = outer - p->vlan_depth * (int)sizeof(struct vlan_tag);
     __u8 inner_proto = p->family == 6 ? IPPROTO_IPV6 : IPPROTO_IPIP;
 
+    /* bytes after the IP packet (Ethernet padding) would ride in the tunnel and
+     * cost MTU: drop them first (no helper call when there are none) */
+    int trailing = (int)p->len - (int)(p->l3_off + p->l3_len);
+    if (trailing > 0 && bpf_xdp_adjust_tail(ctx, -trailing))
+        return drop(DROP_ENCAP);
     void *data_end;
     struct ethhdr *eth = reframe(ctx, -grow, &data_end);
     if (!eth)

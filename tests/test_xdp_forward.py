@@ -120,6 +120,16 @@ def test_tunnel_vm_exact_outer_header(tunnel_gw, vip, vm, payload):
     assert fe is not None and fe.vm_id == vm
 
 
+def test_ethernet_padding_is_not_carried_into_the_tunnel(tunnel_gw):
+    gw = tunnel_gw
+    l3 = IP(src="198.18.1.78", dst="198.19.0.20") / TCP(sport=33334, dport=8080, flags="S")
+    frame = bytes(gw.ingress(l3)) + b"\0" * 6           # a 60-byte minimum frame: 6 bytes of padding
+    r = gw.run(frame)
+    assert r.verdict == "TX"
+    assert r.data == gw.expected_tunnel(*TUNNEL_VMS[TUNNEL4_VM], l3)   # exactly: no padding behind it
+
+
+
 # ---- 4. VLAN tags ---------------------------------------------------------------------
 def vlan_stacks():
     return {
