@@ -1,0 +1,24 @@
+"""xdpgw benchmarks: `python -m bench` (make bench). See bench/README.md.
+
+Sections (run in this order; `--only NAME` picks some):
+
+  per_packet  ns/packet per packet class through xdpgw (BPF_PROG_RUN)
+  scaling     flow-hit / new-flow cost vs flow-table size and VMs per service
+  e2e         delivered Mpps over veth namespaces, xdpgw vs a minimal gateway
+  control     Maglev build, table swap, counter folding, flow reads, startup
+  breakdown   where xdpgw's per-packet time goes: variants, map primitives, perf
+
+Every figure is reported with a baseline measured in the same run and the
+ratio to it."""
+from __future__ import annotations
+
+SECTIONS = ("per_packet", "scaling", "e2e", "control", "breakdown")
+MODULES = {"per_packet": "perpacket", "scaling": "scaling", "e2e": "e2e", "control": "controlplane",
+           "breakdown": "breakdown"}
+
+
+def run(sections=SECTIONS, quick: bool = False, out_dir: str = "bench/results", **options):
+    """Run sections in-process; returns the results document (also written to out_dir)."""
+    from .__main__ import run_sections
+
+    return run_sections(list(sections), quick=quick, out_dir=out_dir, **options)

@@ -1,0 +1,144 @@
+"""Benchmark frames: one scapy template per packet class, then many flows made
+by patching the source address and port into copies of the template (scapy
+would take ~100 us a frame; patching takes ~2 us).
+
+Flow i of a class with base address B: source address B + i // PORT_SPAN,
+source port PORT_BASE + i % PORT_SPAN. The IPv4 header checksum is kept right;
+L4 checksums are not recomputed (no XDP program here checks them).
+
+Addresses (benchmarking ranges only): clients 198.18.64.0/18 (region r1) and
+198.18.2.0/24 (region r2, offloaded), 2001:db8:1::/48; VIPs 198.19.0.10 and
+2001:db8:f::10."""
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+import numpy as np
+
+from dataplane import structs as S
+
+PORT_BASE = 10000
+PORT_SPAN = 50000
+
+GW_MAC = "02:00:00:0a:00:01"
+CLIENT_MAC = "02:00:00:0a:00:02"
+
+VIP4 = "198.19.0.10"
+VIP6 = "2001:db8:f::10"
+NON_VIP4 = "198.19.0.99"
+WEB_PORT = 8080
+REMOTE_PORT = 8081
+ECHO_PORT = 5353
+
+# Source ranges (inside region r1 = 198.18.64.0/18 unless noted); one per use,
+# so flows of different measurements never collide.
+SRC = {
+    "new": "198.18.64.0",        # 16 x 256 addresses x 50000 ports each
+    "hit": "198.18.80.0",
+    "tunnel": "198.18.96.0",
+    "misc": "198.18.112.0",
+    "offload": "198.18.2.0",     # region r2, offloaded
+    "fill": "198.18.120.0",      # flow-table fill (scaling)
+}
+SRC6 = "2001:db8:1::"
+
+ETH_LEN = 14
+IP4_SRC_OFF = ETH_LEN + 12
+IP4_CSUM_OFF = ETH_LEN + 10
+L4_OFF4 = ETH_LEN + 20
+IP6_SRC_OFF = ETH_LEN + 8
+L4_OFF6 = ETH_LEN + 40
+
+
+def flow_tuple(base: str, i: int) -> tuple[int, int]:
+    """(source address as int, source port) of flow i from `base`."""
+    return int(ipaddress.ip_address(base)) + i // PORT_SPAN, PORT_BASE + i % PORT_SPAN
+
+
+def _ipv4_csum(header: bytes | bytearray) -> int:
+    s = sum(struct.unpack("!10H", bytes(header[:20])))
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def template(kind: str, payload: int = 18) -> bytes:
+    """One frame of a class, before flow patching.
+
+    kind: tcp4 (to VIP4:8080), tcp4_remote (VIP4:8081, the tunnel VM's service),
+    tcp6 (VIP6:8080), udp4 (VIP4:5353), non_vip (198.19.0.99:80), bad_ihl
+    (IPv4 with IHL 4: malformed)."""
+    from scapy.all import IP, TCP, UDP, Ether, IPv6
+
+    eth = Ether(dst=GW_MAC, src=CLIENT_MAC)
+    body = b"\x00" * payload
+    src4 = SRC["misc"]
+    if kind == "tcp4":
+        pkt = eth / IP(src=src4, dst=VIP4) / TCP(sport=PORT_BASE, dport=WEB_PORT, flags="S") / body
+    elif kind == "tcp4_remote":
+        pkt = eth / IP(src=src4, dst=VIP4) / TCP(sport=PORT_BASE, dport=REMOTE_PORT, flags="S") / body
+    elif kind == "tcp6":
+        pkt = eth / IPv6(src=SRC6, dst=VIP6) / TCP(sport=PORT_BASE, dport=WEB_PORT, flags="S") / body
+    elif kind == "udp4":
+        pkt = eth / IP(src=src4, dst=VIP4) / UDP(sport=PORT_BASE, dport=ECHO_PORT) / body
+    elif kind == "non_vip":
+        pkt = eth / IP(src=src4, dst=NON_VIP4) / TCP(sport=PORT_BASE, dport=80, flags="S") / body
+    elif kind == "bad_ihl":
+        raw = bytearray(bytes(eth / IP(src=src4, dst=VIP4) / TCP(sport=PORT_BASE, dport=WEB_PORT) / body))
+        raw[ETH_LEN] = 0x44                       # version 4, IHL 4 (16 bytes): malformed
+        struct.pack_into("!H", raw, IP4_CSUM_OFF, 0)
+        struct.pack_into("!H", raw, IP4_CSUM_OFF, _ipv4_csum(raw[ETH_LEN:]))
+        return bytes(raw)
+    else:
+        raise ValueError(f"unknown frame kind {kind!r}")
+    return bytes(pkt)
+
+
+def patch4(tmpl: bytes, src: int, sport: int) -> bytes:
+    f = bytearray(tmpl)
+    struct.pack_into("!I", f, IP4_SRC_OFF, src)
+    struct.pack_into("!H", f, IP4_CSUM_OFF, 0)
+    struct.pack_into("!H", f, IP4_CSUM_OFF, _ipv4_csum(f[ETH_LEN:]))
+    struct.pack_into("!H", f, L4_OFF4, sport)
+    return bytes(f)
+
+
+def patch6(tmpl: bytes, index: int, sport: int) -> bytes:
+    f = bytearray(tmpl)
+    struct.pack_into("!I", f, IP6_SRC_OFF + 12, index)   # low 32 bits of the source
+    struct.pack_into("!H", f, L4_OFF6, sport)
+    return bytes(f)
+
+
+def flows4(kind: str, base: str, start: int, count: int) -> list[bytes]:
+    """`count` frames of class `kind`, flows start .. start+count-1 from `base`."""
+    tmpl = template(kind)
+    return [patch4(tmpl, *flow_tuple(base, i)) for i in range(start, start + count)]
+
+
+def flows6(start: int, count: int) -> list[bytes]:
+    tmpl = template("tcp6")
+    return [patch6(tmpl, 1 + i // PORT_SPAN, PORT_BASE + i % PORT_SPAN) for i in range(start, start + count)]
+
+
+FLOW_KEY_DTYPE = np.dtype(S.FlowKey)
+FLOW_ENTRY_DTYPE = np.dtype(S.FlowEntry)
+
+
+def flow_keys4(base: str, start: int, count: int, dst: str = VIP4, dport: int = WEB_PORT,
+               proto: int = 6) -> np.ndarray:
+    """Flow-table keys (numpy, the layout of struct flow_key) of flows start.. from base:
+    exactly the keys the XDP program records for flows4(...) frames."""
+    i = np.arange(start, start + count, dtype=np.int64)
+    src = (int(ipaddress.ip_address(base)) + i // PORT_SPAN).astype(">u4")
+    keys = np.zeros(count, dtype=FLOW_KEY_DTYPE)
+    addr = np.zeros((count, 16), dtype=np.uint8)
+    addr[:, 10:12] = 0xFF
+    addr[:, 12:16] = src.view(np.uint8).reshape(count, 4)
+    keys["src"] = addr
+    keys["dst"] = np.frombuffer(bytes(S.addr16(dst)), dtype=np.uint8)
+    keys["sport"] = (PORT_BASE + i % PORT_SPAN).astype(np.uint16)
+    keys["dport"] = dport
+    keys["proto"] = proto
+    return keys

@@ -1,0 +1,160 @@
+"""PNG plots of a run's curves (matplotlib, Agg backend), written next to the JSON."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _rows(sections: dict, section: str) -> list:
+    return sections.get(section, {}).get("results", [])
+
+
+def per_packet(sections: dict, out: Path) -> Path | None:
+    rows = [m for m in _rows(sections, "per_packet") if "@" not in m.key or m.key.endswith("@repeat")]
+    if not rows:
+        return None
+    plt = _plt()
+    rotated = [m for m in rows if "@" not in m.key]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rotated) + 1.5))
+    names = [m.name for m in rotated]
+    ax.barh(names, [m.value for m in rotated], color=["#999" if m.key.startswith("xdp_") else "#3a7"
+                                                      for m in rotated])
+    rep = {m.key.split("@")[0]: m.value for m in rows if m.key.endswith("@repeat")}
+    for i, m in enumerate(rotated):
+        ax.text(m.value, i, f" {m.value:.0f} ns ({m.ratio:.1f}x)", va="center", fontsize=8)
+        if m.key in rep:
+            ax.plot(rep[m.key], i, "k|", markersize=14)
+    ax.axvline(rotated[0].baseline_value, color="#c33", linestyle="--", linewidth=1, label="minimal redirect")
+    ax.invert_yaxis()
+    ax.set_xlabel("ns per packet (rotated: a different flow each repetition; | = same frame repeated)")
+    ax.set_title("xdpgw per-packet cost by class (BPF_PROG_RUN)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = out / "per_packet.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def scaling(sections: dict, out: Path) -> list[Path]:
+    rows = _rows(sections, "scaling")
+    if not rows:
+        return []
+    plt = _plt()
+    paths = []
+    for dim, label, fname in (("flows", "flow-table entries", "scaling_flows.png"),
+                              ("vms", "VMs per service", "scaling_vms.png")):
+        sel = [m for m in rows if f"@{dim}=" in m.key]
+        if not sel:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for kind, style in (("hit", "o-"), ("new", "s-")):
+            pts = sorted((m.params[dim], m.value, m.baseline_value) for m in sel if m.key.startswith(kind + "@"))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style,
+                        label="flow-table hit" if kind == "hit" else "new flow")
+        base = sorted((m.params[dim], m.baseline_value) for m in sel if m.key.startswith("hit@"))
+        if base:
+            ax.plot([b[0] for b in base], [b[1] for b in base], "--", color="#c33", label="minimal redirect")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("ns per packet")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"xdpgw per-packet cost vs {label}")
+        fig.tight_layout()
+        path = out / fname
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def e2e(sections: dict, out: Path) -> Path | None:
+    rows = _rows(sections, "e2e")
+    if not rows:
+        return None
+    plt = _plt()
+    pts = sorted((m.params["flows"], m.value, m.baseline_value) for m in rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="xdpgw")
+    ax.plot([p[0] for p in pts], [p[2] for p in pts], "s--", color="#c33", label="minimal redirect gateway")
+    ax.plot([p[0] for p in pts], [0.85 * p[2] for p in pts], ":", color="#c33", alpha=0.6, label="0.85 x baseline")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("flows")
+    ax.set_ylabel("delivered Mpps (one core)")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("end to end over veth: client -> gateway -> VMs")
+    fig.tight_layout()
+    path = out / "e2e.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def maglev(sections: dict, out: Path) -> Path | None:
+    rows = [m for m in _rows(sections, "control") if m.key.startswith("maglev_build@")]
+    if not rows:
+        return None
+    plt = _plt()
+    pts = sorted((m.params["n"], m.value, m.baseline_value) for m in rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="Cython build_table")
+    ax.plot([p[0] for p in pts], [p[2] for p in pts], "s--", color="#c33", label="pure-Python reference")
+    if rows[0].params.get("paper_ms"):
+        ax.axhline(rows[0].params["paper_ms"], color="#888", linestyle=":", label="NSDI'16: 1.8 ms")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("VMs (N)")
+    ax.set_ylabel("ms per table")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Maglev table build, M={rows[0].params['m']}")
+    fig.tight_layout()
+    path = out / "maglev.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def breakdown(sections: dict, out: Path) -> Path | None:
+    rows = _rows(sections, "breakdown")
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(12, 0.4 * len(rows) + 1.5))
+    ax.barh([m.name for m in rows], [m.value for m in rows],
+            color=["#3a7" if m.key.startswith("variant:") else "#57a" for m in rows])
+    for i, m in enumerate(rows):
+        ax.text(m.value, i, f" {m.value:.0f}", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ns per packet")
+    ax.set_title("xdpgw variants (green) and map primitives (blue)")
+    fig.tight_layout()
+    path = out / "breakdown.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw_all(sections: dict, out_dir: str) -> list[str]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fn in (per_packet, e2e, maglev, breakdown):
+        p = fn(sections, out)
+        if p:
+            paths.append(str(p))
+    paths.extend(str(p) for p in scaling(sections, out))
+    return paths
