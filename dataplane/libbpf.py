@@ -11,6 +11,7 @@ import os
 BPF_MAP_TYPE_ARRAY = 2
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 BPF_ANY = 0
+BPF_F_MMAPABLE = 1 << 10
 
 
 class BpfError(OSError):
@@ -108,8 +109,9 @@ def prog_test_run(prog_fd: int, data: bytes, *, repeat: int = 1, ingress_ifindex
     return opts.retval, buf_out.raw[:opts.data_size_out], opts.duration
 
 
-def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:
-    opts = MapCreateOpts(sz=ct.sizeof(MapCreateOpts))
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
+               flags: int = 0) -> int:
+    opts = MapCreateOpts(sz=ct.sizeof(MapCreateOpts), map_flags=flags)
     return _check(_lib.bpf_map_create(map_type, name.encode()[:15], key_size, value_size, max_entries,
                                       ct.byref(opts)), f"creating map {name}")
 

@@ -51,7 +51,8 @@ BPF_HASH(services, struct service_key, struct service_info, 2 * XDPGW_MAX_SERVIC
 STATE_TABLE("percpu_array", __u32, struct service_counter, service_counters, XDPGW_MAX_SERVICES, 0);
 
 /* One Maglev table per service, swapped whole by replacing the inner map. */
-BPF_ARRAY(maglev_inner, __u32, XDPGW_MAGLEV_M);
+/* mmapable, so the control plane fills a new table with one memory copy */
+BPF_F_TABLE("array", __u32, __u32, maglev_inner, XDPGW_MAGLEV_M, BPF_F_MMAPABLE);
 BPF_ARRAY_OF_MAPS(maglev_tables, "maglev_inner", XDPGW_MAX_SERVICES);
 
 /* 5-tuple -> VM id. LRU lists per CPU (no common LRU) so CPUs do not contend. */
