@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--port", help="local host port (ifname) the VM is now behind")
     where.add_argument("--tunnel", help="remote endpoint address the VM is now behind")
     move.add_argument("--mac", help="the VM's MAC on its new port (default: unchanged)")
+    hist = with_config(vm.add_parser("history", help="migrations (from, to, how detected, convergence)"))
+    hist.add_argument("name", nargs="?")
+    hist.add_argument("--json", action="store_true")
+    events = with_config(vm.add_parser("events", help="refused announcements: spoofed, conflicting, flapping"))
+    events.add_argument("--json", action="store_true")
     for state, text in (("drain", "keep existing flows, take no new ones"),
                         ("down", "take no traffic, whatever the health checks say (admin override)"),
                         ("up", "take new flows again (clears drain and down; health checks still apply)")):
@@ -69,6 +74,23 @@ def _parser() -> argparse.ArgumentParser:
     oclear.add_argument("--now", action="store_true",
                         help="also bring flows already offloaded home (default: they finish remotely)")
     with_config(off.add_parser("list", help="active offloads"))
+
+    center = sub.add_parser("center", help="the control center (region offload); `xdpgw center --config FILE` runs it")
+    center.add_argument("action", nargs="?", default="run", choices=["run", "explain", "list", "show"],
+                        help="run (default) the center; explain REQUEST: each candidate's score per factor; "
+                             "list: the requests; show REQUEST: one request and its history")
+    center.add_argument("request", nargs="?", help="request id (explain, show)")
+    center.add_argument("--config", default=os.environ.get("XDPGW_CENTER_CONFIG", "/etc/xdpgw/center.toml"),
+                        help="the center's TOML config (default $XDPGW_CENTER_CONFIG or /etc/xdpgw/center.toml)")
+
+    dfg = sub.add_parser("defrag", help="tenant defragmentation").add_subparsers(dest="defrag_command", required=True)
+    for action, text in (("plan", "print the migration plan and the expected reduction"),
+                         ("apply", "carry out the plan through the migration path"),
+                         ("reset", "measure VM-to-VM traffic from now on")):
+        sp = with_config(dfg.add_parser(action, help=text))
+        sp.add_argument("--json", action="store_true")
+        if action != "reset":
+            sp.add_argument("--max-moves", type=int, default=16)
 
     tb = sub.add_parser("testbed", help="the built-in namespace testbed")
     tb.add_argument("action", choices=["up", "down"])
@@ -143,6 +165,26 @@ def _cmd_vm(args: argparse.Namespace) -> int:
             print(render_vm_line(vm))
     elif args.vm_command == "move":
         _print(call(path, "vm.move", name=args.name, port=args.port, tunnel=args.tunnel, mac=args.mac))
+    elif args.vm_command == "history":
+        r = call(path, "vm.history", name=args.name)
+        if args.json:
+            _print(r)
+        else:
+            for m in r["migrations"]:
+                ms = "-" if m["convergence_ms"] is None else f"{m['convergence_ms']:.3f} ms"
+                print(f"#{m['id']} {m['vm']}: {m['from_location']} -> {m['to_location']} by {m['detected_by']}, "
+                      f"converged in {ms} on {', '.join(m['gateways'])} ({m['status']})")
+            c = r["convergence"]
+            if c["count"]:
+                print(f"convergence over {c['count']}: median {c['median_ms']:.3f} ms, p90 {c['p90_ms']:.3f} ms, "
+                      f"max {c['max_ms']:.3f} ms")
+    elif args.vm_command == "events":
+        r = call(path, "vm.events")
+        if args.json:
+            _print(r)
+        else:
+            for e in r:
+                print(f"{e['kind']:<12} {e['vm'] or '-':<8} {e['detail']}")
     else:
         state = {"drain": "draining", "down": "down", "up": "active"}[args.vm_command]
         _print(call(path, "vm.state", name=args.name, state=state))
@@ -169,6 +211,66 @@ def _cmd_offload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_center(args: argparse.Namespace) -> int:
+    from control.center.config import load_center_config
+
+    config = load_center_config(args.config)
+    if args.action == "run":
+        from control.center.server import serve
+
+        return serve(config)
+    from control.center.client import CenterClient
+    from control.config import parse_listen
+
+    host, port = parse_listen(config.listen, "center.listen")
+    host = f"[{host}]" if ":" in host else host
+    client = CenterClient(f"{'https' if config.tls_cert else 'http'}://{host}:{port}", config.token,
+                          cafile=config.tls_cert)
+    if args.action == "list":
+        for r in client.call("GET", "/v1/requests"):
+            print(f"{r['id']:>5} {r['state']:<14} gateway {r['gateway']} region {r['region']} service {r['service']} "
+                  f"-> {r['target'] or '-'}{'  (clear requested)' if r['clear_requested'] else ''}"
+                  f"{'  error: ' + r['error'] if r['error'] else ''}")
+        return 0
+    if not args.request or not args.request.isdigit():
+        raise UsageError(f"xdpgw center {args.action}: give a request id")
+    if args.action == "show":
+        _print(client.call("GET", f"/v1/requests/{args.request}"))
+        return 0
+    from control.center.scoring import FACTORS
+
+    out = client.call("GET", f"/v1/requests/{args.request}/explain")
+    for title, rows in (("as chosen", out["chosen"]), ("now", out["now"])):
+        if not rows:
+            continue
+        print(f"request {out['request']}: candidates {title} (target {out['target'] or '-'})")
+        print(f"  {'data center':<14}{'total':>7} " + " ".join(f"{f:>12}" for f in FACTORS))
+        for row in rows:
+            if not row["eligible"]:
+                print(f"  {row['name']:<14}{'-':>7}  excluded: {row['excluded']}")
+                continue
+            cells = [f"{row['factors'][f]['score']:.3f}x{row['factors'][f]['weight']:g}" if f in row["factors"]
+                     else "-" for f in FACTORS]
+            print(f"  {row['name']:<14}{row['total']:>7.3f} " + " ".join(f"{c:>12}" for c in cells))
+            print(f"  {'':<22}" + "; ".join(f"{f}: {v['value']}" for f, v in row["factors"].items()))
+    return 0
+
+
+def _cmd_defrag(args: argparse.Namespace) -> int:
+    path = _socket(load_config(args.config))
+    if args.defrag_command == "reset":
+        _print(call(path, "defrag.reset"))
+        return 0
+    r = call(path, f"defrag.{args.defrag_command}", timeout=600.0, max_moves=args.max_moves)
+    if args.json:
+        _print(r)
+    else:
+        print(r["text"])
+        for m in r.get("applied", []):
+            print(f"  applied {m['vm']} -> {m['dst']} ({m.get('port', '-')}): {m['status']}")
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     print(f"{args.config}: ok ({len(config.regions)} regions, {len(config.services)} services, "
@@ -189,7 +291,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": _cmd_run, "reset": _cmd_reset, "check": _cmd_check, "stats": _cmd_stats, "vm": _cmd_vm, "flow": _cmd_flow,
-            "offload": _cmd_offload, "testbed": _cmd_testbed, "demo": _cmd_demo}
+            "offload": _cmd_offload, "defrag": _cmd_defrag, "center": _cmd_center, "testbed": _cmd_testbed, "demo": _cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

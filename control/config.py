@@ -76,6 +76,12 @@ class GatewayConfig:
     max_vms: int = 1024
     max_regions: int = 256
     stats_interval: float = 1.0
+    # migration-aware forwarding (control/migration.py, control/portwatch.py)
+    vm_ports: tuple[str, ...] = ()   # glob patterns of the host ports VMs sit behind (watched for announcements)
+    peers: tuple[str, ...] = ()      # control sockets of the other gateways to re-program on a move
+    registry: str = ""  # "" means the default, /var/lib/xdpgw/<name>.db (the VM registry, SQLite)
+    migration_hold_down: float = 2.0  # s after a move in which announcements moving the VM again are refused
+    orchestrator: tuple[str, ...] = ()  # argv + [vm, host] live-migrates a VM (defrag apply); prints the new port
 
     def __post_init__(self) -> None:
         # The default depends on the name, so it cannot be a field default. Note that
@@ -84,12 +90,54 @@ class GatewayConfig:
             object.__setattr__(self, "api_socket", f"/run/xdpgw/{self.name}.sock")
         if self.pin_dir == "":
             object.__setattr__(self, "pin_dir", f"/sys/fs/bpf/xdpgw/{self.name}")
+        if self.registry == "":
+            object.__setattr__(self, "registry", f"/var/lib/xdpgw/{self.name}.db")
 
 
 @dataclass(frozen=True)
 class RegionConfig:
     name: str
     prefixes: tuple[IPNetwork, ...]
+    # per-region overrides of the [monitor] thresholds (None: the global one)
+    heavy_pps: float | None = None
+    heavy_bps: float | None = None
+    clear_pps: float | None = None
+    clear_bps: float | None = None
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Heavy-region detection (control/monitor.py). A region is heavy after its
+    smoothed rate exceeds heavy_pps or heavy_bps for `intervals` intervals in a
+    row, and calm again after it stays below clear_pps and clear_bps (default:
+    half the heavy threshold) for as many. `services`: what a heavy region's
+    offload request covers (default: every service)."""
+    interval: float = 1.0
+    heavy_pps: float | None = None
+    heavy_bps: float | None = None
+    clear_pps: float | None = None
+    clear_bps: float | None = None
+    intervals: int = 3
+    smoothing: float = 0.5        # EWMA weight of the newest interval (1: no smoothing)
+    services: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CenterLinkConfig:
+    """How the gateway reaches the control center (`xdpgw center`)."""
+    url: str
+    token: str
+    timeout: float = 5.0
+    cafile: str | None = None     # CA bundle for an https center with a private CA
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The gateway's HTTP agent API, which the control center calls."""
+    listen: str                   # "ADDR:PORT" or "[ADDR6]:PORT"
+    token: str
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +177,16 @@ class VMConfig:
     ip: IPAddress | None = None
     tunnel: IPAddress | None = None
     weight: int = 1
+    tenant: str | None = None         # for defragmentation (control/defrag.py)
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """A hypervisor host: the gateway ports (glob patterns) of its VMs, and how
+    many VMs it takes (the defragmentation planner's capacity)."""
+    name: str
+    ports: tuple[str, ...]
+    capacity: int = 16
 
 
 @dataclass(frozen=True)
@@ -137,6 +195,10 @@ class Config:
     regions: tuple[RegionConfig, ...] = ()
     services: tuple[ServiceConfig, ...] = ()
     vms: tuple[VMConfig, ...] = ()
+    monitor: MonitorConfig | None = None
+    center: CenterLinkConfig | None = None
+    agent: AgentConfig | None = None
+    hosts: tuple[HostConfig, ...] = ()
 
     def region(self, name: str) -> RegionConfig:
         """The region called `name`; KeyError if there is none."""
@@ -168,6 +230,9 @@ class Config:
         tables += [_toml_table("[[region]]", r) for r in self.regions]
         tables += [_toml_table("[[service]]", s) for s in self.services]
         tables += [_toml_table("[[vm]]", v) for v in self.vms]
+        tables += [_toml_table(f"[{name}]", getattr(self, name)) for name in ("monitor", "center", "agent")
+                   if getattr(self, name) is not None]
+        tables += [_toml_table("[[host]]", h) for h in self.hosts]
         return "\n".join(tables)
 
 
@@ -212,7 +277,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         raise ConfigError(e.key, e.problem, file) from None
 
 
-_SECTIONS = ("gateway", "region", "service", "vm")
+_SECTIONS = ("gateway", "region", "service", "vm", "monitor", "center", "agent", "host")
 
 
 def _from_document(document: dict[str, Any]) -> Config:
@@ -226,6 +291,10 @@ def _from_document(document: dict[str, Any]) -> Config:
         regions=_from_array(document, "region", RegionConfig),
         services=_from_array(document, "service", ServiceConfig),
         vms=_from_array(document, "vm", VMConfig),
+        monitor=_from_table(document["monitor"], "monitor", MonitorConfig) if "monitor" in document else None,
+        center=_from_table(document["center"], "center", CenterLinkConfig) if "center" in document else None,
+        agent=_from_table(document["agent"], "agent", AgentConfig) if "agent" in document else None,
+        hosts=_from_array(document, "host", HostConfig),
     )
 
 
@@ -302,6 +371,11 @@ _CONVERTERS: dict[str, Callable[[Any, str], Any]] = {
     "prefixes": _parse_prefixes,
     "vms": _parse_array,
     "health": _parse_health,
+    "services": _parse_array,
+    "vm_ports": _parse_array,
+    "peers": _parse_array,
+    "ports": _parse_array,
+    "orchestrator": _parse_array,
 }
 
 
@@ -328,7 +402,141 @@ def validate(config: Config) -> Config:
     _check_service_relations(services, vms)
     _check_vm_relations(gateway, vms)
     _check_capacity(gateway, regions, services, vms)
-    return Config(gateway, regions, services, vms)
+    monitor = None if config.monitor is None else \
+        _check_monitor(_instance(config.monitor, "monitor", MonitorConfig), regions, services)
+    if monitor is None:
+        for i, r in enumerate(regions):
+            for key in _THRESHOLDS:
+                if getattr(r, key) is not None:
+                    raise ConfigError(f"{_named('region', i, r)}.{key}", "needs a [monitor] table")
+    center = None if config.center is None else _check_center(_instance(config.center, "center", CenterLinkConfig))
+    agent = None if config.agent is None else _check_agent(_instance(config.agent, "agent", AgentConfig))
+    gateway, hosts = _check_hosts(config.hosts, gateway, vms)
+    return Config(gateway, regions, services, vms, monitor, center, agent, hosts=hosts)
+
+
+def _check_hosts(hosts: Any, gateway: GatewayConfig,
+                 vms: tuple[VMConfig, ...]) -> tuple[GatewayConfig, tuple[HostConfig, ...]]:
+    """[[host]] entries and the migration keys of [gateway] and [[vm]]."""
+    lists = {}
+    for key in ("vm_ports", "peers", "orchestrator"):
+        lists[key] = _sequence(getattr(gateway, key), f"gateway.{key}")
+        for i, value in enumerate(lists[key]):
+            if not _str(value, f"gateway.{key}[{i}]") or "\0" in value:
+                raise ConfigError(f"gateway.{key}[{i}]", "must be a non-empty string")
+    _str(gateway.registry, "gateway.registry")
+    for i, v in enumerate(vms):
+        if v.tenant is not None:
+            _match(v.tenant, f"{_named('vm', i, v)}.tenant", _ENTRY_NAME, "tenant name")
+    hosts = _entries(hosts, "host", HostConfig)
+    _check_unique_names(hosts, "host")
+    checked = []
+    for i, h in enumerate(hosts):
+        here = f"host[{i}]"
+        _match(h.name, f"{here}.name", _ENTRY_NAME, "name")
+        ports = _sequence(h.ports, f"{here}.ports")
+        for j, port in enumerate(ports):
+            if not _str(port, f"{here}.ports[{j}]"):
+                raise ConfigError(f"{here}.ports[{j}]", "must be a non-empty string")
+        _int(h.capacity, f"{here}.capacity", 1, 1 << 20)
+        checked.append(dataclasses.replace(h, ports=ports))
+    hold = _seconds(gateway.migration_hold_down, "gateway.migration_hold_down", 3600.0)
+    return dataclasses.replace(gateway, migration_hold_down=hold, **lists), tuple(checked)
+
+
+_THRESHOLDS = ("heavy_pps", "heavy_bps", "clear_pps", "clear_bps")
+
+
+def _rate(value: Any, path: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(path, f"expected a number, got {_describe(value)}")
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(path, f"{value} is not a positive rate")
+    return float(value)
+
+
+def _check_thresholds(entry: Any, path: str) -> dict[str, float | None]:
+    values = {key: _rate(getattr(entry, key), f"{path}.{key}") for key in _THRESHOLDS}
+    for unit in ("pps", "bps"):
+        heavy, clear = values[f"heavy_{unit}"], values[f"clear_{unit}"]
+        if clear is not None and heavy is not None and clear > heavy:
+            raise ConfigError(f"{path}.clear_{unit}", f"{clear:g} is above heavy_{unit} ({heavy:g})")
+    return values
+
+
+def _check_monitor(m: MonitorConfig, regions: tuple[RegionConfig, ...],
+                   services: tuple[ServiceConfig, ...]) -> MonitorConfig:
+    interval = _seconds(m.interval, "monitor.interval", 3600.0)
+    values = _check_thresholds(m, "monitor")
+    _int(m.intervals, "monitor.intervals", 1, 100)
+    smoothing = m.smoothing
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 < smoothing <= 1:
+        raise ConfigError("monitor.smoothing", f"{smoothing!r} is not a number in (0, 1]")
+    names = _sequence(m.services, "monitor.services")
+    known = {s.name for s in services}
+    for i, name in enumerate(names):
+        if _str(name, f"monitor.services[{i}]") not in known:
+            raise ConfigError(f"monitor.services[{i}]", f"unknown service {_quote(name)}")
+    for i, r in enumerate(regions):
+        here = _named("region", i, r)
+        own = _check_thresholds(r, here)
+        for unit in ("pps", "bps"):
+            heavy = own[f"heavy_{unit}"] or values[f"heavy_{unit}"]
+            clear = own[f"clear_{unit}"] or values[f"clear_{unit}"]
+            if clear is not None and heavy is None:
+                raise ConfigError(f"{here}.clear_{unit}" if own[f"clear_{unit}"] else f"monitor.clear_{unit}",
+                                  f"set without a heavy_{unit}")
+            if clear is not None and heavy is not None and clear > heavy:
+                raise ConfigError(f"{here}.clear_{unit}" if own[f"clear_{unit}"] else f"{here}.heavy_{unit}",
+                                  f"clear_{unit} {clear:g} is above heavy_{unit} {heavy:g}")
+    if values["heavy_pps"] is None and values["heavy_bps"] is None and \
+            not any(r.heavy_pps is not None or r.heavy_bps is not None for r in regions):
+        raise ConfigError("monitor", "no threshold: set heavy_pps or heavy_bps (here or on a [[region]])")
+    return dataclasses.replace(m, interval=interval, smoothing=float(smoothing), services=names, **values)
+
+
+def _check_center(c: CenterLinkConfig) -> CenterLinkConfig:
+    url = _str(c.url, "center.url")
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+        raise ConfigError("center.url", f"{_quote(url)} is not an http:// or https:// URL")
+    if not _str(c.token, "center.token"):
+        raise ConfigError("center.token", "must not be empty")
+    timeout = _seconds(c.timeout, "center.timeout", 600.0)
+    if c.cafile is not None and not os.path.isfile(_str(c.cafile, "center.cafile")):
+        raise ConfigError("center.cafile", f"{_quote(c.cafile)} is not a file")
+    return dataclasses.replace(c, url=url.rstrip("/"), timeout=timeout)
+
+
+def parse_listen(text: str, path: str) -> tuple[str, int]:
+    """"ADDR:PORT" or "[ADDR6]:PORT" -> (address, port); ConfigError naming `path` otherwise."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    try:
+        ipaddress.ip_address(host)
+        ok = bool(sep) and port.isdigit() and 0 < int(port) <= 65535
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(path, f"{_quote(text)} is not ADDR:PORT or [ADDR6]:PORT (port 1..65535)")
+    return host, int(port)
+
+
+def _check_agent(a: AgentConfig) -> AgentConfig:
+    parse_listen(_str(a.listen, "agent.listen"), "agent.listen")
+    if not _str(a.token, "agent.token"):
+        raise ConfigError("agent.token", "must not be empty")
+    if (a.tls_cert is None) != (a.tls_key is None):
+        raise ConfigError("agent.tls_cert" if a.tls_cert is None else "agent.tls_key",
+                          "tls_cert and tls_key go together")
+    for key in ("tls_cert", "tls_key"):
+        value = getattr(a, key)
+        if value is not None and not os.path.isfile(_str(value, f"agent.{key}")):
+            raise ConfigError(f"agent.{key}", f"{_quote(value)} is not a file")
+    return a
 
 
 def _check_gateway(g: GatewayConfig) -> GatewayConfig:

@@ -13,6 +13,8 @@ from control.api import ApiServer
 from control.config import Config, ConfigError
 from control.gateway import Gateway, GatewayError
 from control.health import HealthMonitor, checks_from_config
+from control.migration_service import MigrationService
+from control.monitor import Monitor, OffloadLink
 from control.rates import RateTracker
 
 
@@ -42,6 +44,12 @@ class Daemon:
         self.stopping = threading.Event()
         self.api: ApiServer | None = None
         self.health: HealthMonitor | None = None
+        self.migration = MigrationService(config, self.gateway)   # registry, port watcher, defrag
+        # region offload (issue 7): heavy-region monitor, its link to the center, the agent API
+        self.monitor: Monitor | None = Monitor(config) if config.monitor else None
+        self.link: OffloadLink | None = None
+        self.agent = None
+        self.monitor_thread: threading.Thread | None = None
 
     def commands(self) -> dict[str, Any]:
         gw = self.gateway
@@ -56,8 +64,10 @@ class Daemon:
                 raise GatewayError(f"argument {name!r} must be a {kind.__name__}")
             return value
 
-        return {
-            "stats": lambda a: {**gw.counters(), "rates": self.rates.rates(), "health": self.health_summary()},
+        return {**{
+            "stats": lambda a: {**gw.counters(), "rates": self.rates.rates(), "health": self.health_summary(),
+                                "monitor": self.monitor_summary()},
+            "monitor": lambda a: self.monitor_summary(),
             "vm.list": lambda a: gw.vm_list(),
             "vm.move": lambda a: gw.move_vm(arg(a, "name"), port=arg(a, "port", required=False),
                                             mac=arg(a, "mac", required=False),
@@ -71,7 +81,47 @@ class Daemon:
             "maglev.tables": lambda a: gw.maglev_tables(),
             "status": lambda a: {"name": self.config.gateway.name, "interface": self.config.gateway.interface,
                                  "mode": gw.attached_mode},
-        }
+        }, **self.migration.commands()}       # its vm.move replaces the plain one: registry, peers, history
+
+    def monitor_summary(self) -> dict:
+        """Per region: smoothed rates, state (normal | heavy), thresholds; the center link's last results."""
+        if self.monitor is None:
+            return {}
+        return {"interval": self.monitor.interval, "intervals": self.monitor.k, "regions": self.monitor.snapshot(),
+                "center": self.link.snapshot() if self.link else None}
+
+    def start_offload(self) -> None:
+        """The agent API (the center calls it) and the heavy-region monitor (it calls the center)."""
+        if self.config.agent is not None:
+            from control.agent import AgentServer
+            from control.config import parse_listen
+
+            a = self.config.agent
+            host, port = parse_listen(a.listen, "agent.listen")
+            self.agent = AgentServer(host, port, a.token, self.commands(), a.tls_cert, a.tls_key)
+            self.agent.start()
+        if self.monitor is None:
+            return
+        if self.config.center is not None:
+            services = list(self.config.monitor.services) or [s.name for s in self.config.services]
+            self.link = OffloadLink(self.config, services)
+            self.link.start()
+        self.monitor_thread = threading.Thread(target=self._monitor_loop, name="xdpgw-monitor", daemon=True)
+        self.monitor_thread.start()
+
+    def _monitor_loop(self) -> None:
+        interval = self.monitor.interval
+        while not self.stopping.wait(interval):
+            try:
+                regions = self.gateway.counters()["regions"]
+            except Exception as exc:  # noqa: BLE001 - a failed sample is skipped, not fatal
+                print(f"xdpgw: monitor sample failed: {exc}", file=sys.stderr, flush=True)
+                continue
+            for event in self.monitor.update(regions):
+                print(f"xdpgw: region {event.region} is {event.kind} ({event.pps:.0f} pps, "
+                      f"{event.bps / 1e6:.3f} Mbit/s smoothed)", flush=True)
+                if self.link:
+                    self.link.submit(event)
 
     def health_summary(self) -> dict:
         """Probe counts and VMs by health, and the last table rebuild (when, how long)."""
@@ -104,19 +154,26 @@ class Daemon:
         signal.signal(signal.SIGUSR2, lambda *_: (keep_attached.set(), self.stopping.set()))
         try:
             took = self.gateway.start(reset=reset)
+            self.migration.start()
             self.api = ApiServer(api_socket_path(self.config), self.commands())
             self.api.start()
             self.start_health()
+            self.start_offload()
             print(f"xdpgw: gateway {self.config.gateway.name} up on {self.config.gateway.interface} "
                   f"({self.gateway.attached_mode} XDP) in {took:.2f} s; API at {self.api.path}", flush=True)
             interval = self.config.gateway.stats_interval
             while not self.stopping.wait(interval):
                 self.rates.sample(self.gateway.counters())
         finally:
+            if self.link:
+                self.link.stop()
+            if self.agent:
+                self.agent.close()
             if self.health:
                 self.health.stop()
             if self.api:
                 self.api.close()
+            self.migration.stop()
             if not keep_attached.is_set():
                 self.gateway.stop()
         state = "XDP left attached for the next run" if keep_attached.is_set() else "XDP detached"

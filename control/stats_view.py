@@ -71,4 +71,23 @@ def render(stats: dict[str, Any]) -> str:
             line += (f"; last table rebuild {duration(max(0.0, time.time() - rebuild['at']))} ago "
                      f"({', '.join(rebuild['services'])}: {rebuild['total_ms']:.1f} ms)")
         lines.append(line)
+    lines += monitor_lines(stats.get("monitor"))
     return "\n".join(lines)
+
+
+def monitor_lines(monitor: dict | None) -> list[str]:
+    """`monitor: region r1 HEAVY 1234.0 pps 0.987 Mbit/s (heavy over 500 pps / - Mbit/s, clear under 250 / -)`."""
+    if not monitor:
+        return []
+    def th(v: float | None, scale: float = 1.0) -> str:
+        return "-" if v is None else f"{v / scale:g}"
+    lines = [f"monitor: every {monitor['interval']:g} s, {monitor['intervals']} intervals to change state"]
+    for name, r in monitor["regions"].items():
+        t = r["thresholds"]
+        lines.append(f"  region {name:<10} {r['state'].upper() if r['state'] == 'heavy' else r['state']:<7}"
+                     f"{r['pps']:>10.1f} pps {r['bps'] / 1e6:>9.3f} Mbit/s (smoothed; heavy over "
+                     f"{th(t['heavy_pps'])} pps / {th(t['heavy_bps'], 1e6)} Mbit/s, clear under "
+                     f"{th(t['clear_pps'])} / {th(t['clear_bps'], 1e6)}; streak {r['streak']})")
+    for name, c in (monitor.get("center") or {}).items():
+        lines.append(f"  center: region {name} {c['event']} -> {'ok' if c['ok'] else 'FAILED: ' + str(c['error'])}")
+    return lines

@@ -47,6 +47,7 @@ def testbed_config(prefix: str = tb.DEFAULT_PREFIX, name: str = "gw1", *, which:
     settings = dict(name=name, interface=tb.UPLINK, netns=uplink[0], tunnel_source=ip(uplink[1]),
                     tunnel_source6=ip(uplink[2]), next_hop_mac=uplink[3],
                     api_socket=f"/run/xdpgw/{prefix}-{name}.sock", pin_dir=tb.pin_dir(prefix, name),
+                    registry=tb.registry_path(prefix, name),
                     flow_table_size=65536)
     settings.update(gateway)
     return validate(Config(gateway=GatewayConfig(**settings), regions=regions, services=services, vms=vms))

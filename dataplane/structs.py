@@ -101,6 +101,15 @@ class FloodWindow(ct.Structure):
     _fields_ = [("start_ns", ct.c_uint64), ("new_flows", ct.c_uint64)]
 
 
+class VmAnnounce(ct.Structure):
+    _fields_ = [("ts_ns", ct.c_uint64), ("ifindex", ct.c_uint32), ("kind", ct.c_uint8), ("family", ct.c_uint8),
+                ("mac", Mac), ("ip", Addr16), ("pad", ct.c_uint8 * 4)]
+
+
+class VmPairKey(ct.Structure):
+    _fields_ = [("src_mac", Mac), ("pad", ct.c_uint16), ("dst", Addr16)]
+
+
 # Every mirrored struct with its C name, for the layout test.
 MIRRORS: dict[str, type[ct.Structure]] = {
     "service_key": ServiceKey, "service_info": ServiceInfo, "flow_key": FlowKey, "flow_entry": FlowEntry,
@@ -108,6 +117,7 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "offload_target": OffloadTarget,
     "lpm_v4_key": LpmV4Key, "lpm_v6_key": LpmV6Key, "traffic_counter": TrafficCounter,
     "service_counter": ServiceCounter, "forward_trace": ForwardTrace, "flood_window": FloodWindow,
+    "vm_announce": VmAnnounce, "vm_pair_key": VmPairKey,
 }
 
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import functools
+import glob
 import ipaddress
 import logging
 import os
@@ -55,6 +56,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -307,14 +309,23 @@ _LOADED: list = []
 
 # ------------------------------------------------------------------------ cleanup
 
+# VMs that a data-center agent creates behind dc2 at run time (control/dcagent.py)
+DC2_VM_ROLES: tuple[str, ...] = tuple(f"dv{n}" for n in range(1, 9))
+
+
 def _ns_names(prefix: str) -> list[str]:
-    # every role any testbed of this prefix may have, so cleanup finds gw2 too
-    return [f"{prefix}-{r}" for r in ROLES + (GW2_ROLE,)]
+    # every role any testbed of this prefix may have, so cleanup finds gw2 and dc2's VMs too
+    return [f"{prefix}-{r}" for r in ROLES + (GW2_ROLE,) + DC2_VM_ROLES]
 
 
 def pin_dir(prefix: str, gateway: str) -> str:
     """Where a testbed gateway pins its state: per prefix, so runs never share it."""
     return str(PIN_ROOT / f"{prefix}-{gateway}")
+
+
+def registry_path(prefix: str, gateway: str) -> str:
+    """Where a testbed gateway keeps its VM registry (SQLite): per prefix, removed with it."""
+    return f"/run/xdpgw/{prefix}-{gateway}.db"
 
 
 def cleanup_prefix(prefix: str = DEFAULT_PREFIX) -> list[str]:
@@ -340,6 +351,10 @@ def cleanup_prefix(prefix: str = DEFAULT_PREFIX) -> list[str]:
     for pins in PIN_ROOT.glob(f"{prefix}-*"):
         if remove_pins(pins):
             removed.append(str(pins))
+    for suffix in ("", "-wal", "-shm"):          # VM registries (registry_path)
+        for db in Path("/run/xdpgw").glob(f"{glob.escape(prefix)}-*.db{suffix}"):
+            db.unlink(missing_ok=True)
+            removed.append(str(db))
     return removed
 
 
@@ -356,6 +371,7 @@ class Testbed:
     dc2_decap: bool = True           # attach the XDP decapsulator on dc2's eth0
     gro: bool = True                 # GRO on the veth ends that receive XDP redirects
     gateways: int = 1                # 2: a second gateway {p}-gw2 with its own ports to the same VMs
+    dc2_vip: bool = True             # the VIPs on dc2's loopback; False: an agent routes them to its VMs
     vms: list[Vm] = field(init=False)
     gw2_ports: list[Gw2Port] = field(init=False)
     clients: list[Client] = field(init=False)
@@ -573,8 +589,9 @@ class Testbed:
                 # rely on them from the first packet
                 for cidr in other.addrs:
                     ipr.neigh("add", dst=cidr.split("/")[0], lladdr=other.mac, ifindex=idx)
-        # VIPs on the loopback of every backend (local VMs and the remote DC)
-        for role in [v.name for v in self.vms] + ["dc2"]:
+        # VIPs on the loopback of every backend (local VMs and the remote DC, unless
+        # dc2_vip=False: then dc2 routes the VIPs to VMs its agent creates)
+        for role in [v.name for v in self.vms] + (["dc2"] if self.dc2_vip else []):
             lo = iprs[role].link_lookup(ifname="lo")[0]
             iprs[role].addr("add", index=lo, address=VIP4, prefixlen=32)
             iprs[role].addr("add", index=lo, address=VIP6, prefixlen=128)

@@ -159,4 +159,27 @@ struct forward_trace {                /* per-CPU, last forwarded packet */
     __u32 service_id;
 };
 
+/* ebpf/vmport.c: the VM-port watcher. vm_announce.kind: what a VM sent on a
+ * host port (hypervisors send these after a live migration). */
+#define ANNOUNCE_GARP 1               /* ARP request/reply with sender IP == target IP */
+#define ANNOUNCE_RARP 2               /* ethertype 0x8035 */
+#define ANNOUNCE_NA 3                 /* unsolicited ICMPv6 neighbour advertisement, override flag */
+#define VMPORT_PAIR_ENTRIES 16384     /* size of vm_pair_bytes */
+
+struct vm_announce {                  /* perf event, one per announcement */
+    __u64 ts_ns;                      /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    __u32 ifindex;                    /* the host port it arrived on */
+    __u8 kind;                        /* ANNOUNCE_* */
+    __u8 family;                      /* 4 or 6; 0: no address (RARP) */
+    __u8 mac[6];                      /* sender MAC */
+    __u8 ip[16];                      /* sender IP (IPv4-mapped for IPv4) */
+    __u8 pad[4];
+};
+
+struct vm_pair_key {                  /* vm_pair_bytes key: bytes a VM sent to an address */
+    __u8 src_mac[6];
+    __u16 pad;
+    __u8 dst[16];                     /* IPv4-mapped for IPv4 */
+};
+
 #endif

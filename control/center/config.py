@@ -1,0 +1,247 @@
+"""The control center's config (TOML). Errors are one line, ``<file>: <key path>: <problem>``,
+like the gateway's (control/config.py).
+
+    [center]
+    listen = "198.18.0.1:7300"        # ADDR:PORT
+    token = "secret"                  # every call needs "Authorization: Bearer <token>"
+    db = "/var/lib/xdpgw/center.db"   # SQLite (WAL)
+    # tls_cert = "...", tls_key = "..."   # serve https
+    vms = 2                           # VMs to prepare per request
+    max_attempts = 5                  # per step, before the request fails
+    retry_s = 0.5                     # first retry delay (doubles per attempt, capped at 10 s)
+
+    [weights]                         # factor -> weight (missing: 1.0; 0 turns a factor off)
+    location = 1.0
+    timezone = 1.0
+
+    [[region]]                        # where a gateway's region's users are
+    name = "r1"
+    lat = 50.1
+    lon = 8.7
+
+    [[datacenter]]
+    name = "dc2"
+    lat = 48.1
+    lon = 11.6
+    timezone = "Europe/Berlin"
+    capacity = 16                     # VMs
+    load = 4                          # VMs in use
+    latency_ms = 5.0
+    transmit_mbps = 10000
+    tunnel_endpoint = "198.18.200.2"
+    agent = "http://198.18.200.2:7302"
+    agent_token = "..."
+
+    [[gateway]]                       # gateways that may ask for offloads, and their agents
+    name = "gw1"
+    datacenter = "dc1"
+    agent = "http://198.18.0.2:7301"
+    agent_token = "..."
+
+    [[image]]                         # a service's master image
+    service = "web"
+    name = "web-1"
+    path = "images/web-1.json"        # relative to the config file
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import os
+import re
+import tomllib
+import zoneinfo
+from dataclasses import dataclass, field
+from typing import Any
+
+from control.config import ConfigError, parse_listen
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_URL = re.compile(r"https?://[^\s/]+/?")
+
+
+@dataclass(frozen=True)
+class DataCenter:
+    name: str
+    lat: float
+    lon: float
+    timezone: str
+    capacity: int
+    tunnel_endpoint: str
+    load: int = 0
+    latency_ms: float = 10.0
+    transmit_mbps: float = 1000.0
+    agent: str | None = None
+    agent_token: str | None = None
+
+
+@dataclass(frozen=True)
+class GatewayEntry:
+    name: str
+    datacenter: str
+    agent: str
+    agent_token: str
+
+
+@dataclass(frozen=True)
+class RegionEntry:
+    name: str
+    lat: float
+    lon: float
+    users: int = 1
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    service: str
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class CenterConfig:
+    listen: str
+    token: str
+    db: str
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    vms: int = 2
+    max_attempts: int = 5
+    retry_s: float = 0.5
+    weights: dict[str, float] = field(default_factory=dict)
+    datacenters: tuple[DataCenter, ...] = ()
+    gateways: tuple[GatewayEntry, ...] = ()
+    regions: tuple[RegionEntry, ...] = ()
+    images: tuple[ImageEntry, ...] = ()
+
+
+def load_center_config(path: str) -> CenterConfig:
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(None, f"cannot read: {exc.strerror}", path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(None, str(exc), path) from None
+    try:
+        return parse_center_document(document, os.path.dirname(os.path.abspath(path)))
+    except ConfigError as exc:
+        raise ConfigError(exc.key, exc.problem, path) from None
+
+
+def _table(value: Any, path: str, cls: type, base: str | None = None) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(path, "expected a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in value:
+        if key not in fields or key in ("weights", "datacenters", "gateways", "regions", "images"):
+            raise ConfigError(f"{path}.{key}", "unknown key")
+    for name, f in fields.items():
+        if name not in value and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{path}.{name}", "missing required key")
+    for name, f in fields.items():
+        if name in value:
+            _check_type(value[name], f"{path}.{name}", f.type)
+    return cls(**value)
+
+
+def _check_type(value: Any, path: str, typ: str) -> None:
+    if "float" in typ:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(path, f"expected a number, got {value!r}")
+    elif "int" in typ:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {value!r}")
+    elif "str" in typ:
+        if not isinstance(value, str) and not (value is None and "None" in typ):
+            raise ConfigError(path, f"expected a string, got {value!r}")
+
+
+def _array(document: dict, key: str, cls: type) -> tuple:
+    value = document.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(key, f"expected an array of tables ([[{key}]])")
+    return tuple(_table(v, f"{key}[{i}]", cls) for i, v in enumerate(value))
+
+
+def parse_center_document(document: dict, base: str = ".") -> CenterConfig:
+    for key in document:
+        if key not in ("center", "weights", "datacenter", "gateway", "region", "image"):
+            raise ConfigError(key, "unknown key")
+    if "center" not in document:
+        raise ConfigError("center", "missing required table [center]")
+    center = _table(document["center"], "center", CenterConfig)
+    parse_listen(center.listen, "center.listen")
+    if not center.token:
+        raise ConfigError("center.token", "must not be empty")
+    if (center.tls_cert is None) != (center.tls_key is None):
+        raise ConfigError("center.tls_cert", "tls_cert and tls_key go together")
+    if not 1 <= center.vms <= 64:
+        raise ConfigError("center.vms", f"{center.vms} is out of range 1..64")
+    if not 1 <= center.max_attempts <= 100:
+        raise ConfigError("center.max_attempts", f"{center.max_attempts} is out of range 1..100")
+    if not 0 < center.retry_s <= 60:
+        raise ConfigError("center.retry_s", f"{center.retry_s} is not in (0, 60]")
+    weights = document.get("weights", {})
+    if not isinstance(weights, dict):
+        raise ConfigError("weights", "expected a table")
+    from control.center.scoring import FACTORS
+
+    for name, w in weights.items():
+        if name not in FACTORS:
+            raise ConfigError(f"weights.{name}", f"unknown factor; known: {', '.join(sorted(FACTORS))}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
+            raise ConfigError(f"weights.{name}", f"{w!r} is not a non-negative number")
+    dcs = _array(document, "datacenter", DataCenter)
+    gateways = _array(document, "gateway", GatewayEntry)
+    regions = _array(document, "region", RegionEntry)
+    images = _array(document, "image", ImageEntry)
+    for entries, section in ((dcs, "datacenter"), (gateways, "gateway"), (regions, "region")):
+        seen = set()
+        for i, e in enumerate(entries):
+            if not _NAME.fullmatch(e.name):
+                raise ConfigError(f"{section}[{i}].name", f"{e.name!r} is not a valid name")
+            if e.name in seen:
+                raise ConfigError(f"{section}[{i}].name", f"duplicate {section} name {e.name!r}")
+            seen.add(e.name)
+    for i, dc in enumerate(dcs):
+        here = f"datacenter[{i}]"
+        _latlon(dc.lat, dc.lon, here)
+        try:
+            zoneinfo.ZoneInfo(dc.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"{here}.timezone", f"{dc.timezone!r} is not an IANA time zone") from None
+        if dc.capacity < 0 or not 0 <= dc.load:
+            raise ConfigError(f"{here}.capacity", "capacity and load must be >= 0")
+        try:
+            ipaddress.ip_address(dc.tunnel_endpoint)
+        except ValueError:
+            raise ConfigError(f"{here}.tunnel_endpoint", f"{dc.tunnel_endpoint!r} is not an IP address") from None
+        if dc.agent is not None and not _URL.match(dc.agent):
+            raise ConfigError(f"{here}.agent", f"{dc.agent!r} is not an http(s) URL")
+        if dc.agent is not None and not dc.agent_token:
+            raise ConfigError(f"{here}.agent_token", "missing; required with agent")
+    dc_names = {dc.name for dc in dcs}
+    for i, g in enumerate(gateways):
+        if g.datacenter not in dc_names:
+            raise ConfigError(f"gateway[{i}].datacenter", f"unknown data center {g.datacenter!r}")
+        if not _URL.match(g.agent):
+            raise ConfigError(f"gateway[{i}].agent", f"{g.agent!r} is not an http(s) URL")
+    for i, r in enumerate(regions):
+        _latlon(r.lat, r.lon, f"region[{i}]")
+    resolved = []
+    for i, img in enumerate(images):
+        path = img.path if os.path.isabs(img.path) else os.path.join(base, img.path)
+        if not os.path.isfile(path):
+            raise ConfigError(f"image[{i}].path", f"{img.path!r} is not a file")
+        resolved.append(dataclasses.replace(img, path=path))
+    return dataclasses.replace(center, weights={k: float(v) for k, v in weights.items()}, datacenters=dcs,
+                               gateways=gateways, regions=regions, images=tuple(resolved))
+
+
+def _latlon(lat: float, lon: float, here: str) -> None:
+    if not -90 <= lat <= 90:
+        raise ConfigError(f"{here}.lat", f"{lat} is out of range -90..90")
+    if not -180 <= lon <= 180:
+        raise ConfigError(f"{here}.lon", f"{lon} is out of range -180..180")

@@ -1,0 +1,291 @@
+"""The center's HTTP/JSON API (aiohttp). Every call needs ``Authorization: Bearer <token>``.
+
+    GET  /v1/status                      counts of requests by state
+    GET  /v1/datacenters                 the data centers (with load)
+    PUT  /v1/datacenters/{name}/load     {"load": N}
+    GET  /v1/images                      master images (no content)
+    PUT  /v1/images/{service}            {"name", "content" (base64)}: a new master image
+    POST /v1/requests                    {"gateway", "region", "service", ...}: 201 new, 200 the open one
+    GET  /v1/requests[?open=1]
+    GET  /v1/requests/{id}               with its history
+    GET  /v1/requests/{id}/explain       each candidate's score per factor (as now, and as chosen)
+    POST /v1/requests/{id}/clear         the region calmed down: new flows go home
+    POST /v1/requests/{id}/retry         a failed request resumes where it failed
+    POST /v1/requests/clear              {"gateway", "region"[, "service"]}: clear the region's open requests
+
+Errors are ``{"error": "..."}`` with 400 (malformed JSON, missing or bad fields),
+401 (token), 404 (unknown gateway, region, service, request), 409 (no data center
+can take the request, or the request is in a state that does not allow it)."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import signal
+import ssl
+import sys
+import time
+from typing import Any
+
+from aiohttp import web
+
+from control.center.client import AgentClient
+from control.center.config import CenterConfig
+from control.center.store import Store
+from control.center.workflow import NoTarget, Workflow
+
+log = logging.getLogger(__name__)
+MAX_BODY = 16 * 1024 * 1024
+WORKFLOW_TASK = web.AppKey("workflow", asyncio.Task)
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def seed(store: Store, config: CenterConfig) -> None:
+    """The config's catalogue into the store (upserts; requests are never touched)."""
+    for dc in config.datacenters:
+        store.put_datacenter(dict(dc.__dict__))
+    for g in config.gateways:
+        store.put_gateway(dict(g.__dict__))
+    for r in config.regions:
+        store.put_region(dict(r.__dict__))
+    for img in config.images:
+        with open(img.path, "rb") as f:
+            content = f.read()
+        have = store.image(img.service)
+        if have is None or have["name"] != img.name:
+            store.put_image(img.service, img.name, content)
+
+
+class Center:
+    def __init__(self, config: CenterConfig, store: Store | None = None, agent_factory=None) -> None:
+        self.config = config
+        self.store = store or Store(config.db)
+        seed(self.store, config)
+        self.session = None
+        self.workflow = Workflow(self.store, config.weights, agent_factory or self._agent, vms=config.vms,
+                                 max_attempts=config.max_attempts, retry_s=config.retry_s)
+        self.workflow.resume()
+        self.stop_event = asyncio.Event()
+        self.calls = 0
+
+    def _agent(self, url: str, token: str) -> AgentClient:
+        return AgentClient(self.session, url, token)
+
+    # ---- app ---------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY)
+        r = app.router
+        r.add_get("/v1/status", self.status)
+        r.add_get("/v1/datacenters", self.datacenters)
+        r.add_put("/v1/datacenters/{name}/load", self.set_load)
+        r.add_get("/v1/images", self.images)
+        r.add_put("/v1/images/{service}", self.put_image)
+        r.add_post("/v1/requests", self.create)
+        r.add_get("/v1/requests", self.list)
+        r.add_post("/v1/requests/clear", self.clear_region)
+        r.add_get("/v1/requests/{id}", self.get)
+        r.add_get("/v1/requests/{id}/explain", self.explain)
+        r.add_post("/v1/requests/{id}/clear", self.clear)
+        r.add_post("/v1/requests/{id}/retry", self.retry)
+        app.on_startup.append(self._startup)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _startup(self, app: web.Application) -> None:
+        import aiohttp
+
+        self.session = aiohttp.ClientSession()
+        self.stop_event = asyncio.Event()
+        self.workflow.wakeup = asyncio.Event()
+        app[WORKFLOW_TASK] = asyncio.get_running_loop().create_task(self.workflow.run(self.stop_event))
+
+    async def _cleanup(self, app: web.Application) -> None:
+        self.stop_event.set()
+        self.workflow.wakeup.set()
+        await app[WORKFLOW_TASK]
+        await self.session.close()
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        self.calls += 1
+        auth = request.headers.get("Authorization", "")
+        if not (auth.startswith("Bearer ") and hmac.compare_digest(auth[7:].encode(), self.config.token.encode())):
+            return web.json_response({"error": "missing or wrong token (Authorization: Bearer <token>)"},
+                                     status=401)
+        try:
+            return await handler(request)
+        except HttpError as exc:
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        except web.HTTPException as exc:
+            return web.json_response({"error": f"{exc.status} {exc.reason}: {request.method} {request.path}"},
+                                     status=exc.status)
+
+    # ---- helpers -----------------------------------------------------------
+    @staticmethod
+    async def _body(request: web.Request) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.read() or b"{}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HttpError(400, f"malformed JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise HttpError(400, "the body must be a JSON object")
+        return body
+
+    @staticmethod
+    def _field(body: dict, name: str, kind: type = str, required: bool = True) -> Any:
+        value = body.get(name)
+        if value is None:
+            if required:
+                raise HttpError(400, f"missing field {name!r}")
+            return None
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise HttpError(400, f"field {name!r} must be a {getattr(kind, '__name__', kind)}")
+        return value
+
+    def _request(self, request: web.Request) -> dict:
+        raw = request.match_info["id"]
+        if not raw.isdigit():
+            raise HttpError(400, f"request id {raw!r} is not a number")
+        req = self.store.request(int(raw))
+        if req is None:
+            raise HttpError(404, f"unknown request {raw}")
+        return req
+
+    # ---- handlers ----------------------------------------------------------
+    async def status(self, request: web.Request) -> web.Response:
+        counts: dict[str, int] = {}
+        for r in self.store.requests():
+            counts[r["state"]] = counts.get(r["state"], 0) + 1
+        return web.json_response({"requests": counts, "datacenters": len(self.store.datacenters()),
+                                  "calls": self.calls})
+
+    async def datacenters(self, request: web.Request) -> web.Response:
+        return web.json_response([{k: v for k, v in dc.items() if k != "agent_token"}
+                                  for dc in self.store.datacenters()])
+
+    async def set_load(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        dc = self.store.datacenter(name)
+        if dc is None:
+            raise HttpError(404, f"unknown data center {name!r}")
+        load = self._field(await self._body(request), "load", int)
+        if not 0 <= load <= dc["capacity"]:
+            raise HttpError(400, f"load {load} is out of range 0..{dc['capacity']}")
+        dc["load"] = load
+        self.store._put("datacenters", name, dc)
+        return web.json_response({k: v for k, v in dc.items() if k != "agent_token"})
+
+    async def images(self, request: web.Request) -> web.Response:
+        return web.json_response(self.store.images())
+
+    async def put_image(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        name = self._field(body, "name")
+        try:
+            content = base64.b64decode(self._field(body, "content"), validate=True)
+        except (binascii.Error, ValueError):
+            raise HttpError(400, "field 'content' is not base64") from None
+        return web.json_response(self.store.put_image(request.match_info["service"], name, content), status=201)
+
+    async def create(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        gateway, region, service = (self._field(body, k) for k in ("gateway", "region", "service"))
+        if self.store.gateway(gateway) is None:
+            raise HttpError(404, f"unknown gateway {gateway!r}")
+        if self.store.region(region) is None:
+            raise HttpError(404, f"unknown region {region!r}")
+        if self.store.image(service) is None:
+            raise HttpError(404, f"unknown service {service!r} (no master image)")
+        try:
+            self.workflow.choose(gateway, region, service)     # refuse what cannot be done, up front
+        except NoTarget as exc:
+            raise HttpError(409, str(exc)) from None
+        data = {k: body[k] for k in ("pps", "bps", "crossed_at", "heavy_at") if isinstance(body.get(k), (int, float))}
+        data["received_at"] = time.time()
+        req, created = self.store.create_request(gateway, region, service, data)
+        self.workflow.wakeup.set()
+        return web.json_response(req, status=201 if created else 200)
+
+    async def list(self, request: web.Request) -> web.Response:
+        return web.json_response(self.store.requests(open_only=request.query.get("open") == "1"))
+
+    async def get(self, request: web.Request) -> web.Response:
+        req = self._request(request)
+        return web.json_response({**req, "history": self.store.history(req["id"])})
+
+    async def explain(self, request: web.Request) -> web.Response:
+        req = self._request(request)
+        return web.json_response({"request": req["id"], "target": req["target"],
+                                  "chosen": req["data"].get("scores"),
+                                  "now": self.workflow.explain(req["gateway"], req["region"])})
+
+    async def clear(self, request: web.Request) -> web.Response:
+        req = self._request(request)
+        if req["state"] in ("cleared", "failed"):
+            raise HttpError(409, f"request {req['id']} is {req['state']}")
+        out = self.store.request_clear(req["id"])
+        self.workflow.wakeup.set()
+        return web.json_response(out)
+
+    async def retry(self, request: web.Request) -> web.Response:
+        req = self._request(request)
+        if req["state"] != "failed":
+            raise HttpError(409, f"request {req['id']} is {req['state']}, not failed")
+        return web.json_response(self.workflow.retry(req["id"]))
+
+    async def clear_region(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        gateway, region = self._field(body, "gateway"), self._field(body, "region")
+        service = self._field(body, "service", required=False)
+        if self.store.gateway(gateway) is None:
+            raise HttpError(404, f"unknown gateway {gateway!r}")
+        if self.store.region(region) is None:
+            raise HttpError(404, f"unknown region {region!r}")
+        out = [self.store.request_clear(r["id"]) for r in self.store.requests(open_only=True)
+               if r["gateway"] == gateway and r["region"] == region and service in (None, r["service"])]
+        self.workflow.wakeup.set()
+        return web.json_response(out)
+
+
+def ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if not cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def serve(config: CenterConfig) -> int:
+    """`xdpgw center`: serve until SIGTERM/SIGINT, then exit 0."""
+    from control.config import parse_listen
+
+    host, port = parse_listen(config.listen, "center.listen")
+    center = Center(config)
+
+    async def main() -> None:
+        runner = web.AppRunner(center.app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context(config.tls_cert, config.tls_key))
+        await site.start()
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, done.set)
+        open_requests = len(center.store.requests(open_only=True))
+        print(f"xdpgw: center up on {config.listen} ({'https' if config.tls_cert else 'http'}), "
+              f"db {config.db}, {open_requests} open requests", flush=True)
+        await done.wait()
+        await runner.cleanup()
+
+    asyncio.run(main())
+    center.store.close()
+    print("xdpgw: center stopped", file=sys.stderr, flush=True)
+    return 0
