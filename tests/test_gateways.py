@@ -24,6 +24,7 @@ Every wait is bounded. No time is asserted; measurements are printed (-s).
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import secrets
 import socket
@@ -33,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.waiting import wait_for
 
 from control import api
 from control.config import HealthConfig
@@ -54,15 +57,6 @@ def _netns_list() -> list[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10, check=True).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
-
-def wait_for(predicate, timeout: float = 15.0, step: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    pytest.fail(f"{what} not reached within {timeout} s")
 
 
 @dataclass
@@ -132,6 +126,11 @@ def env(tmp_path_factory):
 
 # --------------------------------------------------------------------- helpers
 
+# Source ports below the ephemeral range, each used once per module: a port the
+# kernel handed out again would be a flow a gateway already knows.
+_PORTS = itertools.count(20000)
+
+
 class UdpFlows:
     """UDP flows (one socket each) from the client namespaces to the echo service."""
 
@@ -143,7 +142,7 @@ class UdpFlows:
             for _ in range(per_source):
                 s = env.tb.socket(role, socket.AF_INET, socket.SOCK_DGRAM)
                 s.settimeout(1.0)
-                s.bind((src, 0))
+                s.bind((src, next(_PORTS)))
                 self.socks.append((src, s))
         self.n = 0
 

@@ -17,6 +17,8 @@ import threading
 import time
 
 import pytest
+
+from tests.waiting import wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -32,16 +34,6 @@ LO6 = ipaddress.ip_address("::1")
 def run(coro):
     return asyncio.run(coro)
 
-
-def wait_for(predicate, timeout: float = 10.0, step: float = 0.02):
-    """Poll `predicate` until true; bounded in time."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 # ------------------------------------------------------------------- servers

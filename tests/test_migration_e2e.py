@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.waiting import wait_for
+
 from control import api
 from control.config import HostConfig, validate
 from control.demo import GatewayDaemon, LineConn, link_stats, start_server, vm_binds
@@ -107,15 +109,6 @@ def send_frame(env: Env, vm: str, ifname: str, frame: bytes) -> None:
     finally:
         s.close()
 
-
-def wait_for(pred, timeout: float = 5.0, step: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(step)
-    return pred()
 
 
 def new_port(env: Env, vm: str, suffix: str):

@@ -27,6 +27,8 @@ import time
 
 import pytest
 
+from tests.waiting import wait_for
+
 from control import api
 from control.config import AgentConfig, CenterLinkConfig, MonitorConfig, validate
 from control.demo import GatewayDaemon, LineConn, start_server, vm_binds
@@ -180,15 +182,6 @@ def center_cli(env, *args: str) -> subprocess.CompletedProcess:
     return env["tb"].cmd("rt", [env["xdpgw"], "center", *args, "--config", env["center_path"]], check=False)
 
 
-def wait_for(what: str, predicate, limit: float = 30.0, step: float = 0.05):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    pytest.fail(f"timed out waiting for {what}")
-
 
 class Ramp:
     """UDP from c1 (region r1) to the gateway's own address (no service: counted, then passed),
@@ -235,14 +228,14 @@ def test_offload_lifecycle(env):
     r2_conns = [LineConn(tb, "c2", c2.ip, VIP4, WEB_PORT) for _ in range(2)]
     for c in r2_conns:
         assert c.ask("r2 before").startswith("vm")
-    wait_for("two monitor samples", lambda: api.call(sock, "monitor")["regions"]["r1"]["pps"] >= 0, 5)
+    wait_for(lambda: api.call(sock, "monitor")["regions"]["r1"]["pps"] >= 0, 5, what="two monitor samples")
     assert offloads() == []
 
     # ---- ramp r1 past its threshold
     ramp = Ramp(tb).start()
     t_ramp = time.time()
     try:
-        active = wait_for("the offload of r1/web", lambda: [o for o in offloads() if o["region"] == "r1"])
+        active = wait_for(lambda: [o for o in offloads() if o["region"] == "r1"], 30, 0.05, what="the offload of r1/web")
         t_active = time.time()
         assert active == [{"region": "r1", "service": "web", "endpoint": DC2_ENDPOINT}]
         mon = api.call(sock, "monitor")
@@ -283,7 +276,7 @@ def test_offload_lifecycle(env):
     t_ramp_end = time.time()
 
     # ---- ramp-down: the monitor calls r1 calm, the (restarted) center clears the offload
-    wait_for("the offload to be cleared", lambda: not offloads())
+    wait_for(lambda: not offloads(), 30, 0.05, what="the offload to be cleared")
     t_cleared = time.time()
     assert json.loads(center_cli(env, "show", rid).stdout)["state"] == "cleared"
     for c in offloaded:                        # offloaded flows finish where they are
