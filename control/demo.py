@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from control import api
+from control.config import Config
 from control.testbed_config import ECHO_PORT, REMOTE_PORT, WEB_PORT, testbed_config
 from dataplane.testbed import DC2_ENDPOINT, VIP4, VIP6, Testbed
 
@@ -149,6 +150,15 @@ class GatewayDaemon:
         self.returncode: int | None = None
         self._ready = threading.Event()
         self._threads: list[threading.Thread] = []
+
+    @classmethod
+    def launch(cls, tb: Testbed, config: Config, path: str | os.PathLike[str],
+               timeout: float = 60.0) -> "GatewayDaemon":
+        """Write `config` to `path`, start `xdpgw run` on it and wait for its ready line."""
+        Path(path).write_text(config.to_toml())
+        daemon = cls(tb, str(path))
+        daemon.start(timeout=timeout)
+        return daemon
 
     def _drain(self, stream, sink: list[str], watch: bool) -> None:
         for raw in iter(stream.readline, b""):
@@ -462,11 +472,8 @@ def run_demo(prefix: str = "xgwd", seconds: float = 12.0, plot_path: str | None 
         say(f"  testbed up in {tb.timings['up']:.2f} s: clients c1 (r1 {', '.join(tb.client('c1').ips)}), "
             f"c2 (r2 {tb.client('c2').ip}); VMs vm1..vm3 behind gwv1..gwv3; vm9 behind dc2 {DC2_ENDPOINT}")
         config = testbed_config(prefix)
-        config_path = os.path.join(workdir, "xdpgw.toml")
-        Path(config_path).write_text(config.to_toml())
         sock_path = config.gateway.api_socket
-        daemon = GatewayDaemon(tb, config_path)
-        daemon.start()
+        daemon = GatewayDaemon.launch(tb, config, os.path.join(workdir, "xdpgw.toml"))
         say(f"  {daemon.ready_line}")
         for vm in tb.vms:
             start_server(tb, vm.name, vm.name, vm_binds())

@@ -123,10 +123,7 @@ def test_syn_flood_in_the_testbed_leaves_established_connections_in_place(tmp_pa
         for vm in tb.vms:
             start_server(tb, vm.name, vm.name, vm_binds())
         config = testbed_config(prefix, flow_table_size=1024, new_flow_rate_limit=200)
-        path = tmp_path / "gw.toml"
-        path.write_text(config.to_toml())
-        daemon = GatewayDaemon(tb, str(path))
-        daemon.start(timeout=60)
+        daemon = GatewayDaemon.launch(tb, config, tmp_path / "gw.toml")
         c1 = tb.client("c1")
         conns = [LineConn(tb, "c1", c1.ips[i % 2], VIP4, WEB_PORT, timeout=10) for i in range(6)]
         for c in conns:

@@ -74,9 +74,7 @@ def env(tmp_path_factory):
         tb.up()
         config = make_config(PREFIX)
         path = tmp / "xdpgw.toml"
-        path.write_text(config.to_toml())
-        daemon = GatewayDaemon(tb, str(path))
-        daemon.start(timeout=60)
+        daemon = GatewayDaemon.launch(tb, config, path)
         for vm in tb.vms:
             start_server(tb, vm.name, vm.name, vm_binds())
         start_server(tb, "dc2", "dc2", dc2_binds())

@@ -67,9 +67,7 @@ def env(tmp_path_factory):
         hosts = (HostConfig("ha", ("gwv1", "gwv2", "gwv?a", "gwv1[mno]"), 3), HostConfig("hb", ("gwv3", "gwv?b"), 3))
         config = validate(dataclasses.replace(base, vms=vms, hosts=hosts))
         path = tmp / "xdpgw.toml"
-        path.write_text(config.to_toml())
-        daemon = GatewayDaemon(tb, str(path))
-        daemon.start(timeout=90)
+        daemon = GatewayDaemon.launch(tb, config, path, timeout=90)
         for vm in tb.vms:
             start_server(tb, vm.name, vm.name, vm_binds())
         yield Env(tb, daemon, config.gateway.api_socket, str(path))

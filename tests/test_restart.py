@@ -7,7 +7,6 @@ import dataclasses
 import secrets
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -86,13 +85,6 @@ def bed(tmp_path_factory):
     assert not list(PIN_ROOT.glob(f"{PREFIX}-*")), "the testbed left pinned state behind"
 
 
-def _start(tb: Testbed, path: Path, config) -> GatewayDaemon:
-    path.write_text(config.to_toml())
-    daemon = GatewayDaemon(tb, str(path))
-    daemon.start(timeout=60)
-    return daemon
-
-
 def _conns(tb: Testbed, n: int) -> list[LineConn]:
     conns = [LineConn(tb, "c1", tb.client("c1").ips[i % 2], VIP4, WEB_PORT, timeout=10) for i in range(n)]
     for c in conns:
@@ -109,7 +101,7 @@ def test_connections_and_counters_survive_restarts(bed):
     tb, tmp = bed
     config = make_config(PREFIX)
     path = tmp / "gw.toml"
-    daemon = _start(tb, path, config)
+    daemon = GatewayDaemon.launch(tb, config, path)
     sock = config.gateway.api_socket
     conns = _conns(tb, 8)
     assert len({c.served_by for c in conns}) > 1
@@ -121,7 +113,7 @@ def test_connections_and_counters_survive_restarts(bed):
         assert daemon.stop(sig=signal.SIGUSR2) == 0
         assert tb.run("gw", attached_program_id, UPLINK) == prog
         _all_answer_from_their_vm(conns, "between daemons")
-        daemon = _start(tb, path, config)
+        daemon = GatewayDaemon.launch(tb, config, path)
         assert tb.run("gw", attached_program_id, UPLINK) not in (None, prog)   # replaced in one step
         _all_answer_from_their_vm(conns, "after upgrade")
 
@@ -135,7 +127,7 @@ def test_connections_and_counters_survive_restarts(bed):
         changed = validate(dataclasses.replace(
             config, vms=tuple(reversed(config.vms)),
             services=tuple(web if s.name == "web" else s for s in config.services)))
-        daemon = _start(tb, path, changed)
+        daemon = GatewayDaemon.launch(tb, changed, path)
         _all_answer_from_their_vm(conns, "after restart")
         fresh = LineConn(tb, "c1", tb.client("c1").ip, VIP4, WEB_PORT, timeout=10)
         conns.append(fresh)
@@ -161,7 +153,7 @@ def test_layout_change_is_refused_and_reset_starts_over(bed):
     tb, tmp = bed
     config = make_config(PREFIX, name="gwl")
     path = tmp / "gwl.toml"
-    daemon = _start(tb, path, config)
+    daemon = GatewayDaemon.launch(tb, config, path)
     assert daemon.stop() == 0
     bigger = make_config(PREFIX, name="gwl", flow_table_size=2 * config.gateway.flow_table_size)
     path.write_text(bigger.to_toml())
@@ -173,5 +165,5 @@ def test_layout_change_is_refused_and_reset_starts_over(bed):
     assert tb.run("gw", attached_program_id, UPLINK) is None        # nothing attached
     r = subprocess.run([xdpgw, "reset", "--config", str(path)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "removed" in r.stdout
-    daemon = _start(tb, path, bigger)
+    daemon = GatewayDaemon.launch(tb, bigger, path)
     assert daemon.stop() == 0
