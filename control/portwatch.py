@@ -40,11 +40,12 @@ def matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
 
 
 class PortWatcher:
-    """mode "generic" by default: measured here, native XDP on the gateway-side VM
-    veth (gwvN) made TCP connects through the gateway time out, generic did not."""
+    """mode "auto": native XDP where the port's driver has it, else generic, like
+    the gateway's own program (checked in the testbed: native on the gateway-side
+    VM veths, TCP through the VIP unaffected)."""
 
     def __init__(self, patterns: tuple[str, ...] | list[str], on_announce: Callable[[Announcement], object],
-                 on_link_gone: Callable[[str], object] | None = None, mode: str = "generic") -> None:
+                 on_link_gone: Callable[[str], object] | None = None, mode: str = "auto") -> None:
         self.patterns = tuple(patterns)
         self.on_announce = on_announce
         self.on_link_gone = on_link_gone
