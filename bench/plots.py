@@ -13,6 +13,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _rows(sections: dict, section: str) -> list:
     return sections.get(section, {}).get("results", [])
 
@@ -37,11 +44,7 @@ def per_packet(sections: dict, out: Path) -> Path | None:
     ax.set_xlabel("ns per packet (rotated: a different flow each repetition; | = same frame repeated)")
     ax.set_title("xdpgw per-packet cost by class (BPF_PROG_RUN)")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path = out / "per_packet.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "per_packet.png")
 
 
 def scaling(sections: dict, out: Path) -> list[Path]:
@@ -71,11 +74,7 @@ def scaling(sections: dict, out: Path) -> list[Path]:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         ax.set_title(f"xdpgw per-packet cost vs {label}")
-        fig.tight_layout()
-        path = out / fname
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, out / fname))
     return paths
 
 
@@ -96,11 +95,7 @@ def e2e(sections: dict, out: Path) -> Path | None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("end to end over veth: client -> gateway -> VMs")
-    fig.tight_layout()
-    path = out / "e2e.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "e2e.png")
 
 
 def maglev(sections: dict, out: Path) -> Path | None:
@@ -121,11 +116,7 @@ def maglev(sections: dict, out: Path) -> Path | None:
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title(f"Maglev table build, M={rows[0].params['m']}")
-    fig.tight_layout()
-    path = out / "maglev.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "maglev.png")
 
 
 def breakdown(sections: dict, out: Path) -> Path | None:
@@ -141,11 +132,7 @@ def breakdown(sections: dict, out: Path) -> Path | None:
     ax.invert_yaxis()
     ax.set_xlabel("ns per packet")
     ax.set_title("xdpgw variants (green) and map primitives (blue)")
-    fig.tight_layout()
-    path = out / "breakdown.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "breakdown.png")
 
 
 def draw_all(sections: dict, out_dir: str) -> list[str]:

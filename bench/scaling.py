@@ -60,6 +60,21 @@ def _checks(expect: dict, e) -> dict:
     return {"counters_expected": expected, "counters_seen": got, "ok": got == expected}
 
 
+def _measurements(hits: Rotated, news: Rotated, key: str, names: tuple[str, str], what: str,
+                  params: dict, drop_repeat: float, repeat: int, trials: int) -> list[Measurement]:
+    """The hit and new-flow figures of one scaling point, each against the minimal redirect."""
+    out = []
+    for kind, rt, expect, name in (("hit", hits, HIT_EXPECT, names[0]), ("new", news, NEW_EXPECT, names[1])):
+        e = rt.entry(kind)
+        out.append(Measurement(
+            SECTION, f"{kind}@{key}", f"{name}, {what}",
+            _net(rt, kind, drop_repeat), "ns/pkt", "minimal redirect (rotated)",
+            _net(rt, "xdp_redirect_min", drop_repeat),
+            f"rotated repeat={repeat}, median of {trials}, net of the rotator",
+            params={**params, "raw_ns": e.results}, checks=_checks(expect, e)))
+    return out
+
+
 def run(ctx: Context) -> dict:
     p = ctx.progress
     flow_sizes = ctx.size([1000, 100_000, 1_000_000], [1000, 8192])
@@ -104,16 +119,10 @@ def run(ctx: Context) -> dict:
                                   f"{label}hits: ")
                     news = _phase(rotator, base, repeat, trials, [("new", new_rot, gw.fd, gw.counters)], p,
                                   f"{label}new flows: ")
-                    for kind, rt, expect in (("hit", hits, HIT_EXPECT), ("new", news, NEW_EXPECT)):
-                        red = _net(rt, "xdp_redirect_min", drop_repeat)
-                        e = rt.entry(kind)
-                        results.append(Measurement(
-                            SECTION, f"{kind}@flows={n}",
-                            f"{'flow-table hit' if kind == 'hit' else 'new flow (full table)'}, {_label(n)} entries",
-                            _net(rt, kind, drop_repeat), "ns/pkt", "minimal redirect (rotated)", red,
-                            f"rotated repeat={repeat}, median of {trials}, net of the rotator",
-                            params={"flows": n, "table_entries": n, "resident": resident, "raw_ns": e.results},
-                            checks=_checks(expect, e)))
+                    results += _measurements(
+                        hits, news, f"flows={n}", ("flow-table hit", "new flow (full table)"),
+                        f"{_label(n)} entries", {"flows": n, "table_entries": n, "resident": resident},
+                        drop_repeat, repeat, trials)
                 finally:
                     gw.close()
 
@@ -132,16 +141,9 @@ def run(ctx: Context) -> dict:
                                   f"{label}hits: ", warm={"hit": hit_flows_vms})
                     news = _phase(rotator, base, repeat, trials, [("new", new_rot, gw.fd, gw.counters)], p,
                                   f"{label}new flows: ", warm={"new": 65536})
-                    for kind, rt, expect in (("hit", hits, HIT_EXPECT), ("new", news, NEW_EXPECT)):
-                        red = _net(rt, "xdp_redirect_min", drop_repeat)
-                        e = rt.entry(kind)
-                        results.append(Measurement(
-                            SECTION, f"{kind}@vms={v}",
-                            f"{'flow-table hit' if kind == 'hit' else 'new flow'}, {v} VMs per service",
-                            _net(rt, kind, drop_repeat), "ns/pkt", "minimal redirect (rotated)", red,
-                            f"rotated repeat={repeat}, median of {trials}, net of the rotator",
-                            params={"vms": v, "table_entries": 65536, "raw_ns": e.results},
-                            checks=_checks(expect, e)))
+                    results += _measurements(
+                        hits, news, f"vms={v}", ("flow-table hit", "new flow"), f"{v} VMs per service",
+                        {"vms": v, "table_entries": 65536}, drop_repeat, repeat, trials)
             finally:
                 gw.close()
     finally:
