@@ -113,7 +113,7 @@ class Daemon:
         interval = self.monitor.interval
         while not self.stopping.wait(interval):
             try:
-                regions = self.gateway.counters()["regions"]
+                regions = self.gateway.counters(count_flows=False)["regions"]
             except Exception as exc:  # noqa: BLE001 - a failed sample is skipped, not fatal
                 print(f"xdpgw: monitor sample failed: {exc}", file=sys.stderr, flush=True)
                 continue
@@ -163,7 +163,7 @@ class Daemon:
                   f"({self.gateway.attached_mode} XDP) in {took:.2f} s; API at {self.api.path}", flush=True)
             interval = self.config.gateway.stats_interval
             while not self.stopping.wait(interval):
-                self.rates.sample(self.gateway.counters())
+                self.rates.sample(self.gateway.counters(count_flows=False))
         finally:
             if self.link:
                 self.link.stop()
