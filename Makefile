@@ -29,7 +29,7 @@ bench: setup
 	$(PY) -m bench
 
 fuzz: setup
-	XDPGW_FUZZ_EXAMPLES=$(XDPGW_FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
+	XDPGW_FUZZ_EXAMPLES=$(XDPGW_FUZZ_EXAMPLES) $(PY) -m pytest -q tests/xdp/test_fuzz.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

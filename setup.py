@@ -5,7 +5,7 @@ from setuptools import Extension, setup
 
 EXTENSIONS = [
     Extension("control._maglev", ["cython/maglev.pyx"]),
-    Extension("control._flowhash", ["cython/flowhash.pyx"]),
+    Extension("dataplane._flowhash", ["cython/flowhash.pyx"]),
     Extension("dataplane._fold", ["cython/fold.pyx"], include_dirs=[numpy.get_include()]),
 ]
 

@@ -205,7 +205,7 @@ def _start_baseline() -> dict:
 
 
 def _startup(ctx: Context, results: list, info: dict) -> None:
-    from dataplane.netns import run_in_netns
+    from testbed.netns import run_in_netns
 
     from dataplane.pinning import remove_pins
 

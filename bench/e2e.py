@@ -159,7 +159,7 @@ class _Run:
         return snap
 
     def generate(self, repeat: int) -> dict:
-        from dataplane.netns import run_in_netns
+        from testbed.netns import run_in_netns
 
         return run_in_netns(self.topo.client_ns, _gen_run, self.gen.fd, self.frame, repeat, BATCH, self.ctx.cpu,
                             timeout=120 + repeat / 1e5)

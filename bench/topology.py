@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
-from dataplane.netns import netns_exists, run_in_netns
+from testbed.netns import netns_exists, run_in_netns
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """A persistent child process inside a network namespace, serving calls.
 
-dataplane.netns.run_in_netns runs one function in a forked child and returns;
+testbed.netns.run_in_netns runs one function in a forked child and returns;
 the gateway of the end-to-end benchmark has to live on between calls (its
 maps, its attached program), so this child stays, entered into the namespace,
 and runs the functions it is asked to by name. Functions and state live in
@@ -20,7 +20,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from dataplane.netns import enter_netns
+from testbed.netns import enter_netns
 
 PR_SET_PDEATHSIG = 1
 

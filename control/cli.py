@@ -7,14 +7,18 @@ import argparse
 import json
 import os
 import sys
+from importlib.metadata import entry_points
 from typing import Any, Sequence
 
-from control.api import ApiError, call
+from control.api.unix import ApiError, call
 from control.config import Config, ConfigError, load_config
 from dataplane.pinning import LayoutError
 from dataplane.program import LoadError
 
 DEFAULT_CONFIG = "/etc/xdpgw/xdpgw.toml"
+# Packages beside the gateway (the namespace testbed) add subcommands here, so the
+# production CLI never imports them: each entry point is called with the subparsers.
+PLUGIN_GROUP = "xdpgw.commands"
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
@@ -92,12 +96,8 @@ def _parser() -> argparse.ArgumentParser:
         if action != "reset":
             sp.add_argument("--max-moves", type=int, default=16)
 
-    tb = sub.add_parser("testbed", help="the built-in namespace testbed")
-    tb.add_argument("action", choices=["up", "down"])
-    tb.add_argument("--prefix", default="xgw", help="namespace name prefix (default xgw)")
-    demo = sub.add_parser("demo", help="testbed + daemon + traffic + a live VM move, then teardown")
-    demo.add_argument("--prefix", default="xgwd", help="namespace name prefix (default xgwd)")
-    demo.add_argument("--seconds", type=float, default=12.0, help="traffic duration (default 12)")
+    for plugin in entry_points(group=PLUGIN_GROUP):
+        plugin.load()(sub)
     return p
 
 
@@ -278,26 +278,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_testbed(args: argparse.Namespace) -> int:
-    from dataplane.testbed import main as testbed_main
-
-    return testbed_main([args.action, "--prefix", args.prefix])
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from control.demo import run_demo
-
-    return run_demo(prefix=args.prefix, seconds=args.seconds)
-
-
 COMMANDS = {"run": _cmd_run, "reset": _cmd_reset, "check": _cmd_check, "stats": _cmd_stats, "vm": _cmd_vm, "flow": _cmd_flow,
-            "offload": _cmd_offload, "defrag": _cmd_defrag, "center": _cmd_center, "testbed": _cmd_testbed, "demo": _cmd_demo}
+            "offload": _cmd_offload, "defrag": _cmd_defrag, "center": _cmd_center}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return (args.handler if "handler" in args else COMMANDS[args.command])(args)
     except (ConfigError, UsageError, LayoutError, LoadError) as exc:
         print(f"xdpgw: {exc}", file=sys.stderr)
         return EXIT_USAGE

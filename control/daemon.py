@@ -9,12 +9,12 @@ import sys
 import threading
 from typing import Any
 
-from control.api import ApiServer
+from control.api.unix import ApiServer
 from control.config import Config, ConfigError
 from control.gateway import Gateway, GatewayError
 from control.health import HealthMonitor, checks_from_config
-from control.migration_service import MigrationService
-from control.monitor import Monitor, OffloadLink
+from control.migration.service import MigrationService
+from control.offload.monitor import Monitor, OffloadLink
 from control.rates import RateTracker
 
 
@@ -93,7 +93,7 @@ class Daemon:
     def start_offload(self) -> None:
         """The agent API (the center calls it) and the heavy-region monitor (it calls the center)."""
         if self.config.agent is not None:
-            from control.agent import AgentServer
+            from control.api.http import AgentServer
             from control.config import parse_listen
 
             a = self.config.agent

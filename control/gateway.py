@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from control.config import Config, ConfigError, VMConfig
-from control.flowhash import maglev_slot
+from dataplane.flowhash import maglev_slot
 from control.maglev import build_table
 from dataplane import structs as S
 from dataplane.maps import PROTOCOLS, Dataplane, LocalPort, Tunnel

@@ -9,9 +9,10 @@ from __future__ import annotations
 import ctypes as ct
 import ipaddress
 import re
+from importlib.resources import files
 from pathlib import Path
 
-EBPF_DIR = Path(__file__).resolve().parent.parent / "ebpf"
+EBPF_DIR = Path(str(files("ebpf")))
 STRUCTS_H = EBPF_DIR / "structs.h"
 
 _DEFINE = re.compile(r"^#define\s+([A-Z][A-Z0-9_]*)\s+(0x[0-9a-fA-F]+|\d+)u?\b", re.M)

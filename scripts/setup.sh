@@ -32,7 +32,7 @@ PIP_LOG="$VENV/pip-install.log"
 DEB_PACKAGES=(python3-bpfcc python3-venv python3-dev iproute2 ethtool bpftool libbpf1 gcc make)
 # Extension modules that must import after the install; read from setup.py below,
 # this is the fallback if it can't be parsed.
-EXT_MODULES_DEFAULT=(control._maglev control._flowhash dataplane._fold)
+EXT_MODULES_DEFAULT=(control._maglev dataplane._flowhash dataplane._fold)
 # Plain dependencies that must be importable from the venv (checked with find_spec).
 PY_DEPS=(bcc pyroute2 scapy numpy pytest hypothesis matplotlib)
 

@@ -1,0 +1,53 @@
+"""The gateway config that matches the built-in namespace testbed
+(dataplane/testbed.py): used by `xdpgw demo` and the integration tests."""
+from __future__ import annotations
+
+import ipaddress
+
+from control.config import Config, GatewayConfig, HealthConfig, RegionConfig, ServiceConfig, VMConfig, validate
+from testbed import topology as tb
+
+WEB_PORT = 8080
+ECHO_PORT = 5353
+REMOTE_PORT = 8081
+
+
+def testbed_config(prefix: str = tb.DEFAULT_PREFIX, name: str = "gw1", *, which: int = 1,
+                   health: dict[str, HealthConfig] | None = None, **gateway: object) -> Config:
+    """Regions r1/r2 (the two client subnets), services web (TCP), web6 (TCP/IPv6)
+    and echo (UDP) on vm1..vm3, and remote (TCP) on vm9 behind dc2's tunnel endpoint.
+
+    `which` = 2: the config of the testbed's second gateway (Testbed(gateways=2)):
+    its namespace, uplink addresses and router; the VMs, services and regions are
+    the same. `health`: service name -> its health check."""
+    ip = ipaddress.ip_address
+    net = ipaddress.ip_network
+    local = tuple(v.name for v in tb.VMS)
+    vms = tuple(VMConfig(name=v.name, port=v.port, mac=v.mac, ip=ip(v.ip)) for v in tb.VMS)
+    vms += (VMConfig(name="vm9", tunnel=ip(tb.DC2_ENDPOINT)),)
+    regions = tuple(RegionConfig(name=f"r{c.name[1:]}", prefixes=(net(c.subnet), net(c.subnet6)))
+                    for c in tb.CLIENTS)
+    health = health or {}
+    services = (
+        ServiceConfig(name="web", vip=ip(tb.VIP4), port=WEB_PORT, protocol="tcp", vms=local,
+                      health=health.get("web")),
+        ServiceConfig(name="web6", vip=ip(tb.VIP6), port=WEB_PORT, protocol="tcp", vms=local,
+                      health=health.get("web6")),
+        ServiceConfig(name="echo", vip=ip(tb.VIP4), port=ECHO_PORT, protocol="udp", vms=local,
+                      health=health.get("echo")),
+        ServiceConfig(name="remote", vip=ip(tb.VIP4), port=REMOTE_PORT, protocol="tcp", vms=("vm9",)),
+    )
+    unknown = set(health) - {s.name for s in services if s.name != "remote"}
+    if unknown:
+        raise ValueError(f"testbed_config: no health check for {sorted(unknown)} (vm9 has no ip)")
+    if which not in (1, 2):
+        raise ValueError(f"testbed_config: which must be 1 or 2, got {which!r}")
+    uplink = ((f"{prefix}-gw", tb.UPLINK_IP, tb.UPLINK_IP6, tb.ROUTER_MAC) if which == 1 else
+              (f"{prefix}-{tb.GW2_ROLE}", tb.GW2_UPLINK_IP, tb.GW2_UPLINK_IP6, tb.ROUTER_GW2_MAC))
+    settings = dict(name=name, interface=tb.UPLINK, netns=uplink[0], tunnel_source=ip(uplink[1]),
+                    tunnel_source6=ip(uplink[2]), next_hop_mac=uplink[3],
+                    api_socket=f"/run/xdpgw/{prefix}-{name}.sock", pin_dir=tb.pin_dir(prefix, name),
+                    registry=tb.registry_path(prefix, name),
+                    flow_table_size=65536)
+    settings.update(gateway)
+    return validate(Config(gateway=GatewayConfig(**settings), regions=regions, services=services, vms=vms))

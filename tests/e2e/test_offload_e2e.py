@@ -1,0 +1,299 @@
+"""Region offload end to end, in a two-data-center testbed:
+
+  dc1 = the gateway gw1 (`xdpgw run` with [monitor], [center], [agent]) and vm1..vm3;
+  dc2 = the stand-in remote DC (IP-in-IP decap), with no VIP of its own, and its agent
+        (control/dcagent.py), which creates VMs behind dc2 on "prepare";
+  the control center (`xdpgw center`) runs in the router's namespace (198.18.0.1).
+
+Region r1 ramps past its threshold (UDP from c1, bounded in count and time); the
+monitor marks it heavy, the center picks dc2, has it prepare, and tells gw1 to
+offload r1/web to dc2. New TCP connections from r1 are served by dc2's VMs (they
+answer from the VIP: a plain TCP client cannot tell); connections opened before keep
+their VMs; r2 is untouched. The center is restarted while the offload is active;
+after the ramp-down the restarted center clears it: new flows come home, flows
+offloaded meanwhile finish at dc2. Times are printed (README "Region offload"), never asserted.
+Prefix "xgo" + 3 hex; every namespace and pin goes at the end, also on failure."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.waiting import wait_for
+
+from control.api import unix as api
+from control.config import AgentConfig, CenterLinkConfig, MonitorConfig, validate
+from testbed.demo import GatewayDaemon, LineConn, start_server, vm_binds
+from testbed.config import WEB_PORT
+from testbed.config import testbed_config as make_config
+from testbed.topology import DC2_ENDPOINT, ROUTER_IP, UPLINK_IP, VIP4, Testbed
+
+PREFIX = "xgo" + secrets.token_hex(2)[:3]
+CENTER_TOKEN, GW_TOKEN, DC_TOKEN = (secrets.token_hex(8) for _ in range(3))
+CENTER_PORT, GW_AGENT_PORT, DC_AGENT_PORT = 7300, 7301, 7302
+INTERVAL = 0.5
+HEAVY_PPS = 300.0
+RAMP_PPS = 1500
+RAMP_MAX_S = 30.0
+
+
+def _netns_list() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10, check=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def center_toml(db: str, image: str) -> str:
+    return f"""
+[center]
+listen = "{ROUTER_IP}:{CENTER_PORT}"
+token = "{CENTER_TOKEN}"
+db = "{db}"
+vms = 2
+retry_s = 0.2
+
+[weights]
+location = 1.0
+latency = 1.0
+
+[[region]]
+name = "r1"
+lat = 50.1
+lon = 8.7
+
+[[region]]
+name = "r2"
+lat = 52.5
+lon = 13.4
+
+[[datacenter]]
+name = "dc1"
+lat = 50.1
+lon = 8.7
+timezone = "Europe/Berlin"
+capacity = 8
+load = 3
+tunnel_endpoint = "{UPLINK_IP}"
+
+[[datacenter]]
+name = "dc2"
+lat = 48.1
+lon = 11.6
+timezone = "Europe/Berlin"
+capacity = 8
+load = 0
+latency_ms = 5.0
+transmit_mbps = 10000
+tunnel_endpoint = "{DC2_ENDPOINT}"
+agent = "http://{DC2_ENDPOINT}:{DC_AGENT_PORT}"
+agent_token = "{DC_TOKEN}"
+
+[[gateway]]
+name = "gw1"
+datacenter = "dc1"
+agent = "http://{UPLINK_IP}:{GW_AGENT_PORT}"
+agent_token = "{GW_TOKEN}"
+
+[[image]]
+service = "web"
+name = "web-1"
+path = "{image}"
+"""
+
+
+class Proc:
+    """A process whose stdout is read line by line on a thread; waits for a ready line (bounded)."""
+
+    def __init__(self, proc: subprocess.Popen, ready: str, timeout: float = 30.0) -> None:
+        self.proc, self.lines = proc, []
+        ok = threading.Event()
+
+        def drain():
+            for raw in iter(proc.stdout.readline, b""):
+                line = raw.decode(errors="replace").rstrip()
+                self.lines.append(line)
+                if line.startswith(ready):
+                    ok.set()
+            ok.set()
+        threading.Thread(target=drain, daemon=True).start()
+        ok.wait(timeout)
+        if not any(line.startswith(ready) for line in self.lines):
+            err = proc.stderr.read().decode(errors="replace")[-800:] if proc.poll() is not None else ""
+            raise RuntimeError(f"no {ready!r} line: {self.lines[-5:]} {err}")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("offload")
+    tb = Testbed(PREFIX, dc2_vip=False)
+    daemon = None
+    try:
+        tb.up()
+        base = make_config(PREFIX)
+        config = validate(dataclasses.replace(
+            base,
+            monitor=MonitorConfig(interval=INTERVAL, heavy_pps=HEAVY_PPS, intervals=2, smoothing=0.7,
+                                  services=("web",)),
+            center=CenterLinkConfig(url=f"http://{ROUTER_IP}:{CENTER_PORT}", token=CENTER_TOKEN, timeout=5.0),
+            agent=AgentConfig(listen=f"{UPLINK_IP}:{GW_AGENT_PORT}", token=GW_TOKEN)))
+        gw_path = tmp / "gw1.toml"
+        gw_path.write_text(config.to_toml())
+        image = tmp / "web-1.json"
+        image.write_text(json.dumps({"binds": [f"tcp:{VIP4}:{WEB_PORT}"]}))
+        center_path = tmp / "center.toml"
+        center_path.write_text(center_toml(str(tmp / "center.db"), str(image)))
+
+        daemon = GatewayDaemon(tb, str(gw_path))
+        xdpgw = daemon.xdpgw
+        e = {"tb": tb, "daemon": daemon, "sock": config.gateway.api_socket, "xdpgw": xdpgw,
+             "center_path": str(center_path), "tmp": tmp}
+
+        def start_center():
+            p = tb.popen("rt", [xdpgw, "center", "--config", str(center_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            return Proc(p, "xdpgw: center up")
+        e["start_center"] = start_center
+        e["center"] = start_center()
+        dc = tb.spawn([sys.executable, "-m", "testbed.dcagent", "--netns", tb.ns("dc2"), "--prefix", PREFIX,
+                       "--listen", f"{DC2_ENDPOINT}:{DC_AGENT_PORT}", "--token", DC_TOKEN],
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        e["dcagent"] = Proc(dc, "xdpgw: dc agent up")
+        daemon.start(timeout=60)
+        for vm in tb.vms:
+            start_server(tb, vm.name, vm.name, vm_binds())
+        yield e
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        tb.down()          # stops the center and the dc agent (which stops its VMs' servers) by pid
+    assert [n for n in _netns_list() if n.startswith(PREFIX + "-")] == []
+    assert not [p for p in os.listdir("/sys/fs/bpf/xdpgw") if p.startswith(PREFIX)] \
+        if os.path.isdir("/sys/fs/bpf/xdpgw") else True
+
+
+def center_cli(env, *args: str) -> subprocess.CompletedProcess:
+    return env["tb"].cmd("rt", [env["xdpgw"], "center", *args, "--config", env["center_path"]], check=False)
+
+
+
+class Ramp:
+    """UDP from c1 (region r1) to the gateway's own address (no service: counted, then passed),
+    at ~RAMP_PPS, until stopped or RAMP_MAX_S (bounded)."""
+
+    def __init__(self, tb: Testbed) -> None:
+        self.sock = tb.socket("c1", socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((tb.client("c1").ip, 0))
+        self.stop = threading.Event()
+        self.sent = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        batch = max(1, RAMP_PPS // 100)
+        while not self.stop.is_set() and time.monotonic() - t0 < RAMP_MAX_S:
+            for _ in range(batch):
+                try:
+                    self.sock.sendto(b"r" * 64, (UPLINK_IP, 9))
+                    self.sent += 1
+                except OSError:
+                    pass
+            self.stop.wait(0.01)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def end(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+def test_offload_lifecycle(env):
+    tb, sock = env["tb"], env["sock"]
+    c1, c2 = tb.client("c1"), tb.client("c2")
+    offloads = lambda: api.call(sock, "offload.list")   # noqa: E731
+
+    # ---- before: everything local
+    before = [LineConn(tb, "c1", c1.ips[i % 2], VIP4, WEB_PORT) for i in range(4)]
+    for c in before:
+        assert c.ask("before").startswith("vm"), c
+    r2_conns = [LineConn(tb, "c2", c2.ip, VIP4, WEB_PORT) for _ in range(2)]
+    for c in r2_conns:
+        assert c.ask("r2 before").startswith("vm")
+    wait_for(lambda: api.call(sock, "monitor")["regions"]["r1"]["pps"] >= 0, 5, what="two monitor samples")
+    assert offloads() == []
+
+    # ---- ramp r1 past its threshold
+    ramp = Ramp(tb).start()
+    t_ramp = time.time()
+    try:
+        active = wait_for(lambda: [o for o in offloads() if o["region"] == "r1"], 30, 0.05, what="the offload of r1/web")
+        t_active = time.time()
+        assert active == [{"region": "r1", "service": "web", "endpoint": DC2_ENDPOINT}]
+        mon = api.call(sock, "monitor")
+        assert mon["regions"]["r1"]["state"] == "heavy" and mon["regions"]["r2"]["state"] == "normal"
+        crossed = mon["regions"]["r1"]["crossed_at"]
+
+        # new connections from r1 go to dc2's VMs; they answer from the VIP (the client sees no difference)
+        offloaded = [LineConn(tb, "c1", c1.ips[i % 2], VIP4, WEB_PORT) for i in range(6)]
+        served = {c.ask("offloaded") for c in offloaded}
+        assert served <= {"dc2-dv1", "dc2-dv2"} and served, served
+        for c in offloaded:
+            assert c.sock.getpeername() == (VIP4, WEB_PORT)
+        # connections opened before keep their VMs; r2 is untouched (old and new connections)
+        for c in before:
+            assert c.ask("during") == c.served_by
+        for c in r2_conns:
+            assert c.ask("r2 during") == c.served_by
+        assert LineConn(tb, "c2", c2.ip, VIP4, WEB_PORT).ask("r2 new").startswith("vm")
+        assert not [o for o in offloads() if o["region"] == "r2"]
+
+        # the center: request active at dc2; explain shows every candidate's factors
+        listing = center_cli(env, "list")
+        assert listing.returncode == 0 and "active" in listing.stdout and "-> dc2" in listing.stdout, listing
+        rid = listing.stdout.split()[0]
+        shown = json.loads(center_cli(env, "show", rid).stdout)
+        explain = center_cli(env, "explain", rid)
+        assert explain.returncode == 0 and "dc2" in explain.stdout and "source data center" in explain.stdout
+        print(f"\n{explain.stdout}")
+
+        # ---- the center restarts while the offload is active: nothing is lost
+        tb.stop(env["center"].proc)
+        env["center"] = env["start_center"]()
+        assert any("1 open requests" in line for line in env["center"].lines), env["center"].lines
+        again = json.loads(center_cli(env, "show", rid).stdout)
+        assert again["state"] == "active" and again["history"] == shown["history"]
+    finally:
+        ramp.end()
+    t_ramp_end = time.time()
+
+    # ---- ramp-down: the monitor calls r1 calm, the (restarted) center clears the offload
+    wait_for(lambda: not offloads(), 30, 0.05, what="the offload to be cleared")
+    t_cleared = time.time()
+    assert json.loads(center_cli(env, "show", rid).stdout)["state"] == "cleared"
+    for c in offloaded:                        # offloaded flows finish where they are
+        assert c.ask("after") == c.served_by
+    for c in before:
+        assert c.ask("after") == c.served_by
+    home = LineConn(tb, "c1", c1.ip, VIP4, WEB_PORT)
+    assert home.ask("home again").startswith("vm")
+
+    history = {h["state"]: h["at"] for h in shown["history"]}
+    print(f"region offload, measured (interval {INTERVAL} s, K = 2, heavy {HEAVY_PPS:g} pps, ramp ~{RAMP_PPS} pps):\n"
+          f"  ramp start -> threshold crossed (first interval over): {crossed - t_ramp:.2f} s\n"
+          f"  threshold crossed -> offload active at gw1: {history['active'] - crossed:.2f} s "
+          f"({(history['active'] - crossed) / INTERVAL:.1f} intervals; seen by the test "
+          f"{t_active - crossed:.2f} s)\n"
+          f"    of which center: requested -> active {history['active'] - history['requested']:.2f} s "
+          f"(prepare at dc2 {history['prepared'] - history['preparing']:.2f} s)\n"
+          f"  ramp end -> offload cleared: {t_cleared - t_ramp_end:.2f} s; ramp sent {ramp.sent} datagrams")
+    for c in before + offloaded + r2_conns + [home]:
+        c.close()

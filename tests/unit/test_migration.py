@@ -1,0 +1,188 @@
+"""MigrationManager (control/migration.py) with a fake clock and a fake
+gateway: validation, rate limit, hold-down (flapping), conflicts, peers."""
+import ipaddress
+import threading
+
+import pytest
+
+from control.api import unix as api
+from control.migration.manager import Announcement, MigrationManager, convergence_summary
+from control.migration.registry import Registry
+
+MAC1, MAC2 = "02:00:00:00:00:01", "02:00:00:00:00:02"
+IP1, IP2 = ipaddress.ip_address("198.18.101.2"), ipaddress.ip_address("198.18.102.2")
+
+
+class Clock:
+    def __init__(self):
+        self.ns = 1_000_000_000_000
+
+    def __call__(self):
+        return self.ns
+
+    def advance(self, s):
+        self.ns += int(s * 1e9)
+
+
+@pytest.fixture
+def env(tmp_path):
+    reg = Registry(str(tmp_path / "r.db"))
+    reg.sync_vm("vm1", 1, str(IP1), MAC1, "t", "port", "gwv1")
+    reg.sync_vm("vm2", 2, str(IP2), MAC2, "t", "port", "gwv2")
+    clock = Clock()
+    moves = []
+
+    def move_local(name, port=None, mac=None, tunnel=None):
+        moves.append((name, port, tunnel))
+        return {}
+
+    m = MigrationManager(reg, "gw1", move_local, hold_down=2.0, conflict_window=0.5, rate=5, burst=3,
+                         clock=clock)
+    yield m, reg, clock, moves
+    m.close()
+    reg.close()
+
+
+def ann(clock, port, mac=MAC1, ip=IP1, kind="garp"):
+    return Announcement(kind, mac, ip, port, clock())
+
+
+def test_garp_moves_and_records_history(env):
+    m, reg, clock, moves = env
+    out = m.announce(ann(clock, "gwv1b"))
+    assert out.result == "applied" and out.vm == "vm1"
+    assert moves == [("vm1", "gwv1b", None)]
+    rec = reg.vm("vm1")
+    assert (rec.location, rec.state) == ("gwv1b", "running")
+    (h,) = reg.history("vm1")
+    assert h["detected_by"] == "garp" and h["status"] == "ok" and h["convergence_ms"] is not None
+    # the hypervisor repeats its announcement: nothing more happens
+    clock.advance(0.05)
+    assert m.announce(ann(clock, "gwv1b")).result == "current"
+    assert len(moves) == 1
+
+
+def test_rarp_without_ip_and_na(env):
+    m, reg, clock, moves = env
+    assert m.announce(Announcement("rarp", MAC1, None, "gwv1c", clock())).result == "applied"
+    clock.advance(3)
+    assert m.announce(Announcement("na", MAC2, IP2, "gwv2c", clock())).result == "applied"
+    assert [x[1] for x in moves] == ["gwv1c", "gwv2c"]
+
+
+def test_spoofed_and_unknown_are_reported_not_applied(env):
+    m, reg, clock, moves = env
+    out = m.announce(ann(clock, "gwv1b", mac=MAC1, ip=IP2))      # vm1's MAC with vm2's address
+    assert out.result == "spoofed" and out.vm == "vm1"
+    assert m.announce(ann(clock, "gwv1b", mac="02:00:00:00:00:77")).result == "unknown"
+    assert moves == [] and reg.vm("vm1").location == "gwv1"
+    (e,) = reg.events("spoofed")
+    assert e["vm"] == "vm1" and e["detail"]["port"] == "gwv1b" and e["detail"]["ip"] == str(IP2)
+
+
+def test_netlink_neighbour_of_another_address_is_ignored_quietly(env):
+    m, reg, clock, moves = env
+    out = m.announce(ann(clock, "gwv1b", ip=ipaddress.ip_address("198.18.111.2"), kind="netlink"))
+    assert out.result == "ignored" and moves == [] and reg.events() == []
+    assert m.announce(ann(clock, "gwv1b", kind="netlink")).result == "applied"
+
+
+def test_flapping_is_held_down(env):
+    m, reg, clock, moves = env
+    assert m.announce(ann(clock, "gwv1b")).result == "applied"
+    clock.advance(0.8)                      # back to the old port: a flap
+    out = m.announce(ann(clock, "gwv1"))
+    assert out.result == "flap" and reg.vm("vm1").location == "gwv1b"
+    clock.advance(0.7)                      # a third port, still within the hold-down
+    assert m.announce(ann(clock, "gwv1c")).result == "held_down"
+    clock.advance(1.0)                      # hold-down over: a real move again
+    assert m.announce(ann(clock, "gwv1")).result == "applied"
+    assert [x[1] for x in moves] == ["gwv1b", "gwv1"]
+    assert [e["kind"] for e in reg.events()] == ["flap", "held_down"]
+
+
+def test_two_ports_claiming_one_vm_is_a_conflict(env):
+    m, reg, clock, moves = env
+    assert m.announce(ann(clock, "gwv1b")).result == "applied"
+    clock.advance(0.1)
+    out = m.announce(ann(clock, "gwv1c"))
+    assert out.result == "conflict" and out.detail["claims"] == ["gwv1b", "gwv1c"]
+    assert reg.vm("vm1").location == "gwv1b" and len(moves) == 1
+    assert reg.events("conflict")[0]["vm"] == "vm1"
+
+
+def test_rate_limit_per_mac(env):
+    m, reg, clock, moves = env
+    results = [m.announce(ann(clock, "gwv1")).result for _ in range(10)]   # same instant
+    assert results[:3] == ["current"] * 3 and set(results[3:]) == {"rate_limited"}
+    # another VM's MAC has its own bucket
+    assert m.announce(ann(clock, "gwv2", mac=MAC2, ip=IP2)).result == "current"
+    clock.advance(1.0)
+    assert m.announce(ann(clock, "gwv1")).result == "current"
+
+
+def test_failed_local_move_changes_nothing(tmp_path):
+    reg = Registry(str(tmp_path / "r.db"))
+    reg.sync_vm("vm1", 1, str(IP1), MAC1, None, "port", "gwv1")
+
+    def broken(name, **kw):
+        raise RuntimeError("interface 'gwv1b' does not exist")
+
+    m = MigrationManager(reg, "gw1", broken)
+    out = m.announce(Announcement("garp", MAC1, IP1, "gwv1b", 0))
+    assert out.result == "failed" and "does not exist" in out.detail["reason"]
+    rec = reg.vm("vm1")
+    assert (rec.location, rec.state) == ("gwv1", "running")
+    assert reg.history()[0]["status"] == "failed"
+    reg.close()
+
+
+def test_peers_are_reprogrammed_over_their_control_socket(tmp_path):
+    """A second manager behind a real ApiServer plays the peer gateway."""
+    peer_reg = Registry(str(tmp_path / "peer.db"))
+    peer_reg.sync_vm("vm1", 1, str(IP1), MAC1, None, "port", "gwv1")
+    peer_moves = []
+    peer = MigrationManager(peer_reg, "gw2", lambda name, **kw: peer_moves.append((name, kw["port"])))
+    sock = str(tmp_path / "gw2.sock")
+    server = api.ApiServer(sock, {"migration.peer_apply": lambda a: peer.peer_apply(**a)})
+    server.start()
+    reg = Registry(str(tmp_path / "r.db"))
+    reg.sync_vm("vm1", 1, str(IP1), MAC1, None, "port", "gwv1")
+    dead = str(tmp_path / "nobody.sock")
+    m = MigrationManager(reg, "gw1", lambda name, **kw: None, peers=[sock, dead], peer_timeout=1.0)
+    try:
+        out = m.announce(Announcement("garp", MAC1, IP1, "gwv1b", m.clock()))
+        assert out.result == "applied"
+        assert out.detail["gateways"]["gw1"] == "ok" and out.detail["gateways"]["gw2"] == "ok"
+        assert out.detail["gateways"][dead].startswith("error")
+        assert out.detail["status"] == "partial"
+        assert peer_moves == [("vm1", "gwv1b")]
+        assert peer_reg.vm("vm1").location == "gwv1b"
+        assert peer_reg.history()[0]["detected_by"] == "peer:gw1/garp"
+        assert reg.holders("vm1") == ["gw1", "gw2"]
+        print(f"\nconvergence with one live peer and one dead one: {out.detail['convergence_ms']:.3f} ms")
+    finally:
+        m.close()
+        server.close()
+        reg.close()
+        peer_reg.close()
+
+
+def test_concurrent_announcements_apply_once(env):
+    m, reg, clock, moves = env
+    outs = []
+    threads = [threading.Thread(target=lambda: outs.append(m.announce(ann(clock, "gwv1b")).result))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert sorted(outs) == ["applied", "current", "current"] and len(moves) == 1
+
+
+def test_convergence_summary():
+    rows = [{"convergence_ms": v, "status": "ok"} for v in (5, 1, 3, 2, 4)] + \
+           [{"convergence_ms": None, "status": "failed"}]
+    s = convergence_summary(rows)
+    assert (s["count"], s["median_ms"], s["max_ms"]) == (5, 3, 5)
+    assert convergence_summary([]) == {"count": 0}
