@@ -67,7 +67,7 @@ def _before(src: str | None, anchor: str, text: str) -> str | None:
 
 
 def variants() -> dict[str, tuple[str, str | None]]:
-    from dataplane.program import program_source
+    from dataplane.program import TEST_TRACE, program_source
 
     src = program_source()
     no_region = _stub(src, "static __always_inline __u32 region_account(", "return XDPGW_REGION_UNKNOWN;")
@@ -78,8 +78,7 @@ def variants() -> dict[str, tuple[str, str | None]]:
         "as_is": ("xdpgw as it is", src),
         "region_generic_call": ("region lookups merged into one call (before the region.h fix)", unfixed),
         "no_region": ("without region accounting (LPM trie + counter)", no_region),
-        "no_trace": ("without the forward trace (test aid)",
-                     _stub(src, "static __always_inline void trace_forward(", "return;")),
+        "test_trace": ("with the forward trace (the tests' build)", f"#define {TEST_TRACE}\n" + src),
         "no_stats": ("without the global stats counters",
                      _stub(src, "static __always_inline void stat_inc(", "return;")),
         "flow_first": ("prototype: flow table first, service lookup only on a miss", flow_first),
@@ -153,96 +152,33 @@ def run(ctx: Context) -> dict:
     hit_flows = ctx.size(10000, 500)
     repeat = ctx.size(100_000, 2000)
     trials = ctx.size(5, 1)
-    results: list[Measurement] = []
     info: dict = {"repeat": repeat, "trials": trials, "hit_flows": hit_flows, "skipped_variants": []}
 
     p("compiling the baselines, the rotator and the primitives")
     base = load_baselines(1)
     rotator = prims = None
-    progs = {}
+    progs: dict = {}
     try:
         base.set_target(0, "02:00:00:0c:00:01", "02:00:00:0b:00:01", 1)
         rotator = load_rotator()
         prims, prim_fns = _load_primitives(hit_flows)
-        wanted = ("as_is", "flow_first") if ctx.quick else None
-        for key, (label, text) in variants().items():
-            if wanted and key not in wanted:
-                continue
-            if text is None:
-                info["skipped_variants"].append(key)
-                continue
-            p(f"compiling variant {key}")
-            try:
-                progs[key] = (label, load_xdpgw(flow_entries=65536, source=text))
-            except Exception as exc:  # noqa: BLE001 - a variant that does not build is reported, not fatal
-                info["skipped_variants"].append(f"{key}: {type(exc).__name__}: {str(exc)[:200]}")
+        _load_variants(progs, ("as_is", "flow_first") if ctx.quick else None, info, p)
         info["xlated_calls"] = {key: xlated_calls(g.fd) for key, (_, g) in progs.items() if key == "as_is"}
         with pinned(ctx.cpu):
             frame0 = F.flows4("tcp4", F.SRC["hit"], 0, 1)[0]
             drop_repeat = median(run_repeat(base.fd("xdp_drop_min"), frame0, 100_000) for _ in range(3))
             hit_rot = Rotation.v4("tcp4", F.SRC["hit"], hit_flows)
-            rt = Rotated(rotator, repeat, progress=p)
-            rt.add("xdp_drop_min", hit_rot, base.fd("xdp_drop_min"))
-            rt.add("xdp_redirect_min", hit_rot, base.fd("xdp_redirect_min"))
-            for key, (_, g) in progs.items():
-                rt.add(key, hit_rot, g.fd, g.counters)
-                rt.warm(key)
             new_rot = Rotation.v4("tcp4", F.SRC["new"], 1 << 30)
-            for name, _ in PRIMITIVES:
-                inserts = name in ("prim_lru40_update", "prim_lru40_insert_free")
-                rt.add(name, new_rot if inserts else hit_rot, prim_fns[name].fd)
-            p("filling the primitives' full LRU table")
-            rt.warm("prim_lru40_update", 65536)
-            rt.run(trials, label="variants and primitives: ")
+            rt = _time_rotated(base, rotator, progs, prim_fns, hit_rot, new_rot, repeat, trials, p)
             verdicts = {}
             for name, _ in PRIMITIVES:
                 if name not in ("prim_lru40_update", "prim_lru40_insert_free"):
                     rotator.run(hit_rot, prim_fns[name].fd, 64)
                     verdicts[name] = rotator.last_verdict
             info["primitive_hit_verdicts"] = verdicts      # 1 (XDP_DROP) = the lookup found its key
-
-            overhead = rt.value("xdp_drop_min") - drop_repeat
-            info["rotator_overhead_ns"] = overhead
-            as_is = rt.value("as_is") - overhead if "as_is" in progs else float("nan")
-            for key, (label, g) in progs.items():
-                e = rt.entry(key)
-                hits = e.counter_delta.get("flow_hits", 0)
-                checks = {} if key == "no_stats" else {"flow_hits": hits, "ok": hits == e.runs}
-                results.append(Measurement(SECTION, f"variant:{key}", label + " -- flow hit", rt.value(key) - overhead,
-                                           "ns/pkt", "xdpgw as it is", as_is,
-                                           f"rotated repeat={repeat} over {hit_flows} flows, median of {trials}",
-                                           checks=checks))
-            drop_net = rt.value("xdp_drop_min") - overhead
-            for name, label in PRIMITIVES:
-                results.append(Measurement(SECTION, f"primitive:{name}", label, rt.value(name) - overhead, "ns/pkt",
-                                           "XDP_DROP", drop_net,
-                                           f"rotated repeat={repeat}, median of {trials}; the operation costs "
-                                           "value - baseline",
-                                           params={"op_ns": rt.value(name) - overhead - drop_net},
-                                           checks={"found": verdicts.get(name) == 1} if name in verdicts else {}))
-            results.append(Measurement(SECTION, "baseline:redirect", "minimal MAC rewrite + redirect", rt.value(
-                "xdp_redirect_min") - overhead, "ns/pkt", "XDP_DROP", drop_net, f"rotated repeat={repeat}"))
-
+            results = _measurements(rt, progs, verdicts, drop_repeat, info, repeat, trials, hit_flows)
             if ctx.perf and not ctx.quick and "as_is" in progs:
-                g = progs["as_is"][1]
-
-                def hits_workload(deadline: float) -> None:
-                    nxt = 0
-                    while time.monotonic() < deadline:
-                        rotator.run(hit_rot, g.fd, 50_000, nxt)
-                        nxt = (nxt + 50_000) % hit_flows
-
-                def new_workload(deadline: float) -> None:
-                    nxt = 1 << 20
-                    while time.monotonic() < deadline:
-                        rotator.run(new_rot, g.fd, 20_000, nxt)
-                        nxt += 20_000
-
-                p("perf profile: flow hits")
-                info["perf_flow_hit"] = perf_profile(hits_workload, pid=os.getpid())
-                p("perf profile: new flows (full table)")
-                rotator.run(new_rot, g.fd, 65536, 1 << 19)       # fill: the steady state evicts
-                info["perf_new_flow"] = perf_profile(new_workload, pid=os.getpid())
+                _perf_profiles(rotator, progs["as_is"][1], hit_rot, new_rot, hit_flows, info, p)
     finally:
         for _, g in progs.values():
             g.close()
@@ -252,3 +188,87 @@ def run(ctx: Context) -> dict:
             rotator.close()
         base.close()
     return {"results": results, "info": info}
+
+
+def _load_variants(progs: dict, wanted: tuple[str, ...] | None, info: dict, p) -> None:
+    """Into `progs`: key -> (label, loaded program) of the variants that build (the
+    caller closes them, also if one fails here); the others go to
+    info["skipped_variants"] with the reason."""
+    for key, (label, text) in variants().items():
+        if wanted and key not in wanted:
+            continue
+        if text is None:
+            info["skipped_variants"].append(key)
+            continue
+        p(f"compiling variant {key}")
+        try:
+            progs[key] = (label, load_xdpgw(flow_entries=65536, source=text))
+        except Exception as exc:  # noqa: BLE001 - a variant that does not build is reported, not fatal
+            info["skipped_variants"].append(f"{key}: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def _time_rotated(base, rotator, progs: dict, prim_fns: dict, hit_rot: Rotation, new_rot: Rotation,
+                  repeat: int, trials: int, p) -> Rotated:
+    """The baselines, every variant (flow hits) and every primitive, rotated in one run."""
+    rt = Rotated(rotator, repeat, progress=p)
+    rt.add("xdp_drop_min", hit_rot, base.fd("xdp_drop_min"))
+    rt.add("xdp_redirect_min", hit_rot, base.fd("xdp_redirect_min"))
+    for key, (_, g) in progs.items():
+        rt.add(key, hit_rot, g.fd, g.counters)
+        rt.warm(key)
+    for name, _ in PRIMITIVES:
+        inserts = name in ("prim_lru40_update", "prim_lru40_insert_free")
+        rt.add(name, new_rot if inserts else hit_rot, prim_fns[name].fd)
+    p("filling the primitives' full LRU table")
+    rt.warm("prim_lru40_update", 65536)
+    rt.run(trials, label="variants and primitives: ")
+    return rt
+
+
+def _measurements(rt: Rotated, progs: dict, verdicts: dict, drop_repeat: float, info: dict,
+                  repeat: int, trials: int, hit_flows: int) -> list[Measurement]:
+    """Each figure net of the rotator's own cost (measured on XDP_DROP, into `info`)."""
+    results: list[Measurement] = []
+    overhead = rt.value("xdp_drop_min") - drop_repeat
+    info["rotator_overhead_ns"] = overhead
+    as_is = rt.value("as_is") - overhead if "as_is" in progs else float("nan")
+    for key, (label, g) in progs.items():
+        e = rt.entry(key)
+        hits = e.counter_delta.get("flow_hits", 0)
+        checks = {} if key == "no_stats" else {"flow_hits": hits, "ok": hits == e.runs}
+        results.append(Measurement(SECTION, f"variant:{key}", label + " -- flow hit", rt.value(key) - overhead,
+                                   "ns/pkt", "xdpgw as it is", as_is,
+                                   f"rotated repeat={repeat} over {hit_flows} flows, median of {trials}",
+                                   checks=checks))
+    drop_net = rt.value("xdp_drop_min") - overhead
+    for name, label in PRIMITIVES:
+        results.append(Measurement(SECTION, f"primitive:{name}", label, rt.value(name) - overhead, "ns/pkt",
+                                   "XDP_DROP", drop_net,
+                                   f"rotated repeat={repeat}, median of {trials}; the operation costs "
+                                   "value - baseline",
+                                   params={"op_ns": rt.value(name) - overhead - drop_net},
+                                   checks={"found": verdicts.get(name) == 1} if name in verdicts else {}))
+    results.append(Measurement(SECTION, "baseline:redirect", "minimal MAC rewrite + redirect", rt.value(
+        "xdp_redirect_min") - overhead, "ns/pkt", "XDP_DROP", drop_net, f"rotated repeat={repeat}"))
+    return results
+
+
+def _perf_profiles(rotator, g, hit_rot: Rotation, new_rot: Rotation, hit_flows: int, info: dict, p) -> None:
+    """perf profiles of xdpgw as it is: flow hits, then new flows into a full table."""
+    def hits_workload(deadline: float) -> None:
+        nxt = 0
+        while time.monotonic() < deadline:
+            rotator.run(hit_rot, g.fd, 50_000, nxt)
+            nxt = (nxt + 50_000) % hit_flows
+
+    def new_workload(deadline: float) -> None:
+        nxt = 1 << 20
+        while time.monotonic() < deadline:
+            rotator.run(new_rot, g.fd, 20_000, nxt)
+            nxt += 20_000
+
+    p("perf profile: flow hits")
+    info["perf_flow_hit"] = perf_profile(hits_workload, pid=os.getpid())
+    p("perf profile: new flows (full table)")
+    rotator.run(new_rot, g.fd, 65536, 1 << 19)       # fill: the steady state evicts
+    info["perf_new_flow"] = perf_profile(new_workload, pid=os.getpid())

@@ -100,79 +100,103 @@ def run(ctx: Context) -> dict:
         base.set_target(0, "02:00:00:0c:00:01", "02:00:00:0b:00:01", 1)   # slot 0 -> lo
         rotator = load_rotator()
         gw = load_xdpgw(flow_entries=FLOW_ENTRIES)
-        counters = gw.counters
         info: dict = {"hit_working_set_flows": hit_flows, "repeat": repeat, "trials": trials, "cpu": ctx.cpu,
                       "flow_table_entries": FLOW_ENTRIES, "xlated_calls": xlated_calls(gw.fd)}
         with pinned(ctx.cpu):
-            # ---- which classes survive repeat=R on one frame? check it --------
-            p("probing repeat semantics")
-            probes = {}
-            for pc in CLASSES:
-                a, b = pc.frames(PROBE_START, 2)
-                if pc.prerecord:
-                    run_once(gw.fd, a)
-                    run_once(gw.fd, b)
-                probes[pc.key] = probe_repeat(gw.fd, a, b, counters)
-            info["repeat_probe"] = probes
-            stable = [pc for pc in CLASSES if probes[pc.key]["repeat_stable"]]
-            info["repeat_stable"] = [pc.key for pc in stable]
-
-            # ---- rotated: every class, every repetition a different flow ------
-            # phase A: everything but new flows; phase B: new flows, after the
-            # table was filled, so that every timed new flow is inserted into a
-            # full LRU table (evicting), the steady state of a busy gateway,
-            # and cannot evict phase A's hit flows while they are timed.
-            base_rot = Rotation.v4("tcp4", F.SRC["hit"], hit_flows)
-            phases = []
-            for phase in ("A", "B"):
-                rt = Rotated(rotator, repeat, progress=p)
-                rt.add("xdp_drop_min", base_rot, base.fd("xdp_drop_min"))
-                rt.add("xdp_redirect_min", base_rot, base.fd("xdp_redirect_min"))
-                for pc in CLASSES:
-                    if pc.new_flows == (phase == "B"):
-                        rt.add(pc.key, pc.rotation(hit_flows), gw.fd, counters)
-                        if pc.prerecord:
-                            rt.warm(pc.key)              # one period: records every flow
-                        if pc.new_flows:
-                            p("filling the flow table with new flows")
-                            rt.warm(pc.key, FLOW_ENTRIES)
-                rt.run(trials, label=f"phase {phase}: ")
-                phases.append(rt)
-
-            # ---- repeat on one frame: the repeat-stable classes ---------------
-            rp = Repeat(repeat, progress=p)
-            f0 = F.flows4("tcp4", F.SRC["hit"], 0, 1)[0]
-            rp.add("xdp_drop_min", base.fd("xdp_drop_min"), f0)
-            rp.add("xdp_redirect_min", base.fd("xdp_redirect_min"), f0)
-            rp.add("xdp_redirect_spread", base.fd("xdp_redirect_spread"), f0)
-            for pc in stable:
-                frame = pc.frames(0, 1)[0]
-                if pc.prerecord:
-                    run_once(gw.fd, frame)      # phase B's new flows may have evicted it
-                rp.add(pc.key, gw.fd, frame, counters)
-            rp.run(trials)
-
-            # ---- single-shot (cold), interleaved ------------------------------
-            gw.dp.clear_flows()                 # room for its flows: nothing evicted while timed
-            ss = SingleShot(single_per_trial, progress=p)
-            hit_frames = F.flows4("tcp4", F.SRC["hit"], 0, single_per_trial)
-            ss.add("xdp_drop_min", base.fd("xdp_drop_min"), hit_frames)
-            ss.add("xdp_redirect_min", base.fd("xdp_redirect_min"), hit_frames)
-            for pc in CLASSES:
-                if pc.new_flows:
-                    frames = pc.frames(SINGLE_NEW_START, single_per_trial * single_trials)
-                else:
-                    frames = pc.frames(0, single_per_trial)
-                if pc.prerecord:
-                    for f in frames:
-                        run_once(gw.fd, f)
-                ss.add(pc.key, gw.fd, frames, consume=pc.new_flows, counters=counters)
-            ss.run(single_trials)
+            stable = _probe_repeat_stable(gw, info, p)
+            phases = _time_rotated(base, rotator, gw, repeat, trials, hit_flows, p)
+            rp = _time_repeat(base, gw, stable, repeat, trials, p)
+            ss = _time_single_shot(base, gw, single_per_trial, single_trials, p)
     finally:
         for obj in (gw, rotator, base):
             if obj is not None:
                 obj.close()
+    results = _measurements(phases, rp, ss, stable, info, repeat, trials, hit_flows)
+    return {"results": results, "info": info}
 
+
+def _probe_repeat_stable(gw, info: dict, p) -> list[PacketClass]:
+    """Which classes survive repeat=R on one frame? Check it (recorded in `info`)."""
+    p("probing repeat semantics")
+    probes = {}
+    for pc in CLASSES:
+        a, b = pc.frames(PROBE_START, 2)
+        if pc.prerecord:
+            run_once(gw.fd, a)
+            run_once(gw.fd, b)
+        probes[pc.key] = probe_repeat(gw.fd, a, b, gw.counters)
+    info["repeat_probe"] = probes
+    stable = [pc for pc in CLASSES if probes[pc.key]["repeat_stable"]]
+    info["repeat_stable"] = [pc.key for pc in stable]
+    return stable
+
+
+def _time_rotated(base, rotator, gw, repeat: int, trials: int, hit_flows: int, p) -> list[Rotated]:
+    """Rotated: every class, every repetition a different flow.
+
+    Phase A: everything but new flows; phase B: new flows, after the table was
+    filled, so that every timed new flow is inserted into a full LRU table
+    (evicting), the steady state of a busy gateway, and cannot evict phase A's
+    hit flows while they are timed."""
+    base_rot = Rotation.v4("tcp4", F.SRC["hit"], hit_flows)
+    phases = []
+    for phase in ("A", "B"):
+        rt = Rotated(rotator, repeat, progress=p)
+        rt.add("xdp_drop_min", base_rot, base.fd("xdp_drop_min"))
+        rt.add("xdp_redirect_min", base_rot, base.fd("xdp_redirect_min"))
+        for pc in CLASSES:
+            if pc.new_flows == (phase == "B"):
+                rt.add(pc.key, pc.rotation(hit_flows), gw.fd, gw.counters)
+                if pc.prerecord:
+                    rt.warm(pc.key)              # one period: records every flow
+                if pc.new_flows:
+                    p("filling the flow table with new flows")
+                    rt.warm(pc.key, FLOW_ENTRIES)
+        rt.run(trials, label=f"phase {phase}: ")
+        phases.append(rt)
+    return phases
+
+
+def _time_repeat(base, gw, stable: list[PacketClass], repeat: int, trials: int, p) -> Repeat:
+    """Repeat on one frame: the repeat-stable classes."""
+    rp = Repeat(repeat, progress=p)
+    f0 = F.flows4("tcp4", F.SRC["hit"], 0, 1)[0]
+    rp.add("xdp_drop_min", base.fd("xdp_drop_min"), f0)
+    rp.add("xdp_redirect_min", base.fd("xdp_redirect_min"), f0)
+    rp.add("xdp_redirect_spread", base.fd("xdp_redirect_spread"), f0)
+    for pc in stable:
+        frame = pc.frames(0, 1)[0]
+        if pc.prerecord:
+            run_once(gw.fd, frame)      # phase B's new flows may have evicted it
+        rp.add(pc.key, gw.fd, frame, gw.counters)
+    rp.run(trials)
+    return rp
+
+
+def _time_single_shot(base, gw, per_trial: int, trials: int, p) -> SingleShot:
+    """Single-shot (cold), interleaved."""
+    gw.dp.clear_flows()                 # room for its flows: nothing evicted while timed
+    ss = SingleShot(per_trial, progress=p)
+    hit_frames = F.flows4("tcp4", F.SRC["hit"], 0, per_trial)
+    ss.add("xdp_drop_min", base.fd("xdp_drop_min"), hit_frames)
+    ss.add("xdp_redirect_min", base.fd("xdp_redirect_min"), hit_frames)
+    for pc in CLASSES:
+        if pc.new_flows:
+            frames = pc.frames(SINGLE_NEW_START, per_trial * trials)
+        else:
+            frames = pc.frames(0, per_trial)
+        if pc.prerecord:
+            for f in frames:
+                run_once(gw.fd, f)
+        ss.add(pc.key, gw.fd, frames, consume=pc.new_flows, counters=gw.counters)
+    ss.run(trials)
+    return ss
+
+
+def _measurements(phases: list[Rotated], rp: Repeat, ss: SingleShot, stable: list[PacketClass], info: dict,
+                  repeat: int, trials: int, hit_flows: int) -> list[Measurement]:
+    """The figures of the three methods, each net of its own harness cost and next to
+    the redirect baseline timed the same way (the harness costs go into `info`)."""
     def rot_value(name: str) -> float:
         return float(median([x for rt in phases for x in (rt.entry(name).results if _has(rt, name) else [])]))
 
@@ -232,7 +256,7 @@ def run(ctx: Context) -> dict:
         chk["verdicts"] = e.verdicts
         chk["ok"] = chk["ok"] and e.verdicts.get(pc.verdict, 0) == e.runs
         add(pc.key, pc.name, ss_net(pc.key), "single", {"raw_mean_ns": ss.mean(pc.key), "frames": e.runs}, chk)
-    return {"results": results, "info": info}
+    return results
 
 
 def _has(rt: Rotated, name: str) -> bool:

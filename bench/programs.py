@@ -293,7 +293,7 @@ class _BpfProgInfo(ct.Structure):
 
 
 def _prog_info(prog_fd: int) -> dict | None:
-    lib = libbpf._lib
+    lib = libbpf.lib()
     lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
     info = _BpfProgInfo()
     n = ct.c_uint32(ct.sizeof(info))

@@ -20,7 +20,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from testbed.netns import enter_netns
+from dataplane.netns import enter_netns
 
 PR_SET_PDEATHSIG = 1
 

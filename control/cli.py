@@ -11,7 +11,8 @@ from importlib.metadata import entry_points
 from typing import Any, Sequence
 
 from control.api.unix import ApiError, call
-from control.config import Config, ConfigError, load_config
+from control.config import Config, ConfigError, load_config, parse_listen, split_addr_port
+from control.defrag.planner import DEFAULT_MAX_MOVES
 from dataplane.pinning import LayoutError
 from dataplane.program import LoadError
 
@@ -30,55 +31,72 @@ class UsageError(Exception):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xdpgw", description="XDP cloud data-center gateway")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_daemon_commands, _add_vm_commands, _add_flow_commands, _add_offload_commands,
+                _add_center_command, _add_defrag_commands):
+        add(sub)
+    for plugin in entry_points(group=PLUGIN_GROUP):
+        plugin.load()(sub)
+    return p
 
-    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("--config", default=os.environ.get("XDPGW_CONFIG", DEFAULT_CONFIG),
-                        help=f"TOML config file (default $XDPGW_CONFIG or {DEFAULT_CONFIG})")
-        return sp
 
-    run = with_config(sub.add_parser("run", help="run the gateway daemon in the foreground"))
+def _with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sp.add_argument("--config", default=os.environ.get("XDPGW_CONFIG", DEFAULT_CONFIG),
+                    help=f"TOML config file (default $XDPGW_CONFIG or {DEFAULT_CONFIG})")
+    return sp
+
+
+def _add_daemon_commands(sub: argparse._SubParsersAction) -> None:
+    run = _with_config(sub.add_parser("run", help="run the gateway daemon in the foreground"))
     run.add_argument("--reset", action="store_true",
                      help="discard the pinned state of an earlier run (flows, counters, offloads)")
-    with_config(sub.add_parser("reset", help="remove the gateway's pinned state (the daemon must be stopped)"))
-    with_config(sub.add_parser("check", help="validate the config and exit"))
-    stats = with_config(sub.add_parser("stats", help="counters and rates"))
+    _with_config(sub.add_parser("reset", help="remove the gateway's pinned state (the daemon must be stopped)"))
+    _with_config(sub.add_parser("check", help="validate the config and exit"))
+    stats = _with_config(sub.add_parser("stats", help="counters and rates"))
     stats.add_argument("--json", action="store_true", help="machine-readable output")
 
+
+def _add_vm_commands(sub: argparse._SubParsersAction) -> None:
     vm = sub.add_parser("vm", help="VMs").add_subparsers(dest="vm_command", required=True)
-    with_config(vm.add_parser("list", help="VMs with location and state"))
-    move = with_config(vm.add_parser("move", help="re-point a VM after a live migration"))
+    _with_config(vm.add_parser("list", help="VMs with location and state"))
+    move = _with_config(vm.add_parser("move", help="re-point a VM after a live migration"))
     move.add_argument("name")
     where = move.add_mutually_exclusive_group(required=True)
     where.add_argument("--port", help="local host port (ifname) the VM is now behind")
     where.add_argument("--tunnel", help="remote endpoint address the VM is now behind")
     move.add_argument("--mac", help="the VM's MAC on its new port (default: unchanged)")
-    hist = with_config(vm.add_parser("history", help="migrations (from, to, how detected, convergence)"))
+    hist = _with_config(vm.add_parser("history", help="migrations (from, to, how detected, convergence)"))
     hist.add_argument("name", nargs="?")
     hist.add_argument("--json", action="store_true")
-    events = with_config(vm.add_parser("events", help="refused announcements: spoofed, conflicting, flapping"))
+    events = _with_config(vm.add_parser("events", help="refused announcements: spoofed, conflicting, flapping"))
     events.add_argument("--json", action="store_true")
     for state, text in (("drain", "keep existing flows, take no new ones"),
                         ("down", "take no traffic, whatever the health checks say (admin override)"),
                         ("up", "take new flows again (clears drain and down; health checks still apply)")):
-        sp = with_config(vm.add_parser(state, help=text))
+        sp = _with_config(vm.add_parser(state, help=text))
         sp.add_argument("name")
 
+
+def _add_flow_commands(sub: argparse._SubParsersAction) -> None:
     flow = sub.add_parser("flow", help="flows").add_subparsers(dest="flow_command", required=True)
-    lookup = with_config(flow.add_parser("lookup", help="which VM a flow goes to, and why"))
+    lookup = _with_config(flow.add_parser("lookup", help="which VM a flow goes to, and why"))
     lookup.add_argument("--service", required=True)
     lookup.add_argument("--src", required=True, help="IP:PORT, or [IPv6]:PORT")
 
+
+def _add_offload_commands(sub: argparse._SubParsersAction) -> None:
     off = sub.add_parser("offload", help="region offload").add_subparsers(dest="offload_command", required=True)
-    oset = with_config(off.add_parser("set", help="send new flows of a region to another data center"))
-    oclear = with_config(off.add_parser("clear", help="serve a region locally again"))
+    oset = _with_config(off.add_parser("set", help="send new flows of a region to another data center"))
+    oclear = _with_config(off.add_parser("clear", help="serve a region locally again"))
     for sp in (oset, oclear):
         sp.add_argument("--region", required=True)
         sp.add_argument("--service", required=True)
     oset.add_argument("--endpoint", required=True, help="tunnel endpoint of the target data center")
     oclear.add_argument("--now", action="store_true",
                         help="also bring flows already offloaded home (default: they finish remotely)")
-    with_config(off.add_parser("list", help="active offloads"))
+    _with_config(off.add_parser("list", help="active offloads"))
 
+
+def _add_center_command(sub: argparse._SubParsersAction) -> None:
     center = sub.add_parser("center", help="the control center (region offload); `xdpgw center --config FILE` runs it")
     center.add_argument("action", nargs="?", default="run", choices=["run", "explain", "list", "show"],
                         help="run (default) the center; explain REQUEST: each candidate's score per factor; "
@@ -87,28 +105,16 @@ def _parser() -> argparse.ArgumentParser:
     center.add_argument("--config", default=os.environ.get("XDPGW_CENTER_CONFIG", "/etc/xdpgw/center.toml"),
                         help="the center's TOML config (default $XDPGW_CENTER_CONFIG or /etc/xdpgw/center.toml)")
 
+
+def _add_defrag_commands(sub: argparse._SubParsersAction) -> None:
     dfg = sub.add_parser("defrag", help="tenant defragmentation").add_subparsers(dest="defrag_command", required=True)
     for action, text in (("plan", "print the migration plan and the expected reduction"),
                          ("apply", "carry out the plan through the migration path"),
                          ("reset", "measure VM-to-VM traffic from now on")):
-        sp = with_config(dfg.add_parser(action, help=text))
+        sp = _with_config(dfg.add_parser(action, help=text))
         sp.add_argument("--json", action="store_true")
         if action != "reset":
-            sp.add_argument("--max-moves", type=int, default=16)
-
-    for plugin in entry_points(group=PLUGIN_GROUP):
-        plugin.load()(sub)
-    return p
-
-
-def split_host_port(text: str) -> tuple[str, int]:
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UsageError(f"--src {text!r}: expected IP:PORT or [IPv6]:PORT")
-    return host, int(port)
+            sp.add_argument("--max-moves", type=int, default=DEFAULT_MAX_MOVES)
 
 
 def _socket(config: Config) -> str:
@@ -192,7 +198,10 @@ def _cmd_vm(args: argparse.Namespace) -> int:
 
 
 def _cmd_flow(args: argparse.Namespace) -> int:
-    host, port = split_host_port(args.src)
+    try:
+        host, port = split_addr_port(args.src)
+    except ValueError:
+        raise UsageError(f"--src {args.src!r}: expected IP:PORT or [IPv6]:PORT") from None
     r = call(_socket(load_config(args.config)), "flow.lookup", service=args.service, src=host, sport=port)
     print(f"{r['src']} -> service {r['service']} (region {r['region'] or 'unknown'}): "
           f"VM {r['vm'] or '-'} by {r['reason']}")
@@ -220,7 +229,6 @@ def _cmd_center(args: argparse.Namespace) -> int:
 
         return serve(config)
     from control.center.client import CenterClient
-    from control.config import parse_listen
 
     host, port = parse_listen(config.listen, "center.listen")
     host = f"[{host}]" if ":" in host else host
@@ -278,8 +286,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "reset": _cmd_reset, "check": _cmd_check, "stats": _cmd_stats, "vm": _cmd_vm, "flow": _cmd_flow,
-            "offload": _cmd_offload, "defrag": _cmd_defrag, "center": _cmd_center}
+COMMANDS = {"run": _cmd_run, "reset": _cmd_reset, "check": _cmd_check, "stats": _cmd_stats, "vm": _cmd_vm,
+            "flow": _cmd_flow, "offload": _cmd_offload, "defrag": _cmd_defrag, "center": _cmd_center}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,28 +7,27 @@ import resource
 import signal
 import sys
 import threading
-from typing import Any
 
+from control.api.commands import CommandTable, arg, merge
 from control.api.unix import ApiServer
 from control.config import Config, ConfigError
-from control.gateway import Gateway, GatewayError
+from control.defrag.service import DefragService
+from control.gateway import Gateway
 from control.health import HealthMonitor, checks_from_config
 from control.migration.service import MigrationService
-from control.offload.monitor import Monitor, OffloadLink
-from control.rates import RateTracker
+from control.offload.link import OffloadLink
+from control.offload.monitor import Monitor
+from control.rates import RateTracker, Sampler
+from dataplane.netns import enter_netns
 
 
-def enter_netns(name: str) -> None:
-    """Join the gateway's network namespace (network only: the mount namespace,
-    and with it the host's /sys/fs/bpf, stays). Must run before any thread starts,
-    since setns() moves only the calling thread and threads inherit it."""
+def enter_gateway_netns(name: str) -> None:
+    """Join gateway.netns, if set (see enter_netns: before any thread starts)."""
     if not name:
         return
-    from pyroute2 import netns
-
     try:
-        netns.setns(name, flags=0)
-    except (FileNotFoundError, OSError) as exc:
+        enter_netns(name)
+    except OSError as exc:
         raise ConfigError("gateway.netns", f"cannot enter network namespace {name!r}: {exc}") from None
 
 
@@ -41,37 +40,29 @@ class Daemon:
         self.config = config
         self.gateway = Gateway(config)
         self.rates = RateTracker()
+        self.sampler = Sampler(lambda: self.gateway.counters(count_flows=False))
+        self.sampler.every(config.gateway.stats_interval, self.rates.sample)
         self.stopping = threading.Event()
         self.api: ApiServer | None = None
         self.health: HealthMonitor | None = None
-        self.migration = MigrationService(config, self.gateway)   # registry, port watcher, defrag
-        # region offload (issue 7): heavy-region monitor, its link to the center, the agent API
+        self.migration = MigrationService(config, self.gateway)
+        self.defrag = DefragService(config, self.migration)
+        # region offload: heavy-region monitor, its link to the center, the agent API
         self.monitor: Monitor | None = Monitor(config) if config.monitor else None
+        if self.monitor is not None:
+            self.sampler.every(self.monitor.interval, self._monitor_sample)
         self.link: OffloadLink | None = None
         self.agent = None
-        self.monitor_thread: threading.Thread | None = None
 
-    def commands(self) -> dict[str, Any]:
+    def commands(self) -> CommandTable:
+        """The gateway's own commands, the migration service's (vm.move among them:
+        registry, peers, history) and the defragmentation service's."""
         gw = self.gateway
-
-        def arg(args: dict, name: str, kind: type = str, required: bool = True):
-            value = args.get(name)
-            if value is None:
-                if required:
-                    raise GatewayError(f"missing argument {name!r}")
-                return None
-            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-                raise GatewayError(f"argument {name!r} must be a {kind.__name__}")
-            return value
-
-        return {**{
+        own = {
             "stats": lambda a: {**gw.counters(), "rates": self.rates.rates(), "health": self.health_summary(),
                                 "monitor": self.monitor_summary()},
             "monitor": lambda a: self.monitor_summary(),
             "vm.list": lambda a: gw.vm_list(),
-            "vm.move": lambda a: gw.move_vm(arg(a, "name"), port=arg(a, "port", required=False),
-                                            mac=arg(a, "mac", required=False),
-                                            tunnel=arg(a, "tunnel", required=False)),
             "vm.state": lambda a: gw.set_vm_state(arg(a, "name"), arg(a, "state")),
             "flow.lookup": lambda a: gw.flow_lookup(arg(a, "service"), arg(a, "src"), arg(a, "sport", int)),
             "offload.set": lambda a: gw.set_offload(arg(a, "region"), arg(a, "service"), arg(a, "endpoint")),
@@ -81,7 +72,8 @@ class Daemon:
             "maglev.tables": lambda a: gw.maglev_tables(),
             "status": lambda a: {"name": self.config.gateway.name, "interface": self.config.gateway.interface,
                                  "mode": gw.attached_mode},
-        }, **self.migration.commands()}       # its vm.move replaces the plain one: registry, peers, history
+        }
+        return merge(own, self.migration.commands(), self.defrag.commands())
 
     def monitor_summary(self) -> dict:
         """Per region: smoothed rates, state (normal | heavy), thresholds; the center link's last results."""
@@ -91,7 +83,7 @@ class Daemon:
                 "center": self.link.snapshot() if self.link else None}
 
     def start_offload(self) -> None:
-        """The agent API (the center calls it) and the heavy-region monitor (it calls the center)."""
+        """The agent API (the center calls it) and the monitor's link to the center (it calls the center)."""
         if self.config.agent is not None:
             from control.api.http import AgentServer
             from control.config import parse_listen
@@ -100,28 +92,17 @@ class Daemon:
             host, port = parse_listen(a.listen, "agent.listen")
             self.agent = AgentServer(host, port, a.token, self.commands(), a.tls_cert, a.tls_key)
             self.agent.start()
-        if self.monitor is None:
-            return
-        if self.config.center is not None:
+        if self.monitor is not None and self.config.center is not None:
             services = list(self.config.monitor.services) or [s.name for s in self.config.services]
             self.link = OffloadLink(self.config, services)
             self.link.start()
-        self.monitor_thread = threading.Thread(target=self._monitor_loop, name="xdpgw-monitor", daemon=True)
-        self.monitor_thread.start()
 
-    def _monitor_loop(self) -> None:
-        interval = self.monitor.interval
-        while not self.stopping.wait(interval):
-            try:
-                regions = self.gateway.counters(count_flows=False)["regions"]
-            except Exception as exc:  # noqa: BLE001 - a failed sample is skipped, not fatal
-                print(f"xdpgw: monitor sample failed: {exc}", file=sys.stderr, flush=True)
-                continue
-            for event in self.monitor.update(regions):
-                print(f"xdpgw: region {event.region} is {event.kind} ({event.pps:.0f} pps, "
-                      f"{event.bps / 1e6:.3f} Mbit/s smoothed)", flush=True)
-                if self.link:
-                    self.link.submit(event)
+    def _monitor_sample(self, counters: dict, now: float) -> None:
+        for event in self.monitor.update(counters["regions"], now=now):
+            print(f"xdpgw: region {event.region} is {event.kind} ({event.pps:.0f} pps, "
+                  f"{event.bps / 1e6:.3f} Mbit/s smoothed)", flush=True)
+            if self.link:
+                self.link.submit(event)
 
     def health_summary(self) -> dict:
         """Probe counts and VMs by health, and the last table rebuild (when, how long)."""
@@ -147,7 +128,7 @@ class Daemon:
         """Serve until SIGTERM/SIGINT (detach, exit 0) or SIGUSR2 (exit 0 leaving the
         program attached and the state pinned: the upgrade path, where the next
         `xdpgw run` replaces the program in one step and no packet goes unserved)."""
-        enter_netns(self.config.gateway.netns)
+        enter_gateway_netns(self.config.gateway.netns)
         keep_attached = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
@@ -161,9 +142,7 @@ class Daemon:
             self.start_offload()
             print(f"xdpgw: gateway {self.config.gateway.name} up on {self.config.gateway.interface} "
                   f"({self.gateway.attached_mode} XDP) in {took:.2f} s; API at {self.api.path}", flush=True)
-            interval = self.config.gateway.stats_interval
-            while not self.stopping.wait(interval):
-                self.rates.sample(self.gateway.counters(count_flows=False))
+            self.sampler.run(self.stopping)
         finally:
             if self.link:
                 self.link.stop()

@@ -9,23 +9,25 @@ import hashlib
 import ipaddress
 import threading
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from control.config import Config, ConfigError, VMConfig
-from dataplane.flowhash import maglev_slot
+from control.config import Config, ConfigError, IPAddress
 from control.maglev import build_table
+from control.vms import ADMIN_STATES, HEALTH_STATES, VmRuntime
 from dataplane import structs as S
+from dataplane.flowhash import maglev_slot
 from dataplane.maps import PROTOCOLS, Dataplane, LocalPort, Tunnel
 from dataplane.pinning import PinnedState, check_reused_maps
 from dataplane.program import AttachError, Sizes, attach, detach, ifindex, load
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
 
 class GatewayError(RuntimeError):
     """A request the gateway cannot carry out; the message names the culprit."""
+
+
+class UnknownName(GatewayError, LookupError):
+    """The request names a VM, region or service the gateway does not have."""
 
 
 def sizes_of(config: Config) -> Sizes:
@@ -62,57 +64,6 @@ def next_hop_mac(endpoint: IPAddress) -> str:
     raise GatewayError(f"next hop {hop} towards {endpoint} has no neighbour entry; set gateway.next_hop_mac")
 
 
-ADMIN_STATES = ("active", "draining", "down")   # set by the operator (xdpgw vm up|drain|down)
-HEALTH_STATES = ("unknown", "up", "down")        # set by the health checks (control/health.py)
-
-
-def effective_state(admin: str, health: str, weight: int) -> str:
-    """The state the dataplane and the Maglev tables use; the one place it is computed.
-
-    down if the health checks say so (or the operator forces it), else the
-    operator's state, where weight 0 means draining: only active VMs are in the
-    Maglev tables; a draining VM keeps its flows and takes no new ones; a down
-    VM's flows are re-selected on their next packet. Unknown health (no check,
-    or none decided yet) leaves the admin state alone."""
-    if health == "down" or admin == "down":
-        return "down"
-    if admin == "draining" or weight == 0:
-        return "draining"
-    return "active"
-
-
-@dataclass
-class VmRuntime:
-    """What the gateway knows of a VM now (its location may change by moves)."""
-    config: VMConfig
-    vm_id: int
-    admin_state: str = "active"
-    port: str | None = None
-    mac: str | None = None
-    tunnel: IPAddress | None = None
-    since: float = field(default_factory=time.time)       # the effective state's start
-    health: str = "unknown"
-    health_since: float = field(default_factory=time.time)
-    last_probe: dict | None = None       # the latest probe result (control/health.py ProbeResult.as_dict)
-    tables_at: float | None = None       # when the Maglev tables last took in a change of this VM
-    moved_at: float | None = None
-
-    @property
-    def state(self) -> str:
-        return effective_state(self.admin_state, self.health, self.config.weight)
-
-    def describe(self) -> dict:
-        where = {"port": self.port, "mac": self.mac} if self.port else {"tunnel": str(self.tunnel)}
-        return {"name": self.config.name, "id": self.vm_id, "state": self.state, "weight": self.config.weight,
-                "ip": str(self.config.ip) if self.config.ip else None, **where, **self.status()}
-
-    def status(self) -> dict:
-        """Admin state, health, last probe and time in state (the fields `vm list` and `stats` add)."""
-        return {"admin_state": self.admin_state, "health": self.health, "health_since": self.health_since,
-                "last_probe": self.last_probe, "since": self.since,
-                "in_state_s": round(max(0.0, time.time() - self.since), 3), "tables_at": self.tables_at}
-
-
 class Gateway:
     """One gateway's dataplane and state. Methods are thread-safe."""
 
@@ -123,7 +74,6 @@ class Gateway:
         self.service_ids = config.service_ids()
         self.vms = {v.name: VmRuntime(v, i, port=v.port, mac=v.mac, tunnel=v.tunnel)
                     for v, i in zip(config.vms, (config.vm_ids()[v.name] for v in config.vms))}
-        self.port_slots: dict[str, int] = {}
         self.tables: dict[int, np.ndarray] = {}
         self.last_rebuild: dict | None = None   # the last rebuild that swapped a table: when, how long
         self.offload_targets: dict[tuple[str, str], IPAddress] = {}
@@ -217,10 +167,14 @@ class Gateway:
 
     # ---- VM locations --------------------------------------------------
     def _slot(self, port: str) -> int:
-        if port not in self.port_slots:
-            self.port_slots[port] = len(self.port_slots) + 1
-            self._dp().set_port(self.port_slots[port], ifindex(port))
-        return self.port_slots[port]
+        """The port's devmap slot, pointing at the port's ifindex now (a re-created port has a new one)."""
+        return self._dp().port_slots.allocate(port, ifindex(port))
+
+    def _release_unused_ports(self) -> None:
+        """Free the slots of ports no VM is behind any more."""
+        slots = self._dp().port_slots
+        for port in set(slots.ports()) - {vm.port for vm in self.vms.values()}:
+            slots.release(port)
 
     def _tunnel(self, endpoint: IPAddress) -> Tunnel:
         g = self.config.gateway
@@ -266,7 +220,7 @@ class Gateway:
 
     def vm(self, name: str) -> VmRuntime:
         if name not in self.vms:
-            raise GatewayError(f"unknown VM {name!r}")
+            raise UnknownName(f"unknown VM {name!r}")
         return self.vms[name]
 
     def move_vm(self, name: str, port: str | None = None, mac: str | None = None,
@@ -293,6 +247,7 @@ class Gateway:
             self._dp().set_vm(vm.vm_id, location, vm.state)
             vm.port, vm.mac, vm.tunnel = candidate.port, candidate.mac, candidate.tunnel
             vm.moved_at = time.time()
+            self._release_unused_ports()
             return vm.describe()
 
     def set_vm_state(self, name: str, state: str) -> dict:
@@ -383,9 +338,9 @@ class Gateway:
     # ---- offload -------------------------------------------------------
     def _region_service(self, region: str, service: str) -> tuple[int, int]:
         if region not in self.region_ids:
-            raise GatewayError(f"unknown region {region!r}")
+            raise UnknownName(f"unknown region {region!r}")
         if service not in self.service_ids:
-            raise GatewayError(f"unknown service {service!r}")
+            raise UnknownName(f"unknown service {service!r}")
         return self.region_ids[region], self.service_ids[service]
 
     def set_offload(self, region: str, service: str, endpoint: str) -> dict:
@@ -428,7 +383,7 @@ class Gateway:
     def flow_lookup(self, service: str, src: str, sport: int) -> dict:
         """Which VM this flow goes to, and why: the flow table, an offload, or a Maglev slot."""
         if service not in self.service_ids:
-            raise GatewayError(f"unknown service {service!r}")
+            raise UnknownName(f"unknown service {service!r}")
         try:
             address = ipaddress.ip_address(src)
         except ValueError:
@@ -464,8 +419,8 @@ class Gateway:
     def counters(self, count_flows: bool = True) -> dict:
         """Raw cumulative counters in the shape of `xdpgw stats --json`.
 
-        Counting flow entries reads the whole flow table (0.4 s at 1M flows), so
-        the periodic samplers, which only need rates, leave it out (None)."""
+        Counting flow entries reads the whole flow table, so the periodic
+        samplers, which only need rates, leave it out (None)."""
         dp = self._dp()
         regions = dp.region_counters()
         services = dp.service_counters()

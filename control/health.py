@@ -2,14 +2,14 @@
 monitor that runs them for the daemon.
 
 Every gateway probes the VMs on its own; nothing here talks to another gateway.
-A service's `health` table (control/config.py HealthConfig) gives each of its VMs
+A service's `health` table (control/config/schema.py HealthConfig) gives each of its VMs
 one check, probed at the VM's `ip` (also for a VM behind a tunnel). Identical
 checks of one VM (two services on the same port, say) are probed once.
 
 A VM's *health* is the combination of its checks: down if any check is down, up
 if every check is up, unknown otherwise (no check yet decided, or none at all).
 The gateway turns health and the operator's admin state into the one effective
-state (control/gateway.py effective_state).
+state (control/vms.py effective_state).
 
 HealthMonitor runs every check as an asyncio task on an event loop in a thread of
 its own: a probe waits on its socket, never on a lock, so 1000 VMs cost 1000
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ipaddress
 import logging
 import socket
 import threading
@@ -30,12 +29,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from control.config import Config
+from control.config import Config, IPAddress
+from control.vms import HEALTH_STATES
 
 log = logging.getLogger(__name__)
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-HEALTH_STATES = ("unknown", "up", "down")
 DEFAULT_PATH = "/"
 DEFAULT_PAYLOAD = b"xdpgw health probe"
 HTTP_MAX_STATUS_LINE = 1024

@@ -27,11 +27,13 @@ from collections.abc import Iterable
 import numpy as np
 
 from dataplane.extensions import extension
+from dataplane.program import Sizes
 from dataplane.structs import XDPGW_NO_VM
 
 
 NO_VM = XDPGW_NO_VM
-DEFAULT_M = 65537
+DEFAULT_M = Sizes().maglev_m
+DEFAULT_SEED = Sizes().hash_seed
 U32_MAX = 0xFFFFFFFF
 
 _FNV_BASIS = 0xCBF29CE484222325
@@ -102,7 +104,7 @@ def _prepare(backends: Iterable[Backend], m: int, seed: int) -> list[tuple[bytes
     return [b for b in named if b[2]]
 
 
-def build_table(backends: Iterable[Backend], m: int = DEFAULT_M, seed: int = 0) -> np.ndarray:
+def build_table(backends: Iterable[Backend], m: int = DEFAULT_M, seed: int = DEFAULT_SEED) -> np.ndarray:
     """Maglev table as uint32[m] of vm_ids (Cython; identical to build_table_reference)."""
     active = _prepare(backends, m, seed)
     if not active:
@@ -117,8 +119,8 @@ def _fnv1a64(data: bytes, salt: int) -> int:
     return h
 
 
-def build_table_reference(backends: Iterable[Backend], m: int = DEFAULT_M, seed: int = 0) -> np.ndarray:
-    """The spec in pure Python (slow: ~1 s for m=65537); see the module doc."""
+def build_table_reference(backends: Iterable[Backend], m: int = DEFAULT_M, seed: int = DEFAULT_SEED) -> np.ndarray:
+    """The spec in pure Python (slow at production table sizes); see the module doc."""
     active = _prepare(backends, m, seed)
     if not active:
         return np.full(m, NO_VM, dtype=np.uint32)

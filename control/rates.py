@@ -1,11 +1,20 @@
-"""Turns successive cumulative counter samples into per-second rates."""
+"""Per-second rates from cumulative counters, and the sampler that reads the
+counters once per tick for every consumer of them."""
 from __future__ import annotations
 
+import sys
 import threading
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 RATE_SECTIONS = ("regions", "services", "vms")
+
+
+def per_second(before: tuple[int, int], after: tuple[int, int], dt: float) -> tuple[float, float]:
+    """(pps, bps) between two cumulative (packets, bytes) readings `dt` s apart. Counters
+    only grow: a smaller value means they were reset (a gateway restart), read as no traffic."""
+    return max(0, after[0] - before[0]) / dt, 8 * max(0, after[1] - before[1]) / dt
 
 
 class RateTracker:
@@ -30,6 +39,58 @@ class RateTracker:
             out[section] = {}
             for name, now in b.get(section, {}).items():
                 before = a.get(section, {}).get(name, {"packets": 0, "bytes": 0})
-                out[section][name] = {"pps": (now["packets"] - before["packets"]) / dt,
-                                      "bps": 8 * (now["bytes"] - before["bytes"]) / dt}
+                pps, bps = per_second((before["packets"], before["bytes"]), (now["packets"], now["bytes"]), dt)
+                out[section][name] = {"pps": pps, "bps": bps}
         return out
+
+
+Consumer = Callable[[dict[str, Any], float], None]
+
+
+@dataclass
+class _Subscription:
+    interval: float
+    consume: Consumer
+    due: float = 0.0
+
+
+class Sampler:
+    """Reads the counters when a consumer's interval has elapsed and hands the same
+    reading (and its CLOCK_MONOTONIC time) to every consumer due then: consumers with
+    equal intervals (or multiples) share one read. Runs on the caller's thread."""
+
+    # consumers due within this many seconds of each other share a read
+    SHARE_S = 0.005
+
+    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+        self.read = read
+        self.subscriptions: list[_Subscription] = []
+
+    def every(self, interval: float, consume: Consumer) -> None:
+        """Call `consume(counters, now)` every `interval` seconds once `run` runs."""
+        self.subscriptions.append(_Subscription(interval, consume))
+
+    def run(self, stop: threading.Event) -> None:
+        """Sample until `stop` is set. A failed read is reported and skipped."""
+        if not self.subscriptions:
+            stop.wait()
+            return
+        start = time.monotonic()
+        for s in self.subscriptions:
+            s.due = start + s.interval
+        while not stop.wait(max(0.0, min(s.due for s in self.subscriptions) - time.monotonic())):
+            now = time.monotonic()
+            due = [s for s in self.subscriptions if s.due <= now + self.SHARE_S]
+            if not due:
+                continue
+            for s in due:
+                while s.due <= now + self.SHARE_S:      # a slow read skips ticks, keeping the schedule
+                    s.due += s.interval
+            try:
+                counters = self.read()
+            except Exception as exc:  # noqa: BLE001 - a failed sample is skipped, not fatal
+                print(f"xdpgw: counter sample failed: {exc}", file=sys.stderr, flush=True)
+                continue
+            at = time.monotonic()
+            for s in due:
+                s.consume(counters, at)

@@ -12,7 +12,6 @@ import numpy as np
 from dataplane.extensions import extension
 
 
-
 def _ext():
     return extension("dataplane._fold")
 
@@ -39,6 +38,11 @@ def percpu_value_stride(value_size: int) -> int:
     return (value_size + 7) // 8 * 8
 
 
+def percpu_value_size(value_size: int, n_cpus: int) -> int:
+    """Bytes one key's values take in a per-CPU lookup buffer: one stride per possible CPU."""
+    return percpu_value_stride(value_size) * n_cpus
+
+
 def fold_bytes(buf: bytes, n_keys: int, n_cpus: int, value_size: int, n_fields: int) -> np.ndarray:
     """Fold the value buffer of a per-CPU map (batch) lookup into uint64[n_keys, n_fields].
 
@@ -52,7 +56,7 @@ def fold_bytes(buf: bytes, n_keys: int, n_cpus: int, value_size: int, n_fields: 
             f"got n_keys={n_keys} n_cpus={n_cpus} value_size={value_size} n_fields={n_fields}"
         )
     stride = percpu_value_stride(value_size)
-    expected = n_keys * n_cpus * stride
+    expected = n_keys * percpu_value_size(value_size, n_cpus)
     size = memoryview(buf).nbytes
     if size != expected:
         raise ValueError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes as ct
 import ctypes.util
 import errno
+import functools
 import os
 
 BPF_MAP_TYPE_ARRAY = 2
@@ -16,17 +17,6 @@ BPF_F_MMAPABLE = 1 << 10
 
 class BpfError(OSError):
     """A bpf() call failed; the message names the operation and the map or program."""
-
-
-def _load() -> ct.CDLL:
-    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
-    try:
-        return ct.CDLL(name, use_errno=True)
-    except OSError as exc:
-        raise BpfError(errno.ENOENT, f"cannot load libbpf ({name}): {exc}; run `make setup`") from exc
-
-
-_lib = _load()
 
 
 class TestRunOpts(ct.Structure):
@@ -67,28 +57,53 @@ class MapInfo(ct.Structure):
                 ("map_extra", ct.c_uint64)]
 
 
-_lib.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.POINTER(TestRunOpts)]
-_lib.bpf_map_create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32,
-                                ct.POINTER(MapCreateOpts)]
-_lib.bpf_map_update_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.POINTER(ct.c_uint32),
-                                      ct.POINTER(BatchOpts)]
-_lib.bpf_map_lookup_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_void_p, ct.c_void_p,
-                                      ct.POINTER(ct.c_uint32), ct.POINTER(BatchOpts)]
-_lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
-_lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
-_lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
-_lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
-_lib.bpf_obj_get.argtypes = [ct.c_char_p]
-_lib.bpf_map_get_fd_by_id.argtypes = [ct.c_uint32]
-_lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+_SIGNATURES = {
+    "bpf_prog_test_run_opts": [ct.c_int, ct.POINTER(TestRunOpts)],
+    "bpf_map_create": [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32, ct.POINTER(MapCreateOpts)],
+    "bpf_map_update_batch": [ct.c_int, ct.c_void_p, ct.c_void_p, ct.POINTER(ct.c_uint32), ct.POINTER(BatchOpts)],
+    "bpf_map_lookup_batch": [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_void_p, ct.c_void_p,
+                             ct.POINTER(ct.c_uint32), ct.POINTER(BatchOpts)],
+    "bpf_map_update_elem": [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64],
+    "bpf_map_lookup_elem": [ct.c_int, ct.c_void_p, ct.c_void_p],
+    "bpf_map_delete_elem": [ct.c_int, ct.c_void_p],
+    "bpf_obj_pin": [ct.c_int, ct.c_char_p],
+    "bpf_obj_get": [ct.c_char_p],
+    "bpf_map_get_fd_by_id": [ct.c_uint32],
+    "bpf_obj_get_info_by_fd": [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)],
+}
+
+
+@functools.cache
+def lib() -> ct.CDLL:
+    """libbpf, loaded on first use so that importing the dataplane needs no libbpf."""
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        handle = ct.CDLL(name, use_errno=True)
+    except OSError as exc:
+        raise BpfError(errno.ENOENT, f"cannot load libbpf ({name}): {exc}; run `make setup`") from None
+    for function, argtypes in _SIGNATURES.items():
+        getattr(handle, function).argtypes = argtypes
+    return handle
+
+
+def _errno(rc: int) -> int:
+    """libbpf 1.x returns -errno on failure (and sets errno)."""
+    return -rc if rc != -1 else ct.get_errno()
 
 
 def _check(rc: int, what: str) -> int:
-    """libbpf 1.x returns -errno on failure (and sets errno)."""
     if rc < 0:
-        err = -rc if rc != -1 else ct.get_errno()
+        err = _errno(rc)
         raise BpfError(err, f"{what}: {os.strerror(err)}")
     return rc
+
+
+def _found(rc: int, what: str) -> bool:
+    """False for ENOENT (no such key), True on success; other failures raise."""
+    if rc < 0 and _errno(rc) == errno.ENOENT:
+        return False
+    _check(rc, what)
+    return True
 
 
 def prog_test_run(prog_fd: int, data: bytes, *, repeat: int = 1, ingress_ifindex: int = 0,
@@ -105,15 +120,15 @@ def prog_test_run(prog_fd: int, data: bytes, *, repeat: int = 1, ingress_ifindex
     if ingress_ifindex:
         opts.ctx_in = ct.addressof(ctx)
         opts.ctx_size_in = ct.sizeof(ctx)
-    _check(_lib.bpf_prog_test_run_opts(prog_fd, ct.byref(opts)), f"BPF_PROG_TEST_RUN on program fd {prog_fd}")
+    _check(lib().bpf_prog_test_run_opts(prog_fd, ct.byref(opts)), f"BPF_PROG_TEST_RUN on program fd {prog_fd}")
     return opts.retval, buf_out.raw[:opts.data_size_out], opts.duration
 
 
 def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
                flags: int = 0) -> int:
     opts = MapCreateOpts(sz=ct.sizeof(MapCreateOpts), map_flags=flags)
-    return _check(_lib.bpf_map_create(map_type, name.encode()[:15], key_size, value_size, max_entries,
-                                      ct.byref(opts)), f"creating map {name}")
+    return _check(lib().bpf_map_create(map_type, name.encode()[:15], key_size, value_size, max_entries,
+                                       ct.byref(opts)), f"creating map {name}")
 
 
 def update_batch(map_fd: int, keys: bytes, values: bytes, count: int, what: str) -> None:
@@ -121,7 +136,7 @@ def update_batch(map_fd: int, keys: bytes, values: bytes, count: int, what: str)
     value_buf = ct.create_string_buffer(values, len(values))
     n = ct.c_uint32(count)
     opts = BatchOpts(sz=ct.sizeof(BatchOpts))
-    _check(_lib.bpf_map_update_batch(map_fd, key_buf, value_buf, ct.byref(n), ct.byref(opts)),
+    _check(lib().bpf_map_update_batch(map_fd, key_buf, value_buf, ct.byref(n), ct.byref(opts)),
            f"batch update of {what}")
 
 
@@ -137,56 +152,45 @@ def lookup_batch(map_fd: int, key_size: int, value_size: int, max_entries: int, 
     first = True
     while total < max_entries:
         n = ct.c_uint32(min(chunk, max_entries - total))
-        rc = _lib.bpf_map_lookup_batch(map_fd, None if first else in_batch, out_batch,
-                                       ct.addressof(keys) + total * key_size,
-                                       ct.addressof(values) + total * value_size, ct.byref(n), ct.byref(opts))
+        rc = lib().bpf_map_lookup_batch(map_fd, None if first else in_batch, out_batch,
+                                        ct.addressof(keys) + total * key_size,
+                                        ct.addressof(values) + total * value_size, ct.byref(n), ct.byref(opts))
         total += n.value
-        if rc < 0:
-            err = -rc if rc != -1 else ct.get_errno()
-            if err == errno.ENOENT:   # walked past the last entry
-                break
-            raise BpfError(err, f"batch lookup of {what}: {os.strerror(err)}")
+        if not _found(rc, f"batch lookup of {what}"):   # walked past the last entry
+            break
         ct.memmove(in_batch, out_batch, len(out_batch))
         first = False
     return keys.raw[:total * key_size], values.raw[:total * value_size], total
 
 
 def update_elem(map_fd: int, key: ct._SimpleCData | ct.Structure | ct.Array, value, what: str) -> None:
-    _check(_lib.bpf_map_update_elem(map_fd, ct.byref(key), ct.byref(value), BPF_ANY), f"updating {what}")
+    _check(lib().bpf_map_update_elem(map_fd, ct.byref(key), ct.byref(value), BPF_ANY), f"updating {what}")
 
 
 def lookup_elem(map_fd: int, key, value, what: str) -> bool:
     """Fill `value` from the map; False when the key is absent."""
-    rc = _lib.bpf_map_lookup_elem(map_fd, ct.byref(key), ct.byref(value))
-    if rc < 0 and (-rc if rc != -1 else ct.get_errno()) == errno.ENOENT:
-        return False
-    _check(rc, f"looking up {what}")
-    return True
+    return _found(lib().bpf_map_lookup_elem(map_fd, ct.byref(key), ct.byref(value)), f"looking up {what}")
 
 
 def delete_elem(map_fd: int, key, what: str) -> bool:
     """Delete a key; False when it was absent."""
-    rc = _lib.bpf_map_delete_elem(map_fd, ct.byref(key))
-    if rc < 0 and (-rc if rc != -1 else ct.get_errno()) == errno.ENOENT:
-        return False
-    _check(rc, f"deleting from {what}")
-    return True
+    return _found(lib().bpf_map_delete_elem(map_fd, ct.byref(key)), f"deleting from {what}")
 
 
 def map_fd_by_id(map_id: int) -> int:
-    return _check(_lib.bpf_map_get_fd_by_id(map_id), f"opening map id {map_id}")
+    return _check(lib().bpf_map_get_fd_by_id(map_id), f"opening map id {map_id}")
 
 
 def map_info(map_fd: int) -> MapInfo:
     info = MapInfo()
     n = ct.c_uint32(ct.sizeof(info))
-    _check(_lib.bpf_obj_get_info_by_fd(map_fd, ct.byref(info), ct.byref(n)), f"reading info of map fd {map_fd}")
+    _check(lib().bpf_obj_get_info_by_fd(map_fd, ct.byref(info), ct.byref(n)), f"reading info of map fd {map_fd}")
     return info
 
 
 def obj_pin(fd: int, path: str) -> None:
-    _check(_lib.bpf_obj_pin(fd, path.encode()), f"pinning fd {fd} at {path}")
+    _check(lib().bpf_obj_pin(fd, path.encode()), f"pinning fd {fd} at {path}")
 
 
 def obj_get(path: str) -> int:
-    return _check(_lib.bpf_obj_get(path.encode()), f"opening pinned object {path}")
+    return _check(lib().bpf_obj_get(path.encode()), f"opening pinned object {path}")

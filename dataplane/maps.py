@@ -7,13 +7,15 @@ import ipaddress
 import mmap
 import os
 import socket
+from collections import deque
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from . import libbpf
 from . import structs as S
-from .fold import fold_bytes
+from .fold import fold_bytes, percpu_value_size
 from .program import Sizes
 
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
@@ -25,6 +27,15 @@ def possible_cpus() -> int:
     from bcc.utils import get_possible_cpus
 
     return len(get_possible_cpus())
+
+
+def read_percpu(map_fd: int, key_size: int, value_type, max_entries: int, ncpus: int,
+                what: str) -> tuple[bytes, np.ndarray]:
+    """Every entry of a per-CPU map of u64 counters, read in batches: (the keys
+    back to back, uint64[entries, fields] summed over CPUs)."""
+    vs = ct.sizeof(value_type)
+    keys, values, n = libbpf.lookup_batch(map_fd, key_size, percpu_value_size(vs, ncpus), max_entries, what)
+    return keys, fold_bytes(values, n, ncpus, vs, vs // 8)
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,7 @@ class Dataplane:
         self.bpf = bpf
         self.sizes = sizes
         self.ncpus = possible_cpus()
+        self.port_slots = PortSlots(self)
 
     def _table(self, name: str):
         return self.bpf.get_table(name.encode())   # bcc warns on str names
@@ -162,10 +174,17 @@ class Dataplane:
             raise ValueError(f"port slot {slot} out of range 0..{self.sizes.max_ports - 1}")
         self._table("tx_ports")[ct.c_int(slot)] = ct.c_int(ifindex)
 
+    def clear_port(self, slot: int) -> None:
+        libbpf.delete_elem(self._fd("tx_ports"), ct.c_uint32(slot), f"tx_ports[{slot}]")
+
+    def ports(self) -> dict[int, int]:
+        """The filled slots of the port devmap: slot -> ifindex."""
+        fd, ifindex = self._fd("tx_ports"), ct.c_uint32()
+        return {slot: ifindex.value for slot in range(self.sizes.max_ports)
+                if libbpf.lookup_elem(fd, ct.c_uint32(slot), ifindex, f"tx_ports[{slot}]")}
+
     def set_vm(self, vm_id: int, where: LocalPort | Tunnel, state: str = "active") -> None:
-        self._check_vm_id(vm_id)
-        if state not in VM_STATES:
-            raise ValueError(f"VM {vm_id}: state {state!r} must be one of {sorted(VM_STATES)}")
+        self._check_vm(vm_id, state)
         loc = S.VmLocation(state=VM_STATES[state])
         if isinstance(where, LocalPort):
             if not 0 <= where.slot < self.sizes.max_ports:
@@ -180,9 +199,7 @@ class Dataplane:
         self._table("vm_location")[ct.c_uint32(vm_id)] = loc
 
     def set_vm_state(self, vm_id: int, state: str) -> None:
-        self._check_vm_id(vm_id)
-        if state not in VM_STATES:
-            raise ValueError(f"VM {vm_id}: state {state!r} must be one of {sorted(VM_STATES)}")
+        self._check_vm(vm_id, state)
         table = self._table("vm_location")
         loc = table[ct.c_uint32(vm_id)]
         if not loc.kind:
@@ -201,6 +218,11 @@ class Dataplane:
     def _check_vm_id(self, vm_id: int) -> None:
         if not 1 <= vm_id <= self.sizes.max_vms:
             raise ValueError(f"VM id {vm_id} out of range 1..{self.sizes.max_vms}")
+
+    def _check_vm(self, vm_id: int, state: str) -> None:
+        self._check_vm_id(vm_id)
+        if state not in VM_STATES:
+            raise ValueError(f"VM {vm_id}: state {state!r} must be one of {sorted(VM_STATES)}")
 
     # ---- region offload -------------------------------------------------
     def set_offload(self, region_id: int, service_id: int, target: Tunnel) -> int:
@@ -258,10 +280,15 @@ class Dataplane:
                 for k, r in self._table("region_offload").items() if r.endpoint_id in endpoints}
 
     # ---- flows ---------------------------------------------------------
+    def _read_flows(self) -> tuple[bytes, bytes, int]:
+        """The flow table read with batch operations: (keys, entries, count)."""
+        return libbpf.lookup_batch(self._fd("flow_table"), ct.sizeof(S.FlowKey), ct.sizeof(S.FlowEntry),
+                                   self.sizes.flow_entries, "flow_table")
+
     def flows(self) -> list[tuple[S.FlowKey, S.FlowEntry]]:
         """Every flow-table entry, read with batch operations."""
         ks, vs = ct.sizeof(S.FlowKey), ct.sizeof(S.FlowEntry)
-        keys, values, n = libbpf.lookup_batch(self._fd("flow_table"), ks, vs, self.sizes.flow_entries, "flow_table")
+        keys, values, n = self._read_flows()
         return [(S.FlowKey.from_buffer_copy(keys, i * ks), S.FlowEntry.from_buffer_copy(values, i * vs))
                 for i in range(n)]
 
@@ -275,28 +302,24 @@ class Dataplane:
     def flows_array(self) -> tuple[np.ndarray, np.ndarray]:
         """Every flow-table entry as numpy structured arrays (keys, entries) with the
         layouts of S.FlowKey and S.FlowEntry: the same batch reads as flows() without
-        one Python object per entry (1M entries: ~0.5 s instead of ~3.5 s)."""
-        ks, vs = ct.sizeof(S.FlowKey), ct.sizeof(S.FlowEntry)
-        keys, values, n = libbpf.lookup_batch(self._fd("flow_table"), ks, vs, self.sizes.flow_entries, "flow_table")
+        one Python object per entry."""
+        keys, values, n = self._read_flows()
         return (np.frombuffer(keys, dtype=np.dtype(S.FlowKey), count=n),
                 np.frombuffer(values, dtype=np.dtype(S.FlowEntry), count=n))
 
     def flow_count(self) -> int:
         """Entries in the flow table (read in batches; builds no per-entry objects:
         the daemon asks for it at every stats sample)."""
-        ks, vs = ct.sizeof(S.FlowKey), ct.sizeof(S.FlowEntry)
-        return libbpf.lookup_batch(self._fd("flow_table"), ks, vs, self.sizes.flow_entries, "flow_table")[2]
+        return self._read_flows()[2]
 
     # ---- counters ------------------------------------------------------
     def _percpu(self, name: str, n_keys: int, value_type) -> np.ndarray:
-        vs = ct.sizeof(value_type)
-        padded = (vs + 7) // 8 * 8
-        _, values, n = libbpf.lookup_batch(self._fd(name), 4, padded * self.ncpus, n_keys, name)
-        return fold_bytes(values, n, self.ncpus, vs, vs // 8)
+        return read_percpu(self._fd(name), 4, value_type, n_keys, self.ncpus, name)[1]
 
     def zero_counters(self, kind: str, ids: list[int]) -> None:
         """Zero the per-CPU counters of ids that now belong to someone new."""
-        table, value = {"region": ("region_counters", S.TrafficCounter), "service": ("service_counters", S.ServiceCounter),
+        table, value = {"region": ("region_counters", S.TrafficCounter),
+                        "service": ("service_counters", S.ServiceCounter),
                         "vm": ("vm_counters", S.TrafficCounter)}[kind]
         zeros = (value * self.ncpus)()
         for i in ids:
@@ -320,11 +343,66 @@ class Dataplane:
         raw = self._percpu("stats", S.STAT_MAX, ct.c_uint64)
         return {name: int(raw[i, 0]) for i, name in enumerate(S.STAT_NAMES)}
 
+    @cached_property
+    def traced(self) -> bool:
+        """Whether the program is the test build, with the forward trace (ebpf/trace.h)."""
+        try:
+            self._table("forward_traces")
+        except KeyError:
+            return False
+        return True
+
     def clear_forward_trace(self) -> None:
+        if not self.traced:
+            return
         zeros = (S.ForwardTrace * self.ncpus)()
         libbpf.update_elem(self._fd("forward_traces"), ct.c_uint32(0), zeros, "forward_traces")
 
     def last_forward(self) -> S.ForwardTrace | None:
-        """What the program did with the last packet it forwarded since clear_forward_trace()."""
+        """What the program did with the last packet it forwarded since clear_forward_trace();
+        None also when the program is not the test build."""
+        if not self.traced:
+            return None
         traces = [t for t in self._table("forward_traces")[ct.c_int(0)] if t.action]
         return traces[0] if traces else None
+
+
+class PortSlots:
+    """Slots of the port devmap, one per host port in use, keyed by interface name.
+
+    A port keeps its slot until released; a re-created port (same name, new
+    ifindex) is re-pointed in place. Freed slots are reused oldest-first, so a
+    packet that read a slot just before its release is unlikely to find it
+    already taken by another port."""
+
+    def __init__(self, dataplane: Dataplane) -> None:
+        self.dataplane = dataplane
+        self.in_use: dict[str, tuple[int, int]] = {}     # ifname -> (slot, ifindex)
+        # slot 0 stays empty: a location whose slot was never set redirects nowhere
+        self.free = deque(range(1, dataplane.sizes.max_ports))
+
+    def allocate(self, ifname: str, ifindex: int) -> int:
+        """The slot of `ifname`, pointed at `ifindex`: its own, or a free one."""
+        slot, known = self.in_use.get(ifname, (None, None))
+        if known == ifindex:
+            return slot
+        if slot is None:
+            if not self.free:
+                raise ValueError(f"cannot give port {ifname!r} a slot: all {len(self.in_use)} port slots are "
+                                 "in use; release the ports no VM uses")
+            slot = self.free[0]
+        self.dataplane.set_port(slot, ifindex)     # a failed write takes no slot
+        if ifname not in self.in_use:
+            self.free.popleft()
+        self.in_use[ifname] = (slot, ifindex)
+        return slot
+
+    def release(self, ifname: str) -> None:
+        """Empty the slot of `ifname` (no VM points at it any more) and free it."""
+        slot, _ = self.in_use.pop(ifname)
+        self.dataplane.clear_port(slot)
+        self.free.append(slot)
+
+    def ports(self) -> dict[str, int]:
+        """ifname -> slot of the ports that hold a slot."""
+        return {name: slot for name, (slot, _) in self.in_use.items()}

@@ -17,32 +17,68 @@ from __future__ import annotations
 
 import ctypes as ct
 import hashlib
+import math
 import os
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from . import libbpf
 from . import structs as S
 from .program import Sizes
 
 PIN_ROOT = Path("/sys/fs/bpf/xdpgw")
-BPF_MAP_TYPE_HASH = 1
+MAPS_H = S.EBPF_DIR / "maps.h"
+BPF_MAP_TYPE_HASH = 1                 # enum bpf_map_type
 IDS_MAP = "state_ids"
-MAX_NAMES = 4096 * 3 + 16
-
-# Every STATE_TABLE of ebpf/maps.h with its key and value types and entries.
-PINNED_MAPS: dict[str, tuple[type, type, Callable[[Sizes], int]]] = {
-    "region_counters": (ct.c_uint32, S.TrafficCounter, lambda z: z.max_regions + 1),
-    "service_counters": (ct.c_uint32, S.ServiceCounter, lambda z: z.max_services),
-    "flow_table": (S.FlowKey, S.FlowEntry, lambda z: z.flow_entries),
-    "vm_counters": (ct.c_uint32, S.TrafficCounter, lambda z: z.max_vms + 1),
-    "region_offload": (S.OffloadKey, S.OffloadRef, lambda z: z.max_regions * 4),
-    "offload_endpoints": (ct.c_uint32, S.OffloadTarget, lambda z: S.OFFLOAD_ENDPOINTS),
-    "stats": (ct.c_uint32, ct.c_uint64, lambda z: S.STAT_SLOTS),
-    "drop_counters": (ct.c_uint32, ct.c_uint64, lambda z: S.DROP_SLOTS),
-}
 KINDS = {"layout": 0, "region": 1, "service": 2, "vm": 3}
+ID_SIZE = ct.sizeof(ct.c_uint64)      # state_ids value: an id, or a layout fingerprint / high-water id
+# state_ids is created once and reused by every later daemon whatever its
+# configuration, so its capacity is fixed: names of each kind, plus the
+# layout entries (the fingerprint and a high-water id per kind) with room to spare.
+NAMES_PER_KIND = 4096
+LAYOUT_ENTRIES = 16
+MAX_NAMES = NAMES_PER_KIND * (len(KINDS) - 1) + LAYOUT_ENTRIES
+NAME_BYTES = 63                       # IdsKey: a name of up to 63 bytes after the kind byte
+
+
+@dataclass(frozen=True)
+class PinnedMap:
+    """A STATE_TABLE of ebpf/maps.h: key and value types and its entries expression."""
+    key: type
+    value: type
+    size: str                         # e.g. "XDPGW_MAX_REGIONS + 1"
+
+    def entries(self, sizes: Sizes) -> int:
+        """The expression (sums of products of numbers and names) under these sizes:
+        names are the -D parameters of `sizes` and the constants of structs.h."""
+        defines = sizes.defines()
+
+        def value(factor: str) -> int:
+            if factor.isdigit():
+                return int(factor)
+            if factor in defines:
+                return defines[factor]
+            if hasattr(S, factor):
+                return getattr(S, factor)
+            raise ValueError(f"{MAPS_H}: size {self.size!r} names {factor!r}, which is neither a Sizes "
+                             "parameter nor a constant of dataplane/structs.py")
+
+        return sum(math.prod(value(f.strip()) for f in term.split("*")) for term in self.size.split("+"))
+
+
+_STATE_TABLE = re.compile(r'^STATE_TABLE\("\w+",\s*([^,]+?),\s*([^,]+?),\s*(\w+),\s*([^,]+?),', re.M)
+_C_TYPES = {"__u32": ct.c_uint32, "__u64": ct.c_uint64, **{f"struct {n}": t for n, t in S.MIRRORS.items()}}
+
+
+def _pinned_maps() -> dict[str, PinnedMap]:
+    return {name: PinnedMap(_C_TYPES[key], _C_TYPES[value], size)
+            for key, value, name, size in _STATE_TABLE.findall(MAPS_H.read_text())}
+
+
+# Every STATE_TABLE of ebpf/maps.h.
+PINNED_MAPS: dict[str, PinnedMap] = _pinned_maps()
 
 
 class LayoutError(RuntimeError):
@@ -50,7 +86,7 @@ class LayoutError(RuntimeError):
 
 
 class IdsKey(ct.Structure):
-    _fields_ = [("kind", ct.c_uint8), ("name", ct.c_char * 63)]
+    _fields_ = [("kind", ct.c_uint8), ("name", ct.c_char * NAME_BYTES)]
 
 
 def _describe(t: type) -> str:
@@ -63,8 +99,8 @@ def _describe(t: type) -> str:
 
 def fingerprint(sizes: Sizes) -> int:
     """64-bit digest of the layout of every pinned map under these sizes."""
-    text = ";".join(f"{name}:{_describe(k)}:{_describe(v)}:{entries(sizes)}"
-                    for name, (k, v, entries) in sorted(PINNED_MAPS.items()))
+    text = ";".join(f"{name}:{_describe(m.key)}:{_describe(m.value)}:{m.entries(sizes)}"
+                    for name, m in sorted(PINNED_MAPS.items()))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") or 1
 
 
@@ -96,7 +132,7 @@ class PinnedState:
         if os.path.exists(path):
             self._fd = libbpf.obj_get(path)
         else:
-            self._fd = libbpf.map_create(BPF_MAP_TYPE_HASH, IDS_MAP, ct.sizeof(IdsKey), 8, MAX_NAMES)
+            self._fd = libbpf.map_create(BPF_MAP_TYPE_HASH, IDS_MAP, ct.sizeof(IdsKey), ID_SIZE, MAX_NAMES)
             libbpf.obj_pin(self._fd, path)
 
     def close(self) -> None:
@@ -113,12 +149,12 @@ class PinnedState:
         libbpf.update_elem(self._fd, IdsKey(KINDS[kind], name.encode()), ct.c_uint64(value), IDS_MAP)
 
     def _all(self, kind: str) -> dict[str, int]:
-        keys, values, n = libbpf.lookup_batch(self._fd, ct.sizeof(IdsKey), 8, MAX_NAMES, IDS_MAP)
+        keys, values, n = libbpf.lookup_batch(self._fd, ct.sizeof(IdsKey), ID_SIZE, MAX_NAMES, IDS_MAP)
         out = {}
         for i in range(n):
             key = IdsKey.from_buffer_copy(keys, i * ct.sizeof(IdsKey))
             if key.kind == KINDS[kind]:
-                out[key.name.decode()] = int.from_bytes(values[i * 8:i * 8 + 8], "little")
+                out[key.name.decode()] = int.from_bytes(values[i * ID_SIZE:(i + 1) * ID_SIZE], "little")
         return out
 
     def check_layout(self, sizes: Sizes) -> None:
@@ -176,9 +212,9 @@ def mount_type(path: Path) -> str:
 def check_reused_maps(bpf, sizes: Sizes) -> None:
     """The kernel's view of each pinned map must be what the compiled program expects."""
     problems = []
-    for name, (key_type, value_type, entries) in PINNED_MAPS.items():
+    for name, m in PINNED_MAPS.items():
         info = libbpf.map_info(bpf.get_table(name.encode()).map_fd)
-        want = (ct.sizeof(key_type), ct.sizeof(value_type), entries(sizes))
+        want = (ct.sizeof(m.key), ct.sizeof(m.value), m.entries(sizes))
         have = (info.key_size, info.value_size, info.max_entries)
         if have != want:
             problems.append(f"{name} has key/value/entries {have}, this build expects {want}")

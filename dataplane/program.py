@@ -11,10 +11,13 @@ from .structs import EBPF_DIR
 
 ENTRY_FILE = "xdpgw.c"
 ENTRY_FUNCTION = "xdpgw_main"
+DEFAULTS_H = EBPF_DIR / "defaults.h"
+TEST_TRACE = "XDPGW_TEST_TRACE"       # -D of the test build: the forward trace (ebpf/trace.h)
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
+_DEFINE = re.compile(r"^#define[ \t]+([A-Z][A-Z0-9_]*)[ \t]+(\d+)\b", re.M)
 
 
 class LoadError(RuntimeError):
@@ -25,28 +28,43 @@ class AttachError(RuntimeError):
     """XDP could not be attached or detached; the message names the interface."""
 
 
+# Sizes field -> the -D parameter of ebpf/defaults.h it sets, with the C suffix of its type.
+PARAMETERS = {
+    "flow_entries": ("XDPGW_FLOW_ENTRIES", ""), "max_services": ("XDPGW_MAX_SERVICES", ""),
+    "max_vms": ("XDPGW_MAX_VMS", ""), "max_regions": ("XDPGW_MAX_REGIONS", ""),
+    "max_prefixes": ("XDPGW_MAX_PREFIXES", ""), "max_ports": ("XDPGW_MAX_PORTS", ""),
+    "maglev_m": ("XDPGW_MAGLEV_M", ""), "hash_seed": ("XDPGW_HASH_SEED", "u"),
+    "new_flow_limit": ("XDPGW_NEW_FLOW_LIMIT", "ull"),
+}
+_DEFAULTS = {name: int(value) for name, value in _DEFINE.findall(DEFAULTS_H.read_text())}
+
+
+def _default(field: str) -> int:
+    return _DEFAULTS[PARAMETERS[field][0]]
+
+
 @dataclass(frozen=True)
 class Sizes:
-    """Map sizes and Maglev parameters compiled into the program."""
-    flow_entries: int = 65536
-    max_services: int = 64
-    max_vms: int = 1024
-    max_regions: int = 256
-    max_prefixes: int = 4096
-    max_ports: int = 256
-    maglev_m: int = 65537
-    hash_seed: int = 0
-    new_flow_limit: int = 0           # new flows per CPU per second before flood mode; 0: none
+    """Map sizes and Maglev parameters compiled into the program; the defaults
+    are those of ebpf/defaults.h."""
+    flow_entries: int = _default("flow_entries")
+    max_services: int = _default("max_services")
+    max_vms: int = _default("max_vms")
+    max_regions: int = _default("max_regions")
+    max_prefixes: int = _default("max_prefixes")
+    max_ports: int = _default("max_ports")
+    maglev_m: int = _default("maglev_m")
+    hash_seed: int = _default("hash_seed")
+    new_flow_limit: int = _default("new_flow_limit")  # new flows per CPU per second before flood mode; 0: none
     pin_dir: str | None = None        # where state maps are pinned; None: private maps
 
+    def defines(self) -> dict[str, int]:
+        """The value of each -D parameter (XDPGW_FLOW_ENTRIES: 65536, ...)."""
+        return {macro: getattr(self, field) for field, (macro, _) in PARAMETERS.items()}
+
     def cflags(self) -> list[str]:
-        return [
-            f"-DXDPGW_FLOW_ENTRIES={self.flow_entries}", f"-DXDPGW_MAX_SERVICES={self.max_services}",
-            f"-DXDPGW_MAX_VMS={self.max_vms}", f"-DXDPGW_MAX_REGIONS={self.max_regions}",
-            f"-DXDPGW_MAX_PREFIXES={self.max_prefixes}", f"-DXDPGW_MAX_PORTS={self.max_ports}",
-            f"-DXDPGW_MAGLEV_M={self.maglev_m}", f"-DXDPGW_HASH_SEED={self.hash_seed}u",
-            f"-DXDPGW_NEW_FLOW_LIMIT={self.new_flow_limit}ull",
-        ] + ([f'-DXDPGW_PIN_DIR="{self.pin_dir}"'] if self.pin_dir else [])
+        return [f"-D{macro}={getattr(self, field)}{suffix}" for field, (macro, suffix) in PARAMETERS.items()] + \
+            ([f'-DXDPGW_PIN_DIR="{self.pin_dir}"'] if self.pin_dir else [])
 
 
 def program_source(entry: str = ENTRY_FILE, ebpf_dir: Path = EBPF_DIR) -> str:
@@ -70,13 +88,18 @@ def program_source(entry: str = ENTRY_FILE, ebpf_dir: Path = EBPF_DIR) -> str:
     return "\n".join(expand(entry)) + "\n"
 
 
-def load(sizes: Sizes):
-    """Compile and load; returns (bcc.BPF, program function)."""
+def load(sizes: Sizes | None = None, entry: str = ENTRY_FILE, function: str = ENTRY_FUNCTION, *,
+         trace: bool = False):
+    """Compile `entry` (with `sizes` as -D flags, if given) and load its XDP
+    `function`; returns (bcc.BPF, program function). `trace`: the test build,
+    which records every forwarded packet (Dataplane.last_forward)."""
     from bcc import BPF  # imported late: importing bcc is slow and needs root for nothing here
 
     try:
-        bpf = BPF(text=program_source().encode(), cflags=sizes.cflags() + ["-Wno-unused-function"])
-        fn = bpf.load_func(ENTRY_FUNCTION.encode(), BPF.XDP)
+        bpf = BPF(text=program_source(entry).encode(),
+                  cflags=(sizes.cflags() if sizes else []) + ["-Wno-unused-function"]
+                  + ([f"-D{TEST_TRACE}"] if trace else []))
+        fn = bpf.load_func(function.encode(), BPF.XDP)
     except Exception as exc:  # bcc raises bare Exceptions; its details went to stderr
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LoadError(f"cannot load the XDP program: {reason} (needs root, bpf() support, and kernel "

@@ -1,35 +1,89 @@
 """Python mirror of ebpf/structs.h.
 
-The structs are ctypes mirrors (tests/test_structs.py compiles the C header and
-checks every size and offset against them). The #define constants are read from
-the header itself, so there is one definition of each number.
+The structs are ctypes mirrors and the #define constants are restated here;
+tests/xdp/test_structs.py compiles the C header and checks every size, offset
+and constant against them.
 """
 from __future__ import annotations
 
 import ctypes as ct
 import ipaddress
-import re
 from importlib.resources import files
 from pathlib import Path
 
 EBPF_DIR = Path(str(files("ebpf")))
 STRUCTS_H = EBPF_DIR / "structs.h"
 
-_DEFINE = re.compile(r"^#define\s+([A-Z][A-Z0-9_]*)\s+(0x[0-9a-fA-F]+|\d+)u?\b", re.M)
+XDPGW_NO_VM = 0xFFFFFFFF              # Maglev slot / flow value with no VM
+XDPGW_REGION_UNKNOWN = 0              # region id of unmatched sources
 
+# vm_location.kind
+VM_LOC_LOCAL = 1
+VM_LOC_TUNNEL = 2
 
-def _read_defines(path: Path) -> dict[str, int]:
-    return {name: int(value, 0) for name, value in _DEFINE.findall(path.read_text())}
+# vm_location.state
+VM_STATE_ACTIVE = 0
+VM_STATE_DRAINING = 1
+VM_STATE_DOWN = 2
 
+FLOW_OFFLOADED = 0x80000000           # flow_entry.vm_id bit: offload_endpoints[low bits]
+OFFLOAD_ENDPOINTS = 64                # size of offload_endpoints
+OFFLOADS_PER_REGION = 4               # region_offload entries per region
 
-DEFINES = _read_defines(STRUCTS_H)
-globals().update(DEFINES)
+FLOW_F_FRAGMENT = 1                   # flow_key.flags
 
+# forward_trace.action (test builds)
+FWD_LOCAL = 1
+FWD_TUNNEL = 2
+FWD_OFFLOAD = 3
+
+# stats indexes
+STAT_FLOW_HITS = 0
+STAT_FLOW_MISSES = 1
+STAT_PASS = 2
+STAT_LOCAL_FWD = 3
+STAT_TUNNEL_FWD = 4
+STAT_OFFLOAD_FWD = 5
+STAT_ICMP_ERR_FWD = 6
+STAT_FLOW_RESELECT = 7
+STAT_FLOOD_UNRECORDED = 8
+STAT_MAX = 9
+STAT_SLOTS = 32
+
+# drop_counters indexes
+DROP_ETH_TRUNC = 0
+DROP_VLAN_TRUNC = 1
+DROP_VLAN_TOO_DEEP = 2
+DROP_IP4_TRUNC = 3
+DROP_IP4_BAD_VERSION = 4
+DROP_IP4_BAD_IHL = 5
+DROP_IP4_BAD_LEN = 6
+DROP_IP6_TRUNC = 7
+DROP_IP6_BAD_VERSION = 8
+DROP_IP6_BAD_LEN = 9
+DROP_IP6_EXT_TRUNC = 10
+DROP_IP6_EXT_LIMIT = 11
+DROP_L4_TRUNC = 12
+DROP_TCP_BAD_DOFF = 13
+DROP_ICMP_INNER_BAD = 14
+DROP_NO_VM = 15
+DROP_VM_LOCATION = 16
+DROP_ENCAP = 17
+DROP_UDP_BAD_LEN = 18
+DROP_MAX = 19
+DROP_SLOTS = 64
+
+# vm_announce.kind (ebpf/vmport.c)
+ANNOUNCE_GARP = 1
+ANNOUNCE_RARP = 2
+ANNOUNCE_NA = 3
+VMPORT_PAIR_ENTRIES = 16384           # size of vm_pair_bytes
 
 
 def _names(prefix: str) -> list[str]:
-    """Lower-case names of PREFIX_* defines in index order (e.g. DROP_IP4_BAD_IHL -> ip4_bad_ihl)."""
-    items = [(v, n[len(prefix):].lower()) for n, v in DEFINES.items()
+    """Lower-case names of the PREFIX_* index constants above, in index order
+    (DROP_IP4_BAD_IHL -> ip4_bad_ihl)."""
+    items = [(v, n[len(prefix):].lower()) for n, v in globals().items()
              if n.startswith(prefix) and n not in (prefix + "MAX", prefix + "SLOTS")]
     return [name for _, name in sorted(items)]
 

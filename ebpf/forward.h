@@ -4,22 +4,12 @@
 #ifndef XDPGW_FORWARD_H
 #define XDPGW_FORWARD_H
 
+#include "addr.h"
 #include "maps.h"
 #include "parse.h"
+#include "trace.h"
 
 #define OUTER_TTL 64
-
-static __always_inline void trace_forward(__u32 action, __u32 vm_id, __u32 slot, __u32 service_id)
-{
-    __u32 zero = 0;
-    struct forward_trace *t = forward_traces.lookup(&zero);
-    if (t) {
-        t->action = action;
-        t->vm_id = vm_id;
-        t->port_slot = slot;
-        t->service_id = service_id;
-    }
-}
 
 static __always_inline void set_macs(struct ethhdr *eth, const __u8 *dst, const __u8 *src)
 {
@@ -108,12 +98,12 @@ static __always_inline int tunnel_out(struct xdp_md *ctx, const struct pkt *p, _
         eth->h_proto = bpf_htons(ETH_P_IP);
         __builtin_memset(o, 0, sizeof(*o));
         o->version = 4;
-        o->ihl = 5;
+        o->ihl = IP4_MIN_IHL;
         o->tot_len = bpf_htons(sizeof(*o) + p->l3_len);
         o->ttl = OUTER_TTL;
         o->protocol = inner_proto;
-        __builtin_memcpy(&o->saddr, src + 12, 4);
-        __builtin_memcpy(&o->daddr, dst + 12, 4);
+        __builtin_memcpy(&o->saddr, src + IPV4_MAPPED_PREFIX, 4);
+        __builtin_memcpy(&o->daddr, dst + IPV4_MAPPED_PREFIX, 4);
         o->check = ipv4_csum(o);
     }
     return XDP_TX;

@@ -1,4 +1,4 @@
-/* Flow hash for Maglev slot selection. control/flowhash.py holds the same
+/* Flow hash for Maglev slot selection. dataplane/flowhash.py holds the same
  * function (Cython + reference) so the control plane can predict the choice:
  * murmur3-32 over six big-endian words (source address, ports, protocol). */
 #ifndef XDPGW_HASH_H
@@ -34,7 +34,7 @@ static __always_inline __u32 flow_hash(const __u8 *src, __u16 sport, __u16 dport
     }
     h = murmur_round(h, ((__u32)sport << 16) | dport);
     h = murmur_round(h, proto);
-    h ^= 24;
+    h ^= 24;                          /* murmur3 mixes in the input length: six words, 24 bytes */
     h ^= h >> 16;
     h *= 0x85ebca6b;
     h ^= h >> 13;

@@ -8,8 +8,6 @@
 
 #define ICMP_NOT_ERROR 0
 #define ICMP_FLOW_FOUND 1
-#define ICMPV6_DEST_UNREACH_T 1
-#define ICMPV6_PKT_TOOBIG_T 2
 
 static __always_inline int is_icmp_error(const struct pkt *p)
 {
@@ -20,7 +18,7 @@ static __always_inline int is_icmp_error(const struct pkt *p)
     if (p->key.proto == IPPROTO_ICMP && p->family == 4)
         return p->icmp_type == ICMP_DEST_UNREACH;
     if (p->key.proto == IPPROTO_ICMPV6 && p->family == 6)
-        return p->icmp_type == ICMPV6_DEST_UNREACH_T || p->icmp_type == ICMPV6_PKT_TOOBIG_T;
+        return p->icmp_type == ICMPV6_DEST_UNREACH || p->icmp_type == ICMPV6_PKT_TOOBIG;
     return 0;
 }
 
@@ -30,15 +28,15 @@ static __always_inline int is_icmp_error(const struct pkt *p)
 static __always_inline int icmp_inner_flow(void *data, void *data_end, struct pkt *p,
                                            struct flow_key *flow)
 {
-    __u16 off = p->l4_off + 8;        /* ICMP header: type, code, checksum, 4 bytes */
+    __u16 off = p->l4_off + ICMP_HDR_LEN;
     __u16 end = p->l3_off + p->l3_len; /* the quote ends with the IP packet, not the frame */
     __u8 proto;
 
     if (p->key.proto == IPPROTO_ICMP) {
         struct iphdr *in = pkt_at(data, off);
-        if ((void *)(in + 1) > data_end || off + sizeof(*in) > end || in->version != 4 || in->ihl < 5)
+        if ((void *)(in + 1) > data_end || off + sizeof(*in) > end || in->version != 4 || in->ihl < IP4_MIN_IHL)
             return parse_fail(p, DROP_ICMP_INNER_BAD);
-        __u16 ihl = in->ihl * 4;
+        __u16 ihl = in->ihl * IP_WORD;
         proto = in->protocol;
         /* the quote is the VIP's reply: its source is the VIP, its destination the client */
         ipv4_mapped(flow->src, in->daddr);

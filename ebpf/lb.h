@@ -6,9 +6,7 @@
 #include "hash.h"
 #include "parse.h"
 
-#ifndef XDPGW_HASH_SEED
-#define XDPGW_HASH_SEED 0
-#endif
+#define FLOOD_WINDOW_NS 1000000000ull  /* XDPGW_NEW_FLOW_LIMIT counts new flows per second */
 
 /* A VM that may carry packets: has a location and is not down. */
 static __always_inline struct vm_location *usable_vm(__u32 vm_id)
@@ -101,7 +99,7 @@ static __always_inline int under_flood(void)
     if (!w)
         return 0;
     __u64 now = bpf_ktime_get_ns();
-    if (now - w->start_ns > 1000000000ull) {
+    if (now - w->start_ns > FLOOD_WINDOW_NS) {
         w->start_ns = now;
         w->new_flows = 0;
     }

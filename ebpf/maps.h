@@ -1,34 +1,11 @@
-/* Every map of the XDP program. Sizes come from the config through -D flags
- * (dataplane/program.py); the defaults here only let the file compile alone. */
+/* Every map of the XDP program but the test build's forward trace (trace.h).
+ * Sizes come from the config through -D flags (dataplane/program.py); their
+ * defaults are in defaults.h. */
 #ifndef XDPGW_MAPS_H
 #define XDPGW_MAPS_H
 
+#include "defaults.h"
 #include "structs.h"
-
-#ifndef XDPGW_FLOW_ENTRIES
-#define XDPGW_FLOW_ENTRIES 65536
-#endif
-#ifndef XDPGW_MAX_SERVICES
-#define XDPGW_MAX_SERVICES 64
-#endif
-#ifndef XDPGW_MAX_VMS
-#define XDPGW_MAX_VMS 1024
-#endif
-#ifndef XDPGW_MAX_REGIONS
-#define XDPGW_MAX_REGIONS 256
-#endif
-#ifndef XDPGW_MAX_PREFIXES
-#define XDPGW_MAX_PREFIXES 4096
-#endif
-#ifndef XDPGW_MAX_PORTS
-#define XDPGW_MAX_PORTS 256
-#endif
-#ifndef XDPGW_NEW_FLOW_LIMIT
-#define XDPGW_NEW_FLOW_LIMIT 0         /* new flows per CPU per second; 0: no limit */
-#endif
-#ifndef XDPGW_MAGLEV_M
-#define XDPGW_MAGLEV_M 65537
-#endif
 
 /* State that must outlive a daemon restart (flows, counters, offloads) is
  * pinned under XDPGW_PIN_DIR, which the loader sets per gateway; without it
@@ -65,14 +42,13 @@ STATE_TABLE("percpu_array", __u32, struct traffic_counter, vm_counters, XDPGW_MA
 BPF_DEVMAP(tx_ports, XDPGW_MAX_PORTS);
 
 /* (region, service) -> another data center's tunnel endpoint */
-STATE_TABLE("hash", struct offload_key, struct offload_ref, region_offload, XDPGW_MAX_REGIONS * 4, 0);
+STATE_TABLE("hash", struct offload_key, struct offload_ref, region_offload, XDPGW_MAX_REGIONS * OFFLOADS_PER_REGION, 0);
 /* Offload targets by id: offloaded flows point here, so clearing a region's
  * offload sends its new flows home while its offloaded flows finish remotely. */
 STATE_TABLE("array", __u32, struct offload_target, offload_endpoints, OFFLOAD_ENDPOINTS, 0);
 
 STATE_TABLE("percpu_array", __u32, __u64, stats, STAT_SLOTS, 0);
 STATE_TABLE("percpu_array", __u32, __u64, drop_counters, DROP_SLOTS, 0);
-BPF_PERCPU_ARRAY(forward_traces, struct forward_trace, 1);
 BPF_PERCPU_ARRAY(flood_windows, struct flood_window, 1);
 
 static __always_inline void stat_inc(__u32 idx)

@@ -12,6 +12,7 @@
 #include <uapi/linux/udp.h>
 #include <uapi/linux/icmp.h>
 #include <uapi/linux/icmpv6.h>
+#include "addr.h"
 #include "structs.h"
 
 #define PARSE_OK 0
@@ -20,9 +21,13 @@
 
 #define MAX_VLAN_DEPTH 2
 #define MAX_IP6_EXT 4
-#define ETH_P_8021Q_BE 0x0081         /* htons(0x8100) */
-#define ETH_P_8021AD_BE 0xa888        /* htons(0x88a8) */
 #define IP_MF_OFFSET_MASK 0x3fff      /* MF flag | fragment offset */
+#define IP_OFFSET_MASK 0x1fff         /* fragment offset alone: 0 in a first fragment */
+#define IP6_FRAG_OFFSET_MASK 0xfff8   /* ip6_frag.frag_off without the M flag and reserved bits */
+#define IP_WORD 4                     /* IPv4 IHL and TCP data offset count 32-bit words */
+#define IP4_MIN_IHL 5                 /* words: an IPv4 header without options */
+#define IP6_EXT_UNIT 8                /* IPv6 extension header length: 8-byte units, not counting the first */
+#define ICMP_HDR_LEN 8                /* ICMP and ICMPv6: type, code, checksum, 4 bytes of body */
 /* A frame without XDP multi-buffer fits in one page, so every valid offset is
  * below 4096; masking tells the verifier so (it then tracks packet ranges). */
 #define PKT_OFF_MASK 0xfff
@@ -56,14 +61,6 @@ struct pkt {
     struct flow_key key;
 };
 
-static __always_inline void ipv4_mapped(__u8 *dst, __be32 addr)
-{
-    __builtin_memset(dst, 0, 10);
-    dst[10] = 0xff;
-    dst[11] = 0xff;
-    __builtin_memcpy(dst + 12, &addr, 4);
-}
-
 static __always_inline void *pkt_at(void *data, __u32 off)
 {
     return data + (off & PKT_OFF_MASK);
@@ -73,6 +70,11 @@ static __always_inline int parse_fail(struct pkt *p, __u16 reason)
 {
     p->drop_reason = reason;
     return PARSE_DROP;
+}
+
+static __always_inline int is_vlan(__be16 proto)
+{
+    return proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD);
 }
 
 /* Ethernet + VLAN tags: sets l3_off and returns the L3 ethertype (network order). */
@@ -86,7 +88,7 @@ static __always_inline int parse_eth(void *data, void *data_end, struct pkt *p, 
 
 #pragma unroll
     for (int i = 0; i < MAX_VLAN_DEPTH; i++) {
-        if (h_proto != ETH_P_8021Q_BE && h_proto != ETH_P_8021AD_BE)
+        if (!is_vlan(h_proto))
             break;
         struct vlan_tag *tag = pkt_at(data, off);
         if ((void *)(tag + 1) > data_end)
@@ -95,7 +97,7 @@ static __always_inline int parse_eth(void *data, void *data_end, struct pkt *p, 
         off += sizeof(*tag);
         p->vlan_depth++;
     }
-    if (h_proto == ETH_P_8021Q_BE || h_proto == ETH_P_8021AD_BE)
+    if (is_vlan(h_proto))
         return parse_fail(p, DROP_VLAN_TOO_DEEP);
     p->l3_off = off;
     p->eth_proto = h_proto;
@@ -110,7 +112,7 @@ static __always_inline int parse_ipv4(void *data, void *data_end, struct pkt *p)
         return parse_fail(p, DROP_IP4_TRUNC);
     if (iph->version != 4)
         return parse_fail(p, DROP_IP4_BAD_VERSION);
-    __u16 ihl = iph->ihl * 4;
+    __u16 ihl = iph->ihl * IP_WORD;
     if (ihl < sizeof(*iph))
         return parse_fail(p, DROP_IP4_BAD_IHL);
     if ((void *)iph + ihl > data_end)
@@ -129,7 +131,7 @@ static __always_inline int parse_ipv4(void *data, void *data_end, struct pkt *p)
     __u16 frag = bpf_ntohs(iph->frag_off) & IP_MF_OFFSET_MASK;
     if (frag) {
         p->fragment = 1;
-        p->first_fragment = (frag & 0x1fff) == 0;
+        p->first_fragment = (frag & IP_OFFSET_MASK) == 0;
     }
     return PARSE_OK;
 }
@@ -169,14 +171,14 @@ static __always_inline int parse_ipv6(void *data, void *data_end, struct pkt *p)
             if ((void *)(fh + 1) > data_end || off + sizeof(*fh) > end)
                 return parse_fail(p, DROP_IP6_EXT_TRUNC);
             p->fragment = 1;
-            p->first_fragment = (bpf_ntohs(fh->frag_off) & 0xfff8) == 0;
+            p->first_fragment = (bpf_ntohs(fh->frag_off) & IP6_FRAG_OFFSET_MASK) == 0;
             nh = fh->nexthdr;
             off += sizeof(*fh);
         } else {
             __u8 *eh = pkt_at(data, off);
             if ((void *)(eh + 2) > data_end)
                 return parse_fail(p, DROP_IP6_EXT_TRUNC);
-            __u16 elen = (eh[1] + 1) * 8;
+            __u16 elen = (eh[1] + 1) * IP6_EXT_UNIT;
             if (off + elen > end)
                 return parse_fail(p, DROP_IP6_EXT_TRUNC);
             nh = eh[0];
@@ -201,7 +203,7 @@ static __always_inline int parse_l4(void *data, void *data_end, struct pkt *p)
         struct tcphdr *th = l4;
         if ((void *)(th + 1) > data_end || p->l4_len < sizeof(*th))
             return parse_fail(p, DROP_L4_TRUNC);
-        __u16 doff = th->doff * 4;
+        __u16 doff = th->doff * IP_WORD;
         if (doff < sizeof(*th))
             return parse_fail(p, DROP_TCP_BAD_DOFF);
         if (doff > p->l4_len)
@@ -220,7 +222,7 @@ static __always_inline int parse_l4(void *data, void *data_end, struct pkt *p)
         p->key.dport = bpf_ntohs(uh->dest);
     } else if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
         __u8 *ih = l4;
-        if ((void *)(ih + 8) > data_end || p->l4_len < 8)
+        if ((void *)(ih + ICMP_HDR_LEN) > data_end || p->l4_len < ICMP_HDR_LEN)
             return parse_fail(p, DROP_L4_TRUNC);
         p->icmp_type = ih[0];
         p->icmp_code = ih[1];

@@ -2,6 +2,7 @@
 #ifndef XDPGW_REGION_H
 #define XDPGW_REGION_H
 
+#include "addr.h"
 #include "maps.h"
 #include "parse.h"
 
@@ -11,7 +12,7 @@ static __always_inline __u32 region_of(const struct pkt *p)
 
     if (p->family == 4) {
         struct lpm_v4_key k4 = {.prefixlen = 32};
-        __builtin_memcpy(k4.addr, p->key.src + 12, 4);
+        __builtin_memcpy(k4.addr, p->key.src + IPV4_MAPPED_PREFIX, 4);
         region = region_prefixes_v4.lookup(&k4);
         /* Keeps clang from merging this lookup and the IPv6 one into a single
          * call instruction fed two maps: the verifier could then not bind the

@@ -1,7 +1,8 @@
 /* The one definition of every struct shared between the XDP program and the
- * control plane. dataplane/structs.py mirrors it; tests/test_structs.py checks
- * that sizes and offsets agree. Addresses are 16 bytes for both families: IPv4
- * is stored IPv4-mapped (::ffff:a.b.c.d) so one key shape serves both. */
+ * control plane. dataplane/structs.py mirrors it; tests/xdp/test_structs.py
+ * checks that sizes, offsets and constants agree. Addresses are 16 bytes for
+ * both families: IPv4 is stored IPv4-mapped (::ffff:a.b.c.d, addr.h) so one
+ * key shape serves both. */
 #ifndef XDPGW_STRUCTS_H
 #define XDPGW_STRUCTS_H
 
@@ -22,11 +23,12 @@
  * center, offload_endpoints[low bits]; it stays there until that endpoint goes. */
 #define FLOW_OFFLOADED 0x80000000u
 #define OFFLOAD_ENDPOINTS 64          /* size of offload_endpoints */
+#define OFFLOADS_PER_REGION 4         /* region_offload holds this many (region, service) per region */
 
 /* flow_key.flags */
 #define FLOW_F_FRAGMENT 1             /* ports zeroed: fragments select on addresses+proto */
 
-/* forward_trace.action: what the program did with the last forwarded packet */
+/* forward_trace.action (test builds, trace.h): what the program did with the last forwarded packet */
 #define FWD_LOCAL 1
 #define FWD_TUNNEL 2
 #define FWD_OFFLOAD 3
@@ -152,7 +154,7 @@ struct flood_window {                 /* per-CPU new-flow rate over one-second w
     __u64 new_flows;
 };
 
-struct forward_trace {                /* per-CPU, last forwarded packet */
+struct forward_trace {                /* per-CPU, last forwarded packet (test builds, trace.h) */
     __u32 action;                     /* FWD_* */
     __u32 vm_id;
     __u32 port_slot;

@@ -1,6 +1,7 @@
 /* xdpgw XDP program: parse -> region account -> service -> flow table ->
  * region offload -> Maglev -> forward by VM location. */
 #include <uapi/linux/bpf.h>
+#include "addr.h"
 #include "structs.h"
 #include "maps.h"
 #include "parse.h"
@@ -31,18 +32,11 @@ static __always_inline int deliver(struct xdp_md *ctx, const struct pkt *p, cons
                       loc->src_mac);
 }
 
-static __always_inline int is_v4_mapped(const __u8 *a)
-{
-    __u32 w[3];
-    __builtin_memcpy(w, a, 12);
-    return w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0xffff);
-}
-
 /* VIPs are keyed IPv4-mapped, so an IPv6 packet to ::ffff:a.b.c.d must not
  * match the IPv4 VIP a.b.c.d (it would share that VIP's flows and services). */
 static __always_inline struct service_info *find_service(const struct flow_key *flow, __u8 family)
 {
-    if (family == 6 && is_v4_mapped(flow->dst))
+    if (family == 6 && is_ipv4_mapped(flow->dst))
         return NULL;
     struct service_key sk = {};
     __builtin_memcpy(sk.vip, flow->dst, 16);

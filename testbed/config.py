@@ -1,11 +1,12 @@
 """The gateway config that matches the built-in namespace testbed
-(dataplane/testbed.py): used by `xdpgw demo` and the integration tests."""
+(testbed/topology.py): used by `xdpgw demo` and the e2e tests."""
 from __future__ import annotations
 
 import ipaddress
 
 from control.config import Config, GatewayConfig, HealthConfig, RegionConfig, ServiceConfig, VMConfig, validate
-from testbed import topology as tb
+from testbed import addresses as tb
+from testbed.topology import pin_dir, registry_path
 
 WEB_PORT = 8080
 ECHO_PORT = 5353
@@ -46,8 +47,8 @@ def testbed_config(prefix: str = tb.DEFAULT_PREFIX, name: str = "gw1", *, which:
               (f"{prefix}-{tb.GW2_ROLE}", tb.GW2_UPLINK_IP, tb.GW2_UPLINK_IP6, tb.ROUTER_GW2_MAC))
     settings = dict(name=name, interface=tb.UPLINK, netns=uplink[0], tunnel_source=ip(uplink[1]),
                     tunnel_source6=ip(uplink[2]), next_hop_mac=uplink[3],
-                    api_socket=f"/run/xdpgw/{prefix}-{name}.sock", pin_dir=tb.pin_dir(prefix, name),
-                    registry=tb.registry_path(prefix, name),
+                    api_socket=f"/run/xdpgw/{prefix}-{name}.sock", pin_dir=pin_dir(prefix, name),
+                    registry=registry_path(prefix, name),
                     flow_table_size=65536)
     settings.update(gateway)
     return validate(Config(gateway=GatewayConfig(**settings), regions=regions, services=services, vms=vms))

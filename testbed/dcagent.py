@@ -15,7 +15,7 @@ with a token) with a data center's command table:
 
 An image is a JSON document {"binds": ["tcp:ADDR:PORT", ...]}: what the service's server
 listens on. A VM is a namespace P-dvN with a veth dvN <-> eth0 to dc2 (198.18.(210+N).0/24),
-the VIPs on its loopback and a server (control/demo.py SERVER_SCRIPT) named "dc2-dvN".
+the VIPs on its loopback and a server (testbed/kit.py SERVER_SCRIPT) named "dc2-dvN".
 "The DC's tables" are dc2's kernel routes: each VIP of the image goes ECMP (layer-4 hash)
 over the VMs (design option (b) of issue 7: dc2 keeps its IP-in-IP decapsulator, the
 decapsulated packets are routed to the VMs, which answer the clients directly from the VIP).
@@ -36,8 +36,9 @@ import sys
 import threading
 from typing import Any
 
+from control.api.errors import NotFound
 from control.gateway import GatewayError
-from testbed.topology import DC2_VM_ROLES
+from testbed.addresses import DC2_VM_ROLES
 
 SERVER_IDLE_S = 120.0
 SERVER_MAX_S = 900.0
@@ -92,7 +93,7 @@ class DcAgent:
                 return self.requests[rid]
             image = self.images.get(a.get("image"))
             if image is None:
-                raise GatewayError(f"unknown image {a.get('image')!r}: send it with image.put first")
+                raise NotFound(f"unknown image {a.get('image')!r}: send it with image.put first")
             if len(self.free) < vms:
                 raise GatewayError(f"prepare: only {len(self.free)} VM slots free")
             made = []
@@ -114,7 +115,7 @@ class DcAgent:
         with self.lock:
             req = self.requests.pop(a.get("request"), None)
             if req is None:
-                raise GatewayError(f"unknown request {a.get('request')!r}")
+                raise NotFound(f"unknown request {a.get('request')!r}")
             for name in req["vms"]:
                 self._remove_vm(int(name[2:]))
             self._route(self.images[req["image"]]["binds"])
@@ -137,7 +138,7 @@ class DcAgent:
             _run(["ip", "-n", ns, *argv])
         for addr in sorted({b.split(":", 1)[1].rsplit(":", 1)[0] for b in binds if "[" not in b}):
             _run(["ip", "-n", ns, "addr", "add", f"{addr}/32", "dev", "lo"])
-        from testbed.demo import SERVER_SCRIPT
+        from testbed.kit import SERVER_SCRIPT
 
         proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SERVER_SCRIPT, f"dc2-dv{n}",
                                  str(SERVER_IDLE_S), str(SERVER_MAX_S), *binds],
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from control.api.http import AgentServer
     from control.config import parse_listen
-    from control.daemon import enter_netns
+    from dataplane.netns import enter_netns
 
     enter_netns(args.netns)
     # dc2 routes decapsulated packets to its VMs: forwarding on, L4 ECMP, no reverse-path check

@@ -11,8 +11,8 @@ Three tools, from cheapest to most isolated:
   child still sees the parent's ``/sys``) or imports scapy (which caches the
   interface list at import time).
 
-Python 3.11 has no ``os.setns`` (3.12+), so the switch goes through pyroute2's
-``setns``, which calls libc ``setns(2)`` via ctypes.
+The forked children switch with ``dataplane.netns.enter_netns`` (only in a child:
+the parent would stay switched).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
-from pyroute2.netns import setns as _pyroute2_setns
+from dataplane.netns import enter_netns
 
 NETNS_RUN_DIR = "/var/run/netns"
 
@@ -42,16 +42,6 @@ class NetnsError(RuntimeError):
 
 def netns_exists(name: str) -> bool:
     return os.path.exists(os.path.join(NETNS_RUN_DIR, name))
-
-
-def enter_netns(name: str) -> None:
-    """Switch the *calling* process into namespace ``name``.
-
-    flags=0: pyroute2's default (O_CREAT) would silently create a missing
-    namespace; we want a missing namespace to be an error instead.
-    Only call this in a child process: the parent would stay switched.
-    """
-    _pyroute2_setns(name, flags=0)
 
 
 def _read_all(fd: int, deadline: float) -> bytes:

@@ -29,7 +29,8 @@ the VIPs to gw1, gw2 or both (ECMP, per-flow layer-4 hash, dead links skipped):
 
 Everything lives in namespaces named ``f"{prefix}-{role}"``; every veth is created
 *inside* those namespaces (never in the root namespace), so removing the namespaces
-removes everything.  Addresses come only from 198.18.0.0/15 and 2001:db8::/32.
+removes everything.  Addresses come only from 198.18.0.0/15 and 2001:db8::/32 (the plan:
+testbed/addresses.py).
 
 The remote data center (dc2) must decapsulate IP-in-IP sent to DC2_ENDPOINT /
 DC2_ENDPOINT6.  This kernel is built without ipip/sit/ip6tnl (and without modules),
@@ -64,6 +65,43 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
 from dataplane.pinning import PIN_ROOT, remove_pins
+from testbed import addresses
+from testbed.addresses import (
+    DC2_ENDPOINT,
+    DC2_ENDPOINT6,
+    DC2_IF,
+    DC2_MAC,
+    DC2_VM_ROLES,
+    DEFAULT_PREFIX,
+    GW2_ROLE,
+    GW2_UPLINK_IP,
+    GW2_UPLINK_IP6,
+    GW2_UPLINK_MAC,
+    ROLES,
+    ROUTER_DC2_IF,
+    ROUTER_DC2_IP,
+    ROUTER_DC2_IP6,
+    ROUTER_DC2_MAC,
+    ROUTER_DOWNLINK,
+    ROUTER_GW2_IF,
+    ROUTER_GW2_IP,
+    ROUTER_GW2_IP6,
+    ROUTER_GW2_MAC,
+    ROUTER_IP,
+    ROUTER_IP6,
+    ROUTER_MAC,
+    UPLINK,
+    UPLINK_IP,
+    UPLINK_IP6,
+    UPLINK_MAC,
+    VIP4,
+    VIP4_NET,
+    VIP6,
+    VIP6_NET,
+    Client,
+    Gw2Port,
+    Vm,
+)
 from testbed.netns import (
     netns_exists,
     netns_socket,
@@ -73,123 +111,6 @@ from testbed.netns import (
 )
 
 log = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------- constants
-
-DEFAULT_PREFIX = "xgw"
-ROLES: tuple[str, ...] = ("c1", "c2", "rt", "gw", "dc2", "vm1", "vm2", "vm3")
-
-VIP4 = "198.19.0.10"
-VIP6 = "2001:db8:f::10"
-VIP4_NET = "198.19.0.0/24"
-VIP6_NET = "2001:db8:f::/64"
-
-UPLINK = "up0"                      # gateway's uplink, in {p}-gw
-UPLINK_MAC = "02:00:00:00:02:02"
-UPLINK_IP = "198.18.0.2"
-UPLINK_IP6 = "2001:db8::2"
-ROUTER_DOWNLINK = "to-gw"           # rt's end of the uplink veth (GRO on)
-ROUTER_MAC = "02:00:00:00:02:01"
-ROUTER_IP = "198.18.0.1"
-ROUTER_IP6 = "2001:db8::1"
-
-DC2_IF = "eth0"
-DC2_MAC = "02:00:00:00:03:02"
-DC2_ENDPOINT = "198.18.200.2"
-DC2_ENDPOINT6 = "2001:db8:200::2"
-ROUTER_DC2_IF = "to-dc2"
-ROUTER_DC2_MAC = "02:00:00:00:03:01"
-ROUTER_DC2_IP = "198.18.200.1"
-ROUTER_DC2_IP6 = "2001:db8:200::1"
-
-VM_IF = "eth0"
-
-# the second gateway (Testbed(gateways=2))
-GW2_ROLE = "gw2"
-GW2_UPLINK_MAC = "02:00:00:00:02:12"
-GW2_UPLINK_IP = "198.18.6.2"
-GW2_UPLINK_IP6 = "2001:db8:6::2"
-ROUTER_GW2_IF = "to-gw2"
-ROUTER_GW2_MAC = "02:00:00:00:02:11"
-ROUTER_GW2_IP = "198.18.6.1"
-ROUTER_GW2_IP6 = "2001:db8:6::1"
-GW2_VM_IF = "eth2"                  # the VM's interface toward gw2
-
-
-@dataclass(frozen=True)
-class Vm:
-    name: str          # "vm1"
-    ns: str            # "{p}-vm1"
-    port: str          # gateway-side veth in {p}-gw: "gwv1"
-    mac: str           # VM's eth0 MAC
-    port_mac: str      # gateway-side port MAC
-    ip: str
-    ip6: str
-    gw_ip: str         # gateway-side address on this link (the VM's default route)
-    gw_ip6: str
-    ifname: str = VM_IF
-
-
-@dataclass(frozen=True)
-class Client:
-    name: str          # "c1"
-    ns: str
-    ip: str            # primary address
-    ip6: str
-    ips: tuple[str, ...]    # all IPv4 addresses (c1 has a second one)
-    ip6s: tuple[str, ...]
-    mac: str
-    router_ip: str
-    router_ip6: str
-    router_mac: str
-    router_port: str   # rt's interface toward this client
-    subnet: str
-    subnet6: str
-    ifname: str = "eth0"
-
-
-@dataclass(frozen=True)
-class Gw2Port:
-    """gw2's port to a VM: gwvN in {p}-gw2 <-> eth2 in the VM (with the VM's MAC)."""
-    vm: str
-    port: str          # "gwvN", in {p}-gw2 (the same name as gw1's port)
-    port_mac: str
-    vm_if: str
-    vm_mac: str
-    gw_ip: str
-    gw_ip6: str
-    vm_ip: str         # the VM's address on this link (gw2 reaches the VM's own ip via it)
-    vm_ip6: str
-
-
-def _gw2_port(vm: Vm) -> Gw2Port:
-    n = int(vm.name[2:])
-    return Gw2Port(vm=vm.name, port=vm.port, port_mac=f"02:00:00:00:12:{n:02x}", vm_if=GW2_VM_IF,
-                   vm_mac=vm.mac, gw_ip=f"198.18.{120 + n}.1", gw_ip6=f"2001:db8:{120 + n}::1",
-                   vm_ip=f"198.18.{120 + n}.2", vm_ip6=f"2001:db8:{120 + n}::2")
-
-
-def _vm(n: int, prefix: str) -> Vm:
-    return Vm(name=f"vm{n}", ns=f"{prefix}-vm{n}", port=f"gwv{n}",
-              mac=f"02:00:00:00:00:{n:02x}", port_mac=f"02:00:00:00:01:{n:02x}",
-              ip=f"198.18.{100 + n}.2", ip6=f"2001:db8:{100 + n}::2",
-              gw_ip=f"198.18.{100 + n}.1", gw_ip6=f"2001:db8:{100 + n}::1")
-
-
-def _client(n: int, prefix: str) -> Client:
-    ips = (f"198.18.{n}.2", f"198.18.{n}.3") if n == 1 else (f"198.18.{n}.2",)
-    ip6s = (f"2001:db8:{n}::2", f"2001:db8:{n}::3") if n == 1 else (f"2001:db8:{n}::2",)
-    return Client(name=f"c{n}", ns=f"{prefix}-c{n}", ip=ips[0], ip6=ip6s[0], ips=ips,
-                  ip6s=ip6s, mac=f"02:00:00:00:0{3 + n}:02",
-                  router_ip=f"198.18.{n}.1", router_ip6=f"2001:db8:{n}::1",
-                  router_mac=f"02:00:00:00:0{3 + n}:01", router_port=f"to-c{n}",
-                  subnet=f"198.18.{n}.0/24", subnet6=f"2001:db8:{n}::/64")
-
-
-# Default VM/client sets (prefix-independent fields are what callers usually need).
-VMS: tuple[Vm, ...] = tuple(_vm(n, DEFAULT_PREFIX) for n in (1, 2, 3))
-CLIENTS: tuple[Client, ...] = tuple(_client(n, DEFAULT_PREFIX) for n in (1, 2))
-
 
 @dataclass
 class _End:
@@ -308,10 +229,6 @@ _LOADED: list = []
 
 # ------------------------------------------------------------------------ cleanup
 
-# VMs that a data-center agent creates behind dc2 at run time (testbed/dcagent.py)
-DC2_VM_ROLES: tuple[str, ...] = tuple(f"dv{n}" for n in range(1, 9))
-
-
 def _ns_names(prefix: str) -> list[str]:
     # every role any testbed of this prefix may have, so cleanup finds gw2 and dc2's VMs too
     return [f"{prefix}-{r}" for r in ROLES + (GW2_ROLE,) + DC2_VM_ROLES]
@@ -400,9 +317,9 @@ class Testbed:
             raise ValueError(f"bad testbed prefix {self.prefix!r}")
         if self.gateways not in (1, 2):
             raise ValueError(f"gateways must be 1 or 2, got {self.gateways!r}")
-        self.vms = [_vm(n, self.prefix) for n in (1, 2, 3)]
-        self.clients = [_client(n, self.prefix) for n in (1, 2)]
-        self.gw2_ports = [_gw2_port(vm) for vm in self.vms] if self.gateways == 2 else []
+        self.vms = addresses.local_vms(self.prefix)
+        self.clients = addresses.clients(self.prefix)
+        self.gw2_ports = [addresses.gw2_port(vm) for vm in self.vms] if self.gateways == 2 else []
 
     # ---- names
     @property

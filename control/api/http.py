@@ -1,5 +1,6 @@
-"""The agent API: a command table (the daemon's `commands()`, the same one the local
-unix-socket API serves) over HTTP/JSON with a token, for the control center.
+"""HTTP/JSON with a bearer token: what the control center's API and the agent API
+share (token check, JSON body, TLS), and the agent API itself: a command table (the
+daemon's, the same one the local unix-socket API serves) for the control center.
 
     POST /v1/cmd/<command>   body: the command's arguments (a JSON object)
       200 {"ok": true, "result": ...}
@@ -11,41 +12,51 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
+import ssl
 import threading
-from typing import Any, Callable
+from collections.abc import Mapping
+from typing import Any
 
 from aiohttp import web
 
-Handler = Callable[[dict[str, Any]], Any]
+from control.api.commands import Handler, dispatch, handler_of, parse_json
+from control.api.errors import BadRequest, CommandError
 
 
-def error_status(message: str) -> int:
-    """404 for what names something that does not exist, 400 for everything else."""
-    return 404 if message.startswith("unknown ") or " unknown " in message[:40] else 400
+def check_bearer(request: web.Request, token: str) -> bool:
+    """Whether the request carries ``Authorization: Bearer <token>`` (compared in constant time)."""
+    auth = request.headers.get("Authorization", "")
+    return auth.startswith("Bearer ") and hmac.compare_digest(auth[7:].encode(), token.encode())
 
 
-def make_app(commands: dict[str, Handler], token: str) -> web.Application:
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's body as a JSON object (an empty body is {}); else BadRequest."""
+    body = parse_json(await request.read() or b"{}")
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+def ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """A server-side TLS context from a certificate chain and key; None (plain HTTP) without a certificate."""
+    if not cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def make_app(commands: Mapping[str, Handler], token: str) -> web.Application:
     async def handle(request: web.Request) -> web.Response:
-        auth = request.headers.get("Authorization", "")
-        if not (auth.startswith("Bearer ") and hmac.compare_digest(auth[7:].encode(), token.encode())):
+        if not check_bearer(request, token):
             return web.json_response({"ok": False, "error": "missing or wrong token"}, status=401)
         name = request.match_info["cmd"]
-        handler = commands.get(name)
-        if handler is None:
-            return web.json_response({"ok": False, "error": f"unknown command {name!r}; known: {sorted(commands)}"},
-                                     status=404)
         try:
-            args = json.loads(await request.read() or b"{}")
-        except (ValueError, UnicodeDecodeError) as exc:
-            return web.json_response({"ok": False, "error": f"malformed JSON: {exc}"}, status=400)
-        if not isinstance(args, dict):
-            return web.json_response({"ok": False, "error": "the body must be a JSON object"}, status=400)
-        try:
-            result = await asyncio.get_running_loop().run_in_executor(None, handler, args)
-        except (ValueError, KeyError, TypeError, RuntimeError, OSError) as exc:
-            message = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
-            return web.json_response({"ok": False, "error": message}, status=error_status(message))
+            handler_of(commands, name)           # an unknown command is 404 whatever the body
+            args = await json_body(request)
+            result = await asyncio.get_running_loop().run_in_executor(None, dispatch, commands, name, args)
+        except CommandError as exc:
+            return web.json_response({"ok": False, "error": str(exc)}, status=exc.status)
         return web.json_response({"ok": True, "result": result})
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -56,10 +67,10 @@ def make_app(commands: dict[str, Handler], token: str) -> web.Application:
 class AgentServer:
     """Serves `commands` on host:port (optionally TLS) from a thread; start() returns once listening."""
 
-    def __init__(self, host: str, port: int, token: str, commands: dict[str, Handler],
+    def __init__(self, host: str, port: int, token: str, commands: Mapping[str, Handler],
                  tls_cert: str | None = None, tls_key: str | None = None) -> None:
         self.host, self.port, self.token, self.commands = host, port, token, commands
-        self.tls = (tls_cert, tls_key) if tls_cert else None
+        self.tls = (tls_cert, tls_key)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.runner: web.AppRunner | None = None
         self.thread = threading.Thread(target=self._run, name="xdpgw-agent", daemon=True)
@@ -81,12 +92,9 @@ class AgentServer:
         self.loop.close()
 
     async def _start(self) -> None:
-        from control.center.server import ssl_context
-
         self.runner = web.AppRunner(make_app(self.commands, self.token), access_log=None)
         await self.runner.setup()
-        ctx = ssl_context(*self.tls) if self.tls else None
-        await web.TCPSite(self.runner, self.host, self.port, ssl_context=ctx).start()
+        await web.TCPSite(self.runner, self.host, self.port, ssl_context=ssl_context(*self.tls)).start()
 
     def start(self, timeout: float = 10.0) -> None:
         self.thread.start()

@@ -8,10 +8,13 @@ import os
 import socket
 import socketserver
 import threading
-from typing import Any, Callable
+from collections.abc import Mapping
+from typing import Any
+
+from control.api.commands import Handler, dispatch, parse_json
+from control.api.errors import BadRequest, CommandError
 
 MAX_REQUEST = 64 * 1024
-Handler = Callable[[dict[str, Any]], Any]
 
 
 class ApiError(RuntimeError):
@@ -28,7 +31,7 @@ class _RequestHandler(socketserver.StreamRequestHandler):
 class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
-    def __init__(self, path: str, commands: dict[str, Handler]) -> None:
+    def __init__(self, path: str, commands: Mapping[str, Handler]) -> None:
         self.commands = commands
         os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
         if os.path.exists(path):
@@ -51,27 +54,18 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             os.unlink(self.path)
 
     def dispatch(self, line: bytes) -> dict[str, Any]:
-        if len(line) > MAX_REQUEST:
-            return {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}
         try:
-            request = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return {"ok": False, "error": f"malformed JSON: {exc}"}
-        if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
-            return {"ok": False, "error": 'request must be an object with a string "cmd"'}
-        args = request.get("args", {})
-        if not isinstance(args, dict):
-            return {"ok": False, "error": '"args" must be an object'}
-        handler = self.commands.get(request["cmd"])
-        if handler is None:
-            return {"ok": False, "error": f"unknown command {request['cmd']!r}; known: {sorted(self.commands)}"}
-        try:
-            return {"ok": True, "result": handler(args)}
-        except (ValueError, KeyError, TypeError, RuntimeError, OSError) as exc:
-            # KeyError's str() is the repr of its argument: use the argument itself;
-            # stripping quotes from str() would eat the closing quote of "unknown VM 'x'"
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            return {"ok": False, "error": str(message)}
+            if len(line) > MAX_REQUEST:
+                raise BadRequest(f"request longer than {MAX_REQUEST} bytes")
+            request = parse_json(line)
+            if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+                raise BadRequest('request must be an object with a string "cmd"')
+            args = request.get("args", {})
+            if not isinstance(args, dict):
+                raise BadRequest('"args" must be an object')
+            return {"ok": True, "result": dispatch(self.commands, request["cmd"], args)}
+        except CommandError as exc:
+            return {"ok": False, "error": str(exc)}
 
 
 def call(path: str, cmd: str, timeout: float = 10.0, **args: Any) -> Any:

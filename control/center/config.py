@@ -1,5 +1,5 @@
 """The control center's config (TOML). Errors are one line, ``<file>: <key path>: <problem>``,
-like the gateway's (control/config.py).
+like the gateway's (control/config/), and read by the same TOML layer.
 
     [center]
     listen = "198.18.0.1:7300"        # ADDR:PORT
@@ -50,14 +50,15 @@ import ipaddress
 import math
 import os
 import re
-import tomllib
 import zoneinfo
 from dataclasses import dataclass, field
 from typing import Any
 
 from control.config import ConfigError, parse_listen
+from control.config.schema import ENTRY_NAME
+from control.config.toml import Converter, from_array, from_table, parse_document, read_text
+from control.config.validate import check_int, check_match, check_number, check_str, check_unique_names
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _URL = re.compile(r"https?://[^\s/]+/?")
 
 
@@ -117,52 +118,31 @@ class CenterConfig:
 
 
 def load_center_config(path: str) -> CenterConfig:
-    try:
-        with open(path, "rb") as f:
-            document = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(None, f"cannot read: {exc.strerror}", path) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(None, str(exc), path) from None
+    document = parse_document(read_text(path), path)
     try:
         return parse_center_document(document, os.path.dirname(os.path.abspath(path)))
     except ConfigError as exc:
         raise ConfigError(exc.key, exc.problem, path) from None
 
 
-def _table(value: Any, path: str, cls: type, base: str | None = None) -> Any:
-    if not isinstance(value, dict):
-        raise ConfigError(path, "expected a table")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in value:
-        if key not in fields or key in ("weights", "datacenters", "gateways", "regions", "images"):
-            raise ConfigError(f"{path}.{key}", "unknown key")
-    for name, f in fields.items():
-        if name not in value and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{path}.{name}", "missing required key")
-    for name, f in fields.items():
-        if name in value:
-            _check_type(value[name], f"{path}.{name}", f.type)
-    return cls(**value)
+def _finite(value: Any, path: str) -> float:
+    if not math.isfinite(check_number(value, path)):
+        raise ConfigError(path, f"{value} is not a finite number")
+    return value
 
 
-def _check_type(value: Any, path: str, typ: str) -> None:
-    if "float" in typ:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(path, f"expected a number, got {value!r}")
-    elif "int" in typ:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, f"expected an integer, got {value!r}")
-    elif "str" in typ:
-        if not isinstance(value, str) and not (value is None and "None" in typ):
-            raise ConfigError(path, f"expected a string, got {value!r}")
+_TYPE_CHECKS: dict[str, Converter] = {"float": _finite, "int": check_int, "str": check_str}
 
 
-def _array(document: dict, key: str, cls: type) -> tuple:
-    value = document.get(key, [])
-    if not isinstance(value, list):
-        raise ConfigError(key, f"expected an array of tables ([[{key}]])")
-    return tuple(_table(v, f"{key}[{i}]", cls) for i, v in enumerate(value))
+def _typed(cls: type) -> dict[str, Converter]:
+    """The type check of each plain field of `cls`, from its annotation: the center
+    checks types as it reads (TOML has no null, so an `X | None` field only sees X)."""
+    return {f.name: _TYPE_CHECKS[base] for f in dataclasses.fields(cls)
+            if (base := f.type.partition(" |")[0]) in _TYPE_CHECKS}
+
+
+def _array(document: dict, section: str, cls: type) -> tuple:
+    return from_array(document, section, cls, _typed(cls))
 
 
 def parse_center_document(document: dict, base: str = ".") -> CenterConfig:
@@ -171,16 +151,15 @@ def parse_center_document(document: dict, base: str = ".") -> CenterConfig:
             raise ConfigError(key, "unknown key")
     if "center" not in document:
         raise ConfigError("center", "missing required table [center]")
-    center = _table(document["center"], "center", CenterConfig)
+    center = from_table(document["center"], "center", CenterConfig, _typed(CenterConfig),
+                        skip=("weights", "datacenters", "gateways", "regions", "images"))
     parse_listen(center.listen, "center.listen")
     if not center.token:
         raise ConfigError("center.token", "must not be empty")
     if (center.tls_cert is None) != (center.tls_key is None):
         raise ConfigError("center.tls_cert", "tls_cert and tls_key go together")
-    if not 1 <= center.vms <= 64:
-        raise ConfigError("center.vms", f"{center.vms} is out of range 1..64")
-    if not 1 <= center.max_attempts <= 100:
-        raise ConfigError("center.max_attempts", f"{center.max_attempts} is out of range 1..100")
+    check_int(center.vms, "center.vms", 1, 64)
+    check_int(center.max_attempts, "center.max_attempts", 1, 100)
     if not 0 < center.retry_s <= 60:
         raise ConfigError("center.retry_s", f"{center.retry_s} is not in (0, 60]")
     weights = document.get("weights", {})
@@ -198,13 +177,9 @@ def parse_center_document(document: dict, base: str = ".") -> CenterConfig:
     regions = _array(document, "region", RegionEntry)
     images = _array(document, "image", ImageEntry)
     for entries, section in ((dcs, "datacenter"), (gateways, "gateway"), (regions, "region")):
-        seen = set()
         for i, e in enumerate(entries):
-            if not _NAME.fullmatch(e.name):
-                raise ConfigError(f"{section}[{i}].name", f"{e.name!r} is not a valid name")
-            if e.name in seen:
-                raise ConfigError(f"{section}[{i}].name", f"duplicate {section} name {e.name!r}")
-            seen.add(e.name)
+            check_match(e.name, f"{section}[{i}].name", ENTRY_NAME, "name")
+        check_unique_names(entries, section)
     for i, dc in enumerate(dcs):
         here = f"datacenter[{i}]"
         _latlon(dc.lat, dc.lon, here)

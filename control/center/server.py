@@ -21,17 +21,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hmac
-import json
 import logging
 import signal
-import ssl
 import sys
 import time
-from typing import Any
 
 from aiohttp import web
 
+from control.api.commands import arg
+from control.api.errors import BadRequest, CommandError, NotFound, Refused
+from control.api.http import check_bearer, json_body, ssl_context
 from control.center.client import AgentClient
 from control.center.config import CenterConfig
 from control.center.store import Store
@@ -40,12 +39,6 @@ from control.center.workflow import NoTarget, Workflow
 log = logging.getLogger(__name__)
 MAX_BODY = 16 * 1024 * 1024
 WORKFLOW_TASK = web.AppKey("workflow", asyncio.Task)
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def seed(store: Store, config: CenterConfig) -> None:
@@ -116,47 +109,25 @@ class Center:
     @web.middleware
     async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
         self.calls += 1
-        auth = request.headers.get("Authorization", "")
-        if not (auth.startswith("Bearer ") and hmac.compare_digest(auth[7:].encode(), self.config.token.encode())):
+        if not check_bearer(request, self.config.token):
             return web.json_response({"error": "missing or wrong token (Authorization: Bearer <token>)"},
                                      status=401)
         try:
             return await handler(request)
-        except HttpError as exc:
+        except CommandError as exc:
             return web.json_response({"error": str(exc)}, status=exc.status)
         except web.HTTPException as exc:
             return web.json_response({"error": f"{exc.status} {exc.reason}: {request.method} {request.path}"},
                                      status=exc.status)
 
     # ---- helpers -----------------------------------------------------------
-    @staticmethod
-    async def _body(request: web.Request) -> dict[str, Any]:
-        try:
-            body = json.loads(await request.read() or b"{}")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise HttpError(400, f"malformed JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise HttpError(400, "the body must be a JSON object")
-        return body
-
-    @staticmethod
-    def _field(body: dict, name: str, kind: type = str, required: bool = True) -> Any:
-        value = body.get(name)
-        if value is None:
-            if required:
-                raise HttpError(400, f"missing field {name!r}")
-            return None
-        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-            raise HttpError(400, f"field {name!r} must be a {getattr(kind, '__name__', kind)}")
-        return value
-
     def _request(self, request: web.Request) -> dict:
         raw = request.match_info["id"]
         if not raw.isdigit():
-            raise HttpError(400, f"request id {raw!r} is not a number")
+            raise BadRequest(f"request id {raw!r} is not a number")
         req = self.store.request(int(raw))
         if req is None:
-            raise HttpError(404, f"unknown request {raw}")
+            raise NotFound(f"unknown request {raw}")
         return req
 
     # ---- handlers ----------------------------------------------------------
@@ -175,10 +146,10 @@ class Center:
         name = request.match_info["name"]
         dc = self.store.datacenter(name)
         if dc is None:
-            raise HttpError(404, f"unknown data center {name!r}")
-        load = self._field(await self._body(request), "load", int)
+            raise NotFound(f"unknown data center {name!r}")
+        load = arg(await json_body(request), "load", int, noun="field")
         if not 0 <= load <= dc["capacity"]:
-            raise HttpError(400, f"load {load} is out of range 0..{dc['capacity']}")
+            raise BadRequest(f"load {load} is out of range 0..{dc['capacity']}")
         dc["load"] = load
         self.store._put("datacenters", name, dc)
         return web.json_response({k: v for k, v in dc.items() if k != "agent_token"})
@@ -187,27 +158,27 @@ class Center:
         return web.json_response(self.store.images())
 
     async def put_image(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        name = self._field(body, "name")
+        body = await json_body(request)
+        name = arg(body, "name", noun="field")
         try:
-            content = base64.b64decode(self._field(body, "content"), validate=True)
+            content = base64.b64decode(arg(body, "content", noun="field"), validate=True)
         except (binascii.Error, ValueError):
-            raise HttpError(400, "field 'content' is not base64") from None
+            raise BadRequest("field 'content' is not base64") from None
         return web.json_response(self.store.put_image(request.match_info["service"], name, content), status=201)
 
     async def create(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        gateway, region, service = (self._field(body, k) for k in ("gateway", "region", "service"))
+        body = await json_body(request)
+        gateway, region, service = (arg(body, k, noun="field") for k in ("gateway", "region", "service"))
         if self.store.gateway(gateway) is None:
-            raise HttpError(404, f"unknown gateway {gateway!r}")
+            raise NotFound(f"unknown gateway {gateway!r}")
         if self.store.region(region) is None:
-            raise HttpError(404, f"unknown region {region!r}")
+            raise NotFound(f"unknown region {region!r}")
         if self.store.image(service) is None:
-            raise HttpError(404, f"unknown service {service!r} (no master image)")
+            raise NotFound(f"unknown service {service!r} (no master image)")
         try:
             self.workflow.choose(gateway, region, service)     # refuse what cannot be done, up front
         except NoTarget as exc:
-            raise HttpError(409, str(exc)) from None
+            raise Refused(str(exc)) from None
         data = {k: body[k] for k in ("pps", "bps", "crossed_at", "heavy_at") if isinstance(body.get(k), (int, float))}
         data["received_at"] = time.time()
         req, created = self.store.create_request(gateway, region, service, data)
@@ -230,7 +201,7 @@ class Center:
     async def clear(self, request: web.Request) -> web.Response:
         req = self._request(request)
         if req["state"] in ("cleared", "failed"):
-            raise HttpError(409, f"request {req['id']} is {req['state']}")
+            raise Refused(f"request {req['id']} is {req['state']}")
         out = self.store.request_clear(req["id"])
         self.workflow.wakeup.set()
         return web.json_response(out)
@@ -238,29 +209,21 @@ class Center:
     async def retry(self, request: web.Request) -> web.Response:
         req = self._request(request)
         if req["state"] != "failed":
-            raise HttpError(409, f"request {req['id']} is {req['state']}, not failed")
+            raise Refused(f"request {req['id']} is {req['state']}, not failed")
         return web.json_response(self.workflow.retry(req["id"]))
 
     async def clear_region(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        gateway, region = self._field(body, "gateway"), self._field(body, "region")
-        service = self._field(body, "service", required=False)
+        body = await json_body(request)
+        gateway, region = arg(body, "gateway", noun="field"), arg(body, "region", noun="field")
+        service = arg(body, "service", required=False, noun="field")
         if self.store.gateway(gateway) is None:
-            raise HttpError(404, f"unknown gateway {gateway!r}")
+            raise NotFound(f"unknown gateway {gateway!r}")
         if self.store.region(region) is None:
-            raise HttpError(404, f"unknown region {region!r}")
+            raise NotFound(f"unknown region {region!r}")
         out = [self.store.request_clear(r["id"]) for r in self.store.requests(open_only=True)
                if r["gateway"] == gateway and r["region"] == region and service in (None, r["service"])]
         self.workflow.wakeup.set()
         return web.json_response(out)
-
-
-def ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
-    if not cert:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
-    return ctx
 
 
 def serve(config: CenterConfig) -> int:

@@ -10,6 +10,8 @@ import threading
 import time
 from typing import Any
 
+from control.storage import open_db, transaction
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS datacenters (name TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS gateways (name TEXT PRIMARY KEY, data TEXT NOT NULL);
@@ -36,11 +38,7 @@ TERMINAL = ("cleared", "failed")
 class Store:
     def __init__(self, path: str) -> None:
         self.path = path
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        self.db = open_db(path, SCHEMA)
         self.lock = threading.RLock()
 
     def close(self) -> None:
@@ -130,26 +128,19 @@ class Store:
     def create_request(self, gateway: str, region: str, service: str, data: dict) -> tuple[dict, bool]:
         """A new request, or the open one of the same (gateway, region, service): (request, created)."""
         now = time.time()
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self.db.execute(
-                    "SELECT * FROM requests WHERE gateway = ? AND region = ? AND service = ? "
-                    f"AND state NOT IN ({','.join('?' * len(TERMINAL))}) ORDER BY id LIMIT 1",
-                    (gateway, region, service, *TERMINAL)).fetchone()
-                if row is not None and not row["clear_requested"]:
-                    self.db.execute("COMMIT")
-                    return self._request(row), False
-                cur = self.db.execute(
-                    "INSERT INTO requests (gateway, region, service, state, created_at, updated_at, data) "
-                    "VALUES (?, ?, ?, 'requested', ?, ?, ?)", (gateway, region, service, now, now, json.dumps(data)))
-                rid = cur.lastrowid
-                self.db.execute("INSERT INTO history (request, at, state, note) VALUES (?, ?, 'requested', ?)",
-                                (rid, now, json.dumps(data)))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self.lock, transaction(self.db, immediate=True):
+            row = self.db.execute(
+                "SELECT * FROM requests WHERE gateway = ? AND region = ? AND service = ? "
+                f"AND state NOT IN ({','.join('?' * len(TERMINAL))}) ORDER BY id LIMIT 1",
+                (gateway, region, service, *TERMINAL)).fetchone()
+            if row is not None and not row["clear_requested"]:
+                return self._request(row), False
+            cur = self.db.execute(
+                "INSERT INTO requests (gateway, region, service, state, created_at, updated_at, data) "
+                "VALUES (?, ?, ?, 'requested', ?, ?, ?)", (gateway, region, service, now, now, json.dumps(data)))
+            rid = cur.lastrowid
+            self.db.execute("INSERT INTO history (request, at, state, note) VALUES (?, ?, 'requested', ?)",
+                            (rid, now, json.dumps(data)))
         return self.request(rid), True
 
     def request(self, rid: int) -> dict | None:
@@ -170,24 +161,18 @@ class Store:
         """Move a request to `state` (resetting attempts and error), with other columns
         (target, data: merged) set in the same transaction, and log it."""
         now = time.time()
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self.db.execute("SELECT data FROM requests WHERE id = ?", (rid,)).fetchone()
-                data = json.loads(row["data"])
-                data.update(fields.pop("data", {}))
-                sets = ["state = ?", "attempts = 0", "error = NULL", "next_try_at = 0", "updated_at = ?", "data = ?"]
-                args: list[Any] = [state, now, json.dumps(data)]
-                for key, value in fields.items():
-                    sets.append(f"{key} = ?")
-                    args.append(value)
-                self.db.execute(f"UPDATE requests SET {', '.join(sets)} WHERE id = ?", (*args, rid))
-                self.db.execute("INSERT INTO history (request, at, state, note) VALUES (?, ?, ?, ?)",
-                                (rid, now, state, note))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self.lock, transaction(self.db, immediate=True):
+            row = self.db.execute("SELECT data FROM requests WHERE id = ?", (rid,)).fetchone()
+            data = json.loads(row["data"])
+            data.update(fields.pop("data", {}))
+            sets = ["state = ?", "attempts = 0", "error = NULL", "next_try_at = 0", "updated_at = ?", "data = ?"]
+            args: list[Any] = [state, now, json.dumps(data)]
+            for key, value in fields.items():
+                sets.append(f"{key} = ?")
+                args.append(value)
+            self.db.execute(f"UPDATE requests SET {', '.join(sets)} WHERE id = ?", (*args, rid))
+            self.db.execute("INSERT INTO history (request, at, state, note) VALUES (?, ?, ?, ?)",
+                            (rid, now, state, note))
         return self.request(rid)
 
     def record_failure(self, rid: int, error: str, next_try_at: float) -> dict:

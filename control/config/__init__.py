@@ -1,9 +1,10 @@
 """The gateway's TOML configuration: what it may say (schema), how a file becomes
-typed values, and what must hold across entries (validation)."""
+typed values and back (toml), and what must hold across entries (validate)."""
 from control.config.schema import (AgentConfig, CenterLinkConfig, Config, ConfigError, GatewayConfig, HealthConfig,
-                                   HostConfig, MonitorConfig, RegionConfig, ServiceConfig, VMConfig, load_config,
-                                   parse_config, parse_listen, validate)
+                                   HostConfig, IPAddress, MonitorConfig, RegionConfig, ServiceConfig, VMConfig)
+from control.config.toml import load_config, parse_config
+from control.config.validate import parse_listen, split_addr_port, validate
 
 __all__ = ["AgentConfig", "CenterLinkConfig", "Config", "ConfigError", "GatewayConfig", "HealthConfig", "HostConfig",
-           "MonitorConfig", "RegionConfig", "ServiceConfig", "VMConfig", "load_config", "parse_config", "parse_listen",
-           "validate"]
+           "IPAddress", "MonitorConfig", "RegionConfig", "ServiceConfig", "VMConfig", "load_config", "parse_config",
+           "parse_listen", "split_addr_port", "validate"]

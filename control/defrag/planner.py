@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 Matrix = Mapping[tuple[str, str], int]        # (src VM, dst VM) -> bytes
+DEFAULT_MAX_MOVES = 16
 
 
 @dataclass(frozen=True)
@@ -72,71 +73,59 @@ def _cross(pairs: Mapping[tuple[str, str], int], placement: Mapping[str, str]) -
     return sum(w for (a, b), w in pairs.items() if placement[a] != placement[b])
 
 
-def plan(matrix: Matrix, placement: Mapping[str, str], tenants: Mapping[str, str | None],
-         capacity: Mapping[str, int], max_moves: int = 16, movable: Iterable[str] | None = None) -> dict[str, Any]:
+def plan(matrix: Matrix, placement: Mapping[str, str], tenants: Mapping[str, str | None], capacity: Mapping[str, int],
+         max_moves: int = DEFAULT_MAX_MOVES, movable: Iterable[str] | None = None) -> dict[str, Any]:
     """A migration plan: {"moves": [Move...], "before": fragmentation, "after": fragmentation,
     "reduction": cross-host bytes removed, "share_before", "share_after"}.
 
     `placement`: VM -> host for every VM that occupies a host (all count against
     capacity); `capacity`: host -> max VMs. Only VMs in `movable` (default: all
     placed VMs with a tenant) move; each moves at most once."""
-    place = dict(placement)
-    hosts = sorted(capacity)
-    load = {h: 0 for h in hosts}
-    for vm, h in place.items():
-        if h in load:
-            load[h] += 1
+    origin = dict(placement)
     pairs = _tenant_pairs(matrix, tenants)
+    neighbours = _neighbours(pairs)
+    candidates = set(movable) if movable is not None else {v for v in origin if tenants.get(v) is not None}
+    moves = _greedy(origin, neighbours, candidates & set(neighbours), capacity, max_moves)
+    ordered = _order(moves, origin, capacity)
+    place = dict(origin)          # what the executable moves achieve (a swap between full hosts may not be)
+    for m in ordered:
+        place[m.vm] = m.dst
+    before = fragmentation(matrix, origin, tenants)
+    after = fragmentation(matrix, place, tenants)
+    return {"moves": ordered, "before": before, "after": after,
+            "reduction": _cross(pairs, origin) - _cross(pairs, place),
+            "share_before": before["all"]["share"], "share_after": after["all"]["share"],
+            "feasible": len(ordered) == len(moves)}
+
+
+def _neighbours(pairs: Mapping[tuple[str, str], int]) -> dict[str, dict[str, int]]:
+    """VM -> {same-tenant peer: bytes both ways}."""
     neighbours: dict[str, dict[str, int]] = {}
     for (a, b), w in pairs.items():
         neighbours.setdefault(a, {})[b] = neighbours.setdefault(a, {}).get(b, 0) + w
         neighbours.setdefault(b, {})[a] = neighbours.setdefault(b, {}).get(a, 0) + w
-    candidates = set(movable) if movable is not None else {v for v in place if tenants.get(v) is not None}
-    candidates &= set(neighbours)
+    return neighbours
+
+
+def _load(placement: Mapping[str, str], capacity: Mapping[str, int]) -> dict[str, int]:
+    """Host -> VMs on it, for the hosts with a capacity."""
+    load = {h: 0 for h in capacity}
+    for h in placement.values():
+        if h in load:
+            load[h] += 1
+    return load
+
+
+def _greedy(placement: Mapping[str, str], neighbours: Mapping[str, Mapping[str, int]], candidates: set[str],
+            capacity: Mapping[str, int], max_moves: int) -> list[Move]:
+    """Repeatedly the best move that fits the capacities now (see _best_move), until
+    none removes cross-host bytes or `max_moves` VMs have moved; each VM moves at most once."""
+    place = dict(placement)
+    load = _load(place, capacity)
     moved: set[str] = set()
     moves: list[Move] = []
-    origin = dict(place)
-
-    def affinity(vm: str, host: str) -> int:
-        return sum(w for other, w in neighbours.get(vm, {}).items() if place.get(other) == host)
-
-    def gain_of(group: tuple[str, ...], host: str) -> int:
-        """Cross-host bytes removed by moving every VM of `group` to `host`."""
-        new = {v: host for v in group}
-        g = 0
-        seen = set()
-        for v in group:
-            for other, w in neighbours.get(v, {}).items():
-                key = (v, other) if v < other else (other, v)
-                if key in seen:
-                    continue
-                seen.add(key)
-                before = place[v] != place[other]
-                after = new.get(v, place[v]) != new.get(other, place[other])
-                g += w * (before - after)
-        return g
-
-    # Greedy: the best single move, or the best move of a VM together with its
-    # chattiest same-tenant peer (two VMs may have to leave together for a host
-    # where both fit), that fits the capacities now. Each VM moves at most once.
     while len(moved) < max(0, int(max_moves)):
-        best: tuple[int, tuple[str, ...], str] | None = None
-        free = sorted(candidates - moved)
-        for vm in free:
-            groups = [(vm,)]
-            peers = [o for o in sorted(neighbours.get(vm, {}), key=lambda o: -neighbours[vm][o])
-                     if o in candidates and o not in moved]
-            if peers and len(moved) + 2 <= max_moves:
-                groups.append((vm, peers[0]))
-            for group in groups:
-                for h in hosts:
-                    arriving = sum(1 for v in group if place[v] != h)
-                    if arriving == 0 or load[h] + arriving > capacity[h]:
-                        continue
-                    g = gain_of(group, h)
-                    # a pair move must beat what its first VM gains alone
-                    if g > 0 and (best is None or g > best[0] or (g == best[0] and len(group) < len(best[1]))):
-                        best = (g, group, h)
+        best = _best_move(place, load, neighbours, candidates - moved, capacity, max_moves - len(moved))
         if best is None:
             break
         g, group, h = best
@@ -148,26 +137,54 @@ def plan(matrix: Matrix, placement: Mapping[str, str], tenants: Mapping[str, str
             moves.append(Move(v, place[v], h, g if v == group[0] else 0))
             place[v] = h
             moved.add(v)
-    final = [Move(m.vm, origin[m.vm], place[m.vm], m.gain) for m in moves if origin[m.vm] != place[m.vm]]
-    ordered = _order(final, origin, capacity)
-    place = dict(origin)          # what the executable moves achieve (a swap between full hosts may not be)
-    for m in ordered:
-        place[m.vm] = m.dst
-    before = fragmentation(matrix, origin, tenants)
-    after = fragmentation(matrix, place, tenants)
-    return {"moves": ordered, "before": before, "after": after,
-            "reduction": _cross(pairs, origin) - _cross(pairs, place),
-            "share_before": before["all"]["share"], "share_after": after["all"]["share"],
-            "feasible": len(ordered) == len(final)}
+    return moves
+
+
+def _best_move(place: Mapping[str, str], load: Mapping[str, int], neighbours: Mapping[str, Mapping[str, int]],
+               free: set[str], capacity: Mapping[str, int], room: int) -> tuple[int, tuple[str, ...], str] | None:
+    """(gain, VMs, host) of the best move of one free VM, or of one together with its
+    chattiest free same-tenant peer (two VMs may have to leave together for a host
+    where both fit) when `room` allows two more moves; None if no move gains."""
+    best: tuple[int, tuple[str, ...], str] | None = None
+    for vm in sorted(free):
+        groups = [(vm,)]
+        peers = [o for o in sorted(neighbours.get(vm, {}), key=lambda o: -neighbours[vm][o]) if o in free]
+        if peers and room >= 2:
+            groups.append((vm, peers[0]))
+        for group in groups:
+            for h in sorted(capacity):
+                arriving = sum(1 for v in group if place[v] != h)
+                if arriving == 0 or load[h] + arriving > capacity[h]:
+                    continue
+                g = _gain(group, h, place, neighbours)
+                # a pair move must beat what its first VM gains alone
+                if g > 0 and (best is None or g > best[0] or (g == best[0] and len(group) < len(best[1]))):
+                    best = (g, group, h)
+    return best
+
+
+def _gain(group: tuple[str, ...], host: str, place: Mapping[str, str],
+          neighbours: Mapping[str, Mapping[str, int]]) -> int:
+    """Cross-host bytes removed by moving every VM of `group` to `host`."""
+    new = {v: host for v in group}
+    g = 0
+    seen = set()
+    for v in group:
+        for other, w in neighbours.get(v, {}).items():
+            key = (v, other) if v < other else (other, v)
+            if key in seen:
+                continue
+            seen.add(key)
+            before = place[v] != place[other]
+            after = new.get(v, place[v]) != new.get(other, place[other])
+            g += w * (before - after)
+    return g
 
 
 def _order(moves: list[Move], placement: Mapping[str, str], capacity: Mapping[str, int]) -> list[Move]:
     """Moves in an order that never overfills a host; moves caught in a cycle of
     full hosts (a swap between two full hosts) are left out."""
-    load: dict[str, int] = {h: 0 for h in capacity}
-    for h in placement.values():
-        if h in load:
-            load[h] += 1
+    load = _load(placement, capacity)
     pending, out = list(moves), []
     while pending:
         for m in pending:

@@ -3,7 +3,7 @@
 
 Sources (all end in MigrationManager.announce or .move):
   - the dataplane: ebpf/vmport.c sees a gratuitous ARP, RARP or unsolicited NA
-    on a host port (control/portwatch.py);
+    on a host port (control/migration/watcher.py);
   - netlink: the kernel learns the VM's own address with its MAC on a VM port;
   - explicit: `xdpgw vm move` / the local API (`vm.move`).
 

@@ -1,7 +1,6 @@
 """The VM registry: what the gateway knows of every VM that survives a restart.
 
-SQLite in WAL mode (readers never block the writer; a crash loses at most the
-last transaction). Per VM: id, IP, MAC, tenant, location (a host port or a
+SQLite (control/storage.py). Per VM: id, IP, MAC, tenant, location (a host port or a
 remote endpoint), state, and which gateways hold entries for it; a history of
 every migration (when, from, to, how detected, convergence time) and of every
 announcement that was refused (spoofed, conflicting, flapping), which is how
@@ -12,12 +11,12 @@ and changes nothing."""
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from control.storage import journal_mode, open_db, transaction
 
 STATES = ("running", "migrating", "stopped", "lost")
 TRANSITIONS: frozenset[tuple[str, str]] = frozenset({
@@ -54,6 +53,10 @@ class InvalidTransition(RegistryError):
     pass
 
 
+class UnknownVm(RegistryError, LookupError):
+    """The registry holds no VM of that name."""
+
+
 @dataclass(frozen=True)
 class VmRecord:
     name: str
@@ -70,24 +73,14 @@ class VmRecord:
         return dict(self.__dict__)
 
 
-def default_path(gateway_name: str) -> str:
-    return f"/var/lib/xdpgw/{gateway_name}.db"
-
-
 class Registry:
     """Thread-safe (one connection, one lock: writes are a few per migration)."""
 
     def __init__(self, path: str) -> None:
-        if path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         self.path = path
         self.lock = threading.RLock()
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5.0)
-        self.db.row_factory = sqlite3.Row
-        mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        self.journal_mode = str(mode).lower()
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        self.db = open_db(path, SCHEMA)
+        self.journal_mode = journal_mode(self.db)
 
     def close(self) -> None:
         with self.lock:
@@ -111,7 +104,7 @@ class Registry:
         with self.lock:
             row = self.db.execute("SELECT * FROM vm WHERE name = ?", (name,)).fetchone()
         if row is None:
-            raise RegistryError(f"unknown VM {name!r}")
+            raise UnknownVm(f"unknown VM {name!r}")
         return VmRecord(**dict(row))
 
     def vms(self) -> list[VmRecord]:
@@ -152,18 +145,12 @@ class Registry:
     # ---- which gateways hold entries for a VM
     def set_holders(self, name: str, gateways: list[str]) -> None:
         now = time.time()
-        with self.lock:
-            self.db.execute("BEGIN")
-            try:
-                self.db.execute("DELETE FROM vm_holder WHERE vm = ? AND gateway NOT IN (%s)"
-                                % ",".join("?" * len(gateways)), (name, *gateways))
-                for g in gateways:
-                    self.db.execute("INSERT OR IGNORE INTO vm_holder (vm, gateway, since) VALUES (?, ?, ?)",
-                                    (name, g, now))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self.lock, transaction(self.db):
+            self.db.execute("DELETE FROM vm_holder WHERE vm = ? AND gateway NOT IN (%s)"
+                            % ",".join("?" * len(gateways)), (name, *gateways))
+            for g in gateways:
+                self.db.execute("INSERT OR IGNORE INTO vm_holder (vm, gateway, since) VALUES (?, ?, ?)",
+                                (name, g, now))
 
     def holders(self, name: str) -> list[str]:
         with self.lock:

@@ -1,23 +1,17 @@
-"""Wires the VM registry, the migration manager, the VM-port watcher and the
-defragmentation planner into the daemon: `start()` after the gateway is up,
-`stop()` before it goes, and `commands()` for the local API."""
+"""Wires the VM registry, the migration manager and the VM-port watcher into the
+daemon: `start()` after the gateway is up, `stop()` before it goes, and
+`commands()` for the local API."""
 from __future__ import annotations
 
-import fnmatch
 import logging
-import os
-import subprocess
-import threading
-from typing import Any
 
-from control.defrag import planner as defrag
+from control.api.commands import CommandTable, arg, int_arg
 from control.config import Config
 from control.gateway import Gateway, GatewayError
 from control.migration.manager import MigrationError, MigrationManager, convergence_summary
 from control.migration.registry import InvalidTransition, Registry, RegistryError
 
 log = logging.getLogger(__name__)
-ORCHESTRATOR_TIMEOUT_S = 60.0
 
 
 class MigrationService:
@@ -27,8 +21,6 @@ class MigrationService:
         self.registry: Registry | None = None
         self.manager: MigrationManager | None = None
         self.watcher = None
-        self.baseline: dict[tuple[str, str], int] = {}
-        self.defrag_lock = threading.Lock()
 
     # ---- lifecycle
     def start(self) -> None:
@@ -87,40 +79,27 @@ class MigrationService:
             self.registry.record_event("port_gone", {"port": port}, vm=rec.name)
 
     # ---- API
-    def commands(self) -> dict[str, Any]:
-        def arg(a: dict, name: str, required: bool = True):
-            value = a.get(name)
-            if value is None and required:
-                raise GatewayError(f"missing argument {name!r}")
-            if value is not None and not isinstance(value, str):
-                raise GatewayError(f"argument {name!r} must be a str")
-            return value
-
+    def commands(self) -> CommandTable:
         def limit(a: dict) -> int:
-            n = a.get("limit", 100)
-            if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 10000:
-                raise GatewayError("argument 'limit' must be an int in 1..10000")
-            return n
+            return int_arg(a, "limit", 1, 10000, default=100)
 
-        return {
-            "vm.move": lambda a: self.move(arg(a, "name"), port=arg(a, "port", False), mac=arg(a, "mac", False),
-                                           tunnel=arg(a, "tunnel", False)),
-            "vm.history": lambda a: self.history(arg(a, "name", False), limit(a)),
-            "vm.events": lambda a: self.registry.events(arg(a, "kind", False), limit(a)),
+        def where(a: dict) -> dict[str, str | None]:
+            return {"port": arg(a, "port", required=False), "mac": arg(a, "mac", required=False),
+                    "tunnel": arg(a, "tunnel", required=False)}
+
+        return CommandTable({
+            "vm.move": lambda a: self.move(arg(a, "name"), **where(a)),
+            "vm.history": lambda a: self.history(arg(a, "name", required=False), limit(a)),
+            "vm.events": lambda a: self.registry.events(arg(a, "kind", required=False), limit(a)),
             "vm.registry": lambda a: [dict(r.as_dict(), holders=self.registry.holders(r.name))
                                       for r in self.registry.vms()],
             "migration.peer_apply": lambda a: self.manager.peer_apply(
-                arg(a, "name"), arg(a, "port", False), arg(a, "mac", False), arg(a, "tunnel", False),
-                arg(a, "origin"), arg(a, "detected_by")),
+                arg(a, "name"), **where(a), origin=arg(a, "origin"), detected_by=arg(a, "detected_by")),
             "migration.status": lambda a: {**self.manager.stats(),
                                            "watcher": self.watcher.status() if self.watcher else None,
                                            "registry": self.registry.path,
                                            "journal_mode": self.registry.journal_mode},
-            "defrag.reset": lambda a: self.defrag_reset(),
-            "defrag.matrix": lambda a: self.defrag_state()[0],
-            "defrag.plan": lambda a: self.defrag_plan(a.get("max_moves", 16)),
-            "defrag.apply": lambda a: self.defrag_apply(a.get("max_moves", 16)),
-        }
+        })
 
     def move(self, name: str, port: str | None = None, mac: str | None = None, tunnel: str | None = None,
              source: str = "explicit") -> dict:
@@ -134,84 +113,3 @@ class MigrationService:
     def history(self, name: str | None, n: int) -> dict:
         rows = self.registry.history(name, n)
         return {"migrations": rows, "convergence": convergence_summary(rows)}
-
-    # ---- defragmentation
-    def _placement(self) -> dict[str, str]:
-        hosts = self.config.hosts
-        out = {}
-        for rec in self.registry.vms():
-            if rec.kind != "port":
-                continue
-            for h in hosts:
-                if any(fnmatch.fnmatchcase(rec.location, p) for p in h.ports):
-                    out[rec.name] = h.name
-                    break
-        return out
-
-    def _pair_bytes(self) -> dict[tuple[str, str], int]:
-        if self.watcher is None:
-            raise GatewayError("defrag needs the VM port watcher: set gateway.vm_ports")
-        return self.watcher.pair_bytes()
-
-    def defrag_reset(self) -> dict:
-        """Measure VM-to-VM traffic from now on (the counters are cumulative)."""
-        self.baseline = self._pair_bytes()
-        return {"baseline_pairs": len(self.baseline)}
-
-    def defrag_state(self) -> tuple[dict, dict, dict, dict]:
-        recs = self.registry.vms()
-        now = self._pair_bytes()
-        window = {k: v - self.baseline.get(k, 0) for k, v in now.items() if v - self.baseline.get(k, 0) > 0}
-        matrix = defrag.traffic_matrix(window, {r.name: r.mac for r in recs}, {r.name: r.ip for r in recs})
-        placement = self._placement()
-        tenants = {r.name: r.tenant for r in recs}
-        frag = defrag.fragmentation(matrix, placement, tenants)
-        view = {"matrix": [{"src": a, "dst": b, "bytes": w} for (a, b), w in sorted(matrix.items())],
-                "placement": placement, "fragmentation": frag}
-        return view, matrix, placement, tenants
-
-    def defrag_plan(self, max_moves: Any = 16) -> dict:
-        if not isinstance(max_moves, int) or isinstance(max_moves, bool) or not 0 <= max_moves <= 1000:
-            raise GatewayError("argument 'max_moves' must be an int in 0..1000")
-        if not self.config.hosts:
-            raise GatewayError("defrag needs [[host]] entries in the config")
-        _, matrix, placement, tenants = self.defrag_state()
-        capacity = {h.name: h.capacity for h in self.config.hosts}
-        p = defrag.plan(matrix, placement, tenants, capacity, max_moves=max_moves)
-        p["moves"] = [m.__dict__ for m in p["moves"]]
-        p["text"] = defrag.describe(p)
-        return p
-
-    def defrag_apply(self, max_moves: Any = 16) -> dict:
-        """Carry out the plan: per move, the orchestrator live-migrates the VM and
-        names its new port; the move then goes through the migration path."""
-        argv = list(self.config.gateway.orchestrator)
-        if not argv:
-            raise GatewayError("defrag apply needs gateway.orchestrator (the command that live-migrates a VM)")
-        with self.defrag_lock:
-            p = self.defrag_plan(max_moves)
-            done = []
-            for m in p["moves"]:
-                try:
-                    out = subprocess.run(argv + [m["vm"], m["dst"]], capture_output=True, text=True,
-                                         timeout=ORCHESTRATOR_TIMEOUT_S, check=True, env=dict(os.environ))
-                except (subprocess.SubprocessError, OSError) as exc:
-                    err = getattr(exc, "stderr", "") or ""
-                    done.append({**m, "status": f"orchestrator failed: {exc} {err[-300:]}"})
-                    break
-                lines = out.stdout.strip().splitlines()
-                port = lines[-1].strip() if lines else ""
-                rec = self.registry.vm(m["vm"])
-                if rec.kind == "port" and rec.location == port:
-                    done.append({**m, "port": port, "status": "already detected"})
-                    continue
-                try:
-                    r = self.move(m["vm"], port=port, source="defrag")
-                except GatewayError as exc:
-                    done.append({**m, "port": port, "status": f"move failed: {exc}"})
-                    break
-                done.append({**m, "port": port, "status": "ok",
-                             "convergence_ms": r["migration"]["convergence_ms"]})
-            p["applied"] = done
-            p["text"] = defrag.describe(p)
-            return p

@@ -1,14 +1,14 @@
-"""Watch the host ports VMs sit behind: attach ebpf/vmport.c to every port whose
-name matches `[gateway] vm_ports` (glob patterns), also to ports created later,
-read its announcements from the perf buffer, and follow netlink (links coming
-and going; the kernel learning a VM's own address with its MAC on a port).
+"""Watch the host ports VMs sit behind: put the VM-port program
+(dataplane/vmport.py) on every port whose name matches `[gateway] vm_ports`
+(glob patterns), also on ports created later, turn its announcements into
+Announcements, and follow netlink (links coming and going; the kernel learning
+a VM's own address with its MAC on a port).
 
 Everything runs in the calling process's network namespace (the daemon has
 joined the gateway's). Two threads, each loop bounded by a poll timeout and a
 stop event."""
 from __future__ import annotations
 
-import ctypes as ct
 import fnmatch
 import ipaddress
 import logging
@@ -20,14 +20,11 @@ import time
 from typing import Callable
 
 from control.migration.manager import Announcement
-from dataplane import structs as S
-from dataplane.program import MODE_FLAGS, program_source
+from dataplane.program import AttachError
+from dataplane.vmport import PortAnnouncement, VmPortProgram
 
 log = logging.getLogger(__name__)
 
-ENTRY_FILE = "vmport.c"
-ENTRY_FUNCTION = "vmport_main"
-KIND_NAMES = {S.ANNOUNCE_GARP: "garp", S.ANNOUNCE_RARP: "rarp", S.ANNOUNCE_NA: "na"}
 NETLINK_ROUTE = 0
 RTMGRP_LINK = 0x1
 RTMGRP_NEIGH = 0x4
@@ -41,8 +38,7 @@ def matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
 
 class PortWatcher:
     """mode "auto": native XDP where the port's driver has it, else generic, like
-    the gateway's own program (checked in the testbed: native on the gateway-side
-    VM veths, TCP through the VIP unaffected)."""
+    the gateway's own program; or "native" or "generic" only."""
 
     def __init__(self, patterns: tuple[str, ...] | list[str], on_announce: Callable[[Announcement], object],
                  on_link_gone: Callable[[str], object] | None = None, mode: str = "auto") -> None:
@@ -50,8 +46,8 @@ class PortWatcher:
         self.on_announce = on_announce
         self.on_link_gone = on_link_gone
         self.mode = mode
-        self.bpf = None
-        self.fn = None
+        self.program: VmPortProgram | None = None
+        self.nl: socket.socket | None = None
         self.attached: dict[str, tuple[int, str]] = {}    # ifname -> (ifindex, mode)
         self.stopping = threading.Event()
         self.threads: list[threading.Thread] = []
@@ -61,11 +57,7 @@ class PortWatcher:
 
     # ---- lifecycle
     def start(self) -> None:
-        from bcc import BPF
-
-        self.bpf = BPF(text=program_source(ENTRY_FILE).encode(), cflags=["-Wno-unused-function"])
-        self.fn = self.bpf.load_func(ENTRY_FUNCTION.encode(), BPF.XDP)
-        self.bpf["vm_announcements"].open_perf_buffer(self._on_event, page_cnt=16)
+        self.program = VmPortProgram(self._on_event)
         self.nl = self._netlink_socket()
         self.scan()
         for target, name in ((self._perf_loop, "xdpgw-portwatch"), (self._netlink_loop, "xdpgw-netlink")):
@@ -81,11 +73,11 @@ class PortWatcher:
             for name, (idx, mode) in list(self.attached.items()):
                 self._detach(name, idx, mode)
             self.attached.clear()
-        if getattr(self, "nl", None) is not None:
+        if self.nl is not None:
             self.nl.close()
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
+        if self.program is not None:
+            self.program.close()
+            self.program = None
 
     # ---- ports
     def scan(self) -> None:
@@ -108,28 +100,17 @@ class PortWatcher:
                     log.warning("link-gone handler for %s: %s", name, exc)
 
     def _attach(self, name: str, idx: int) -> None:
-        from bcc import BPF
+        try:
+            self.attached[name] = (idx, self.program.attach(name, self.mode))
+        except AttachError as exc:
+            self.errors.append(str(exc))
+            log.warning(self.errors[-1])
 
-        modes = ["native", "generic"] if self.mode == "auto" else [self.mode]
-        errors = []
-        for m in modes:
-            try:
-                BPF.attach_xdp(name, self.fn, MODE_FLAGS[m])
-                self.attached[name] = (idx, m)
-                return
-            except Exception as exc:  # noqa: BLE001 - bcc raises bare Exceptions
-                errors.append(f"{m}: {exc}")
-        self.errors.append(f"cannot attach to {name}: {'; '.join(errors)}")
-        log.warning(self.errors[-1])
-
-    @staticmethod
-    def _detach(name: str, idx: int, mode: str) -> None:
-        from bcc import BPF
-
+    def _detach(self, name: str, idx: int, mode: str) -> None:
         try:
             if socket.if_nametoindex(name) == idx:
-                BPF.remove_xdp(name, MODE_FLAGS[mode])
-        except Exception:  # noqa: BLE001 - the port may be gone already
+                self.program.detach(name, mode)
+        except (OSError, AttachError):    # the port may be gone already
             pass
 
     def status(self) -> dict:
@@ -138,26 +119,24 @@ class PortWatcher:
                     "announcements": self.events, "errors": self.errors[-10:]}
 
     # ---- perf buffer
-    def _on_event(self, cpu: int, data, size: int) -> None:
-        ev = ct.cast(data, ct.POINTER(S.VmAnnounce)).contents
+    def _on_event(self, ev: PortAnnouncement) -> None:
         self.events += 1
         try:
             port = socket.if_indextoname(ev.ifindex)
         except OSError:
             return
-        ip = None
-        if ev.family in (4, 6):
-            ip = S.addr_from16(bytes(ev.ip))
-        a = Announcement(KIND_NAMES.get(ev.kind, f"kind{ev.kind}"), S.mac_str(ev.mac), ip, port, int(ev.ts_ns))
+        self._announce(Announcement(ev.kind, ev.mac, ev.ip, port, ev.ts_ns))
+
+    def _announce(self, a: Announcement) -> None:
         try:
             self.on_announce(a)
-        except Exception as exc:  # noqa: BLE001 - one bad event never stops the reader
+        except Exception as exc:  # noqa: BLE001 - one bad event never stops a reader
             log.warning("announcement %s: %s", a, exc)
 
     def _perf_loop(self) -> None:
         while not self.stopping.is_set():
             try:
-                self.bpf.perf_buffer_poll(timeout=POLL_MS)
+                self.program.poll(POLL_MS)
             except Exception as exc:  # noqa: BLE001
                 log.warning("perf poll: %s", exc)
                 self.stopping.wait(0.1)
@@ -216,19 +195,9 @@ class PortWatcher:
             return
         if not matches(port, self.patterns):
             return
-        a = Announcement("netlink", mac, ipaddress.ip_address(dst), port, time.monotonic_ns())
-        try:
-            self.on_announce(a)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("netlink announcement %s: %s", a, exc)
+        self._announce(Announcement("netlink", mac, ipaddress.ip_address(dst), port, time.monotonic_ns()))
 
     # ---- VM-to-VM traffic
     def pair_bytes(self) -> dict[tuple[str, str], int]:
         """{(sender MAC, destination IP): bytes}, summed over CPUs."""
-        out: dict[tuple[str, str], int] = {}
-        table = self.bpf["vm_pair_bytes"]
-        for key, values in table.items():
-            k = ct.cast(ct.pointer(key), ct.POINTER(S.VmPairKey)).contents
-            total = sum(v.bytes for v in values)
-            out[(S.mac_str(k.src_mac), str(S.addr_from16(bytes(k.dst))))] = total
-        return out
+        return self.program.pair_bytes()

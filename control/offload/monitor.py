@@ -1,30 +1,25 @@
-"""Heavy-region detection (issue 7, step 1) and the gateway's side of region offload.
+"""Heavy-region detection: rates per region from cumulative counters, smoothed,
+and a hysteresis state machine per region.
 
-Every `monitor.interval` the daemon folds the per-CPU region counters (XDP) and
-hands the cumulative (packets, bytes) of each region to `Monitor.update`, which
-computes pps and bps over the interval, smooths them (EWMA), and runs a small
-hysteresis state machine per region:
+The daemon's sampler hands the cumulative (packets, bytes) of each region to
+`Monitor.update` every `monitor.interval`; it computes pps and bps over the
+interval, smooths them (EWMA), and steps each region's state:
 
     normal --(over heavy_pps or heavy_bps for K intervals in a row)--> heavy
     heavy  --(under clear_pps and clear_bps for K intervals in a row)--> normal
 
-A change is an event; `OffloadLink` turns events into calls to the control
-center (a distribution request for a heavy region, its clearing when calm) on a
-thread of its own, so a slow center never delays sampling. The center then
-calls the gateway's agent API (control/agent.py) to install or clear the offload.
+A change is an event, which the daemon hands to the link to the center
+(control/offload/link.py).
 """
 from __future__ import annotations
 
-import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from control.config import Config
-
-log = logging.getLogger(__name__)
+from control.rates import per_second
 
 
 @dataclass
@@ -95,8 +90,8 @@ class Event:
 
 
 class Monitor:
-    """Rates and heavy/normal state per region from cumulative counters. Not thread-safe
-    by itself: `update` runs on the daemon's sampling thread; `snapshot` copies under a lock."""
+    """Rates and heavy/normal state per region from cumulative counters: `update` runs
+    on the daemon's sampling thread, `snapshot` (the API) copies under a lock."""
 
     def __init__(self, config: Config) -> None:
         m = config.monitor
@@ -124,11 +119,7 @@ class Monitor:
             for name, r in self.regions.items():
                 if name not in current:
                     continue
-                p0, b0 = prev[1].get(name, current[name])
-                p1, b1 = current[name]
-                # counters only grow; a smaller value means they were reset (gateway restart)
-                r.raw_pps = max(0, p1 - p0) / dt
-                r.raw_bps = 8 * max(0, b1 - b0) / dt
+                r.raw_pps, r.raw_bps = per_second(prev[1].get(name, current[name]), current[name], dt)
                 if r.intervals == 0:
                     r.pps, r.bps = r.raw_pps, r.raw_bps
                 else:
@@ -162,78 +153,3 @@ class Monitor:
     def snapshot(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             return {name: r.as_dict() for name, r in self.regions.items()}
-
-
-# ------------------------------------------------------------------ center link
-
-class OffloadLink:
-    """Sends the monitor's events to the control center, in order, on its own thread.
-
-    heavy -> POST /v1/requests {gateway, region, service, pps, bps, crossed_at} (one per service)
-    calm  -> POST /v1/requests/clear {gateway, region}
-    A failed call is retried (bounded: `max_attempts`, `retry_s` apart); the last result
-    of each region is kept for `xdpgw stats`."""
-
-    def __init__(self, config: Config, services: list[str], call: Callable[[str, str, dict | None], Any] | None = None,
-                 max_attempts: int = 20, retry_s: float = 0.5) -> None:
-        from control.center.client import CenterClient
-
-        self.gateway = config.gateway.name
-        self.services = services
-        link = config.center
-        self.call = call or CenterClient(link.url, link.token, timeout=link.timeout, cafile=link.cafile).call
-        self.max_attempts = max_attempts
-        self.retry_s = retry_s
-        self.queue: queue.Queue[Event | None] = queue.Queue()
-        self.status: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="xdpgw-offload-link", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.queue.put(None)
-        self.thread.join(timeout=5)
-
-    def submit(self, event: Event) -> None:
-        self.queue.put(event)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            event = self.queue.get()
-            if event is None:
-                return
-            self._deliver(event)
-
-    def _deliver(self, event: Event) -> None:
-        if event.kind == "heavy":
-            calls = [("POST", "/v1/requests", {"gateway": self.gateway, "region": event.region, "service": s,
-                                               "pps": event.pps, "bps": event.bps, "crossed_at": event.crossed_at,
-                                               "heavy_at": event.at}) for s in self.services]
-        else:
-            calls = [("POST", "/v1/requests/clear", {"gateway": self.gateway, "region": event.region})]
-        results, error = [], None
-        for method, path, body in calls:
-            for attempt in range(1, self.max_attempts + 1):
-                try:
-                    results.append(self.call(method, path, body))
-                    error = None
-                    break
-                except Exception as exc:  # noqa: BLE001 - reported in stats, retried
-                    error = f"{method} {path}: {exc}"
-                    status = getattr(exc, "status", None)
-                    if status is not None and 400 <= status < 500:
-                        break          # the center refused it: retrying will not help
-                    log.warning("center call failed (attempt %d): %s", attempt, error)
-                    if self._stop.wait(self.retry_s):
-                        return
-        with self._lock:
-            self.status[event.region] = {"event": event.kind, "at": event.at, "ok": error is None,
-                                         "error": error, "results": results}
-
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        with self._lock:
-            return {k: dict(v) for k, v in self.status.items()}

@@ -9,27 +9,32 @@ its loaded program with BPF_PROG_TEST_RUN from one thread while another thread
 changes the gateway as fast as it can."""
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 
-from testbed.topology import DC2_ENDPOINT, Testbed
+from testbed.addresses import DC2_ENDPOINT
+from tests.e2e.conftest import running_testbed, unique_prefix
 
-PREFIX = "xgc" + secrets.token_hex(2)[:3]
+PREFIX = unique_prefix("xgc")
 SECONDS = 5.0
 
 
 def _body(prefix: str, seconds: float) -> dict:
+    import functools
     import random
 
     from scapy.all import IP, TCP, UDP, Ether
 
+    import control.gateway
     from control.gateway import Gateway
     from testbed.config import ECHO_PORT, WEB_PORT, testbed_config
+    from dataplane import program
     from dataplane import structs as S
     from dataplane.testrun import TestRunner
-    from testbed.topology import VIP4
+    from testbed.addresses import VIP4
 
+    # the test build of the program: its forward trace names the VM each packet went to
+    control.gateway.load = functools.partial(program.load, trace=True)
     gw = Gateway(testbed_config(prefix, name="gwc"))
     gw.start()
     try:
@@ -90,12 +95,8 @@ def _body(prefix: str, seconds: float) -> dict:
 
 
 def test_updates_while_traffic_flows_drop_nothing_and_keep_flows_in_their_service():
-    tb = Testbed(PREFIX)
-    try:
-        tb.up()
-        result = tb.run("gw", _body, PREFIX, SECONDS, timeout=120)
-    finally:
-        tb.down()
+    with running_testbed(PREFIX) as bed:
+        result = bed.tb.run("gw", _body, PREFIX, SECONDS, timeout=120)
     assert result["updates"] >= 20 and result["packets"] > 500, result
     assert result["drops"] == {}, result
     assert result["outside"] == [], result

@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import itertools
 import json
-import secrets
 import socket
 import subprocess
 import time
@@ -39,23 +38,20 @@ from tests.waiting import wait_for
 
 from control.api import unix as api
 from control.config import HealthConfig
-from testbed.demo import (ConnectionLost, GatewayDaemon, LineConn, start_server, udp_exchange, vm_binds,
+from testbed.kit import (ConnectionLost, GatewayDaemon, LineConn, start_server, udp_exchange, vm_binds,
                           vm_health_binds)
 from testbed.config import ECHO_PORT, WEB_PORT
 from testbed.config import testbed_config as make_config
-from testbed.topology import GW2_ROLE, UPLINK, VIP4, Testbed
+from testbed.addresses import GW2_ROLE, UPLINK, VIP4
+from testbed.topology import Testbed
+from tests.e2e.conftest import TestbedEnv, running_testbed, unique_prefix
 
-PREFIX = "xgh" + secrets.token_hex(2)[:3]
+PREFIX = unique_prefix("xgh")
 LOCAL_VMS = ("vm1", "vm2", "vm3")
 PROBE = dict(interval=0.2, timeout=0.2, rise=2, fall=2)
 HEALTH = {"web": HealthConfig("tcp", **PROBE), "web6": HealthConfig("tcp", **PROBE),
           "echo": HealthConfig("udp", **PROBE)}
 MEASURED: dict[str, list[float]] = collections.defaultdict(list)
-
-
-def _netns_list() -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10, check=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
 
@@ -67,6 +63,7 @@ class Env:
     daemons: dict[str, GatewayDaemon]
     servers: dict[str, subprocess.Popen] = field(default_factory=dict)
     tmp: Path | None = None
+    bed: TestbedEnv | None = None            # stops the daemons started through it at teardown
 
     def call(self, gw: str, cmd: str, **args):
         return api.call(self.socks[gw], cmd, **args)
@@ -92,36 +89,31 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    tb = Testbed(PREFIX, gateways=2)
-    daemons: dict[str, GatewayDaemon] = {}
     tmp = tmp_path_factory.mktemp("xdpgw-gateways")
     try:
-        tb.up()
-        paths, socks = {}, {}
-        for name, which in (("gw1", 1), ("gw2", 2)):
-            config = make_config(PREFIX, name, which=which, health=HEALTH)
-            path = tmp / f"{name}.toml"
-            path.write_text(config.to_toml())
-            paths[name], socks[name] = str(path), config.gateway.api_socket
-        e = Env(tb, paths, socks, daemons, tmp=tmp)
-        for vm in LOCAL_VMS:
-            e.start_vm_server(vm)
-        for name in ("gw1", "gw2"):
-            daemons[name] = GatewayDaemon(tb, paths[name])
-            daemons[name].start(timeout=90)
-        for name in ("gw1", "gw2"):
-            wait_for(lambda: e.all_healthy(name), what=f"{name}: every VM healthy")
-        yield e
+        with running_testbed(PREFIX, gateways=2) as bed:
+            tb = bed.tb
+            paths, socks = {}, {}
+            for name, which in (("gw1", 1), ("gw2", 2)):
+                config = make_config(PREFIX, name, which=which, health=HEALTH)
+                path = tmp / f"{name}.toml"
+                path.write_text(config.to_toml())
+                paths[name], socks[name] = str(path), config.gateway.api_socket
+            daemons = {name: bed.daemon(paths[name]) for name in ("gw1", "gw2")}
+            e = Env(tb, paths, socks, daemons, tmp=tmp, bed=bed)
+            for vm in LOCAL_VMS:
+                e.start_vm_server(vm)
+            for name in ("gw1", "gw2"):
+                daemons[name].start(timeout=90)
+            for name in ("gw1", "gw2"):
+                wait_for(lambda: e.all_healthy(name), what=f"{name}: every VM healthy")
+            yield e
     finally:
-        for d in daemons.values():
-            d.stop()
-        tb.down()
         if MEASURED:
             print("\nmeasured (issue 5):")
             for key, values in MEASURED.items():
                 print(f"  {key}: " + ", ".join(f"{v:.0f}" for v in values)
                       + f"  (mean {sum(values) / len(values):.0f})")
-    assert [n for n in _netns_list() if n.startswith(PREFIX + "-")] == []
 
 
 # --------------------------------------------------------------------- helpers
@@ -286,7 +278,7 @@ def test_a_gateway_dies_and_the_other_carries_its_flows(env):
 
         # gw2 comes back (a new daemon), agrees, and carries the flows again
         tb.cmd(GW2_ROLE, ["ip", "link", "set", UPLINK, "up"])
-        env.daemons["gw2"] = GatewayDaemon(tb, env.paths["gw2"])
+        env.daemons["gw2"] = env.bed.daemon(env.paths["gw2"])
         env.daemons["gw2"].start(timeout=90)
         wait_for(lambda: env.all_healthy("gw2"), what="gw2: every VM healthy again")
         assert_same_tables(env)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import os
-import secrets
 import socket
 import subprocess
 import time
@@ -20,30 +19,26 @@ from pathlib import Path
 import pytest
 
 from control.api import unix as api
-from testbed.demo import (
+from testbed.kit import (
     ConnectionLost,
     GatewayDaemon,
     LineConn,
-    add_vm_port,
     dc2_binds,
     link_stats,
     start_server,
-    switch_vm_to_port,
     udp_exchange,
     vm_binds,
 )
+from testbed.ports import add_port, port_for, switch_to
+from tests.e2e.conftest import running_testbed, unique_prefix
 from testbed.config import ECHO_PORT, REMOTE_PORT, WEB_PORT
 from testbed.config import testbed_config as make_config
 from dataplane.program import attached_program_id
-from testbed.topology import DC2_ENDPOINT, UPLINK, UPLINK_IP6, VIP4, VIP6, Testbed
+from testbed.addresses import DC2_ENDPOINT, UPLINK, UPLINK_IP6, VIP4, VIP6
+from testbed.topology import Testbed
 
-PREFIX = "xgi" + secrets.token_hex(2)[:3]
+PREFIX = unique_prefix("xgi")
 ETH, IP4, IP6, UDP = 14, 20, 40, 8
-
-
-def _netns_list() -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10, check=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
 @dataclass
@@ -67,25 +62,18 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    tb = Testbed(PREFIX)
-    daemon = None
     tmp = tmp_path_factory.mktemp("xdpgw")
-    try:
-        tb.up()
+    with running_testbed(PREFIX) as bed:
+        tb = bed.tb
         config = make_config(PREFIX)
         path = tmp / "xdpgw.toml"
-        daemon = GatewayDaemon.launch(tb, config, path)
+        daemon = bed.launch(config, path)
         for vm in tb.vms:
             start_server(tb, vm.name, vm.name, vm_binds())
         start_server(tb, "dc2", "dc2", dc2_binds())
         yield Env(tb, daemon, str(path), config.gateway.api_socket, daemon.xdpgw, tmp)
         rc = daemon.stop()
         assert rc == 0, f"xdpgw run exited {rc}: {daemon.stderr[-5:]}"
-    finally:
-        if daemon is not None:
-            daemon.stop()
-        tb.down()
-    assert [n for n in _netns_list() if n.startswith(PREFIX + "-")] == []
 
 
 # --------------------------------------------------------------------- helpers
@@ -197,8 +185,9 @@ def test_tcp_connections_survive_vm_move(env):
         vm_conns = [c for c in conns if c.served_by == vm]
         old_port = tb.vm(vm).port
 
-        p = add_vm_port(tb, vm)
-        switch_vm_to_port(tb, p)                     # the VM now lives behind the new port only
+        p = port_for(PREFIX, vm, "b")
+        add_port(p, gw_ns=tb.ns("gw"))
+        switch_to(p)                                 # the VM now lives behind the new port only
         eth0 = link_stats(tb, vm, tb.vm(vm).ifname)
         assert "UP" not in eth0["flags"], eth0
         eth1_before = link_stats(tb, vm, p.vm_if)

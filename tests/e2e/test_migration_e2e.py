@@ -1,6 +1,6 @@
 """Migration-aware forwarding end to end: the real daemon in the testbed with the
 VM-port watcher on gwv*; VMs "live-migrate" by getting a new port (the VM's
-namespace gets a veth with the VM's MAC, control/testbed_orchestrator.py) and
+namespace gets a veth with the VM's MAC, testbed/ports.py) and
 announce themselves with raw frames sent from their namespace. No CLI or API
 call moves a VM in the GARP tests: detection does.
 
@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import secrets
 import socket
 import struct
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -27,14 +24,16 @@ from tests.waiting import wait_for
 
 from control.api import unix as api
 from control.config import HostConfig, validate
-from testbed.demo import GatewayDaemon, LineConn, link_stats, start_server, vm_binds
+from testbed.kit import GatewayDaemon, LineConn, link_stats, start_server, vm_binds
 from control.migration.manager import convergence_summary
 from testbed.config import WEB_PORT
 from testbed.config import testbed_config as make_config
-from testbed.orchestrator import add_port, port_for, switch_to
-from testbed.topology import VIP4, Testbed
+from testbed.ports import add_port, port_for, switch_to
+from testbed.addresses import VIP4
+from testbed.topology import Testbed
+from tests.e2e.conftest import running_testbed, unique_prefix
 
-PREFIX = "xgm" + secrets.token_hex(2)[:3]
+PREFIX = unique_prefix("xgm")
 SUFFIXES = "ha=a,hb=b"
 HOLD_DOWN = 0.2
 
@@ -55,11 +54,9 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    tb = Testbed(PREFIX)
-    daemon = None
     tmp = tmp_path_factory.mktemp("xdpgw-mig")
-    try:
-        tb.up()
+    with running_testbed(PREFIX) as bed:
+        tb = bed.tb
         base = make_config(PREFIX, vm_ports=("gwv*",), migration_hold_down=HOLD_DOWN,
                            orchestrator=(sys.executable, "-m", "testbed.orchestrator", PREFIX, SUFFIXES))
         tenants = {"vm1": "t2", "vm2": "t1", "vm3": "t1"}
@@ -67,19 +64,12 @@ def env(tmp_path_factory):
         hosts = (HostConfig("ha", ("gwv1", "gwv2", "gwv?a", "gwv1[mno]"), 3), HostConfig("hb", ("gwv3", "gwv?b"), 3))
         config = validate(dataclasses.replace(base, vms=vms, hosts=hosts))
         path = tmp / "xdpgw.toml"
-        daemon = GatewayDaemon.launch(tb, config, path, timeout=90)
+        daemon = bed.launch(config, path, timeout=90)
         for vm in tb.vms:
             start_server(tb, vm.name, vm.name, vm_binds())
         yield Env(tb, daemon, config.gateway.api_socket, str(path))
         rc = daemon.stop()
         assert rc == 0, f"xdpgw run exited {rc}: {daemon.stderr[-5:]}"
-    finally:
-        if daemon is not None:
-            daemon.stop()
-        tb.down()
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
-    assert PREFIX + "-" not in out
-    assert not list(Path("/run/xdpgw").glob(f"{PREFIX}-*.db*"))
 
 
 # ------------------------------------------------------------------ helpers

@@ -31,23 +31,20 @@ from tests.waiting import wait_for
 
 from control.api import unix as api
 from control.config import AgentConfig, CenterLinkConfig, MonitorConfig, validate
-from testbed.demo import GatewayDaemon, LineConn, start_server, vm_binds
+from testbed.kit import LineConn, start_server, vm_binds
 from testbed.config import WEB_PORT
 from testbed.config import testbed_config as make_config
-from testbed.topology import DC2_ENDPOINT, ROUTER_IP, UPLINK_IP, VIP4, Testbed
+from testbed.addresses import DC2_ENDPOINT, ROUTER_IP, UPLINK_IP, VIP4
+from testbed.topology import Testbed
+from tests.e2e.conftest import running_testbed, unique_prefix
 
-PREFIX = "xgo" + secrets.token_hex(2)[:3]
+PREFIX = unique_prefix("xgo")
 CENTER_TOKEN, GW_TOKEN, DC_TOKEN = (secrets.token_hex(8) for _ in range(3))
 CENTER_PORT, GW_AGENT_PORT, DC_AGENT_PORT = 7300, 7301, 7302
 INTERVAL = 0.5
 HEAVY_PPS = 300.0
 RAMP_PPS = 1500
 RAMP_MAX_S = 30.0
-
-
-def _netns_list() -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10, check=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
 def center_toml(db: str, image: str) -> str:
@@ -132,10 +129,9 @@ class Proc:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("offload")
-    tb = Testbed(PREFIX, dc2_vip=False)
-    daemon = None
-    try:
-        tb.up()
+    # the testbed's teardown stops the center and the dc agent (which stops its VMs' servers) by pid
+    with running_testbed(PREFIX, dc2_vip=False) as bed:
+        tb = bed.tb
         base = make_config(PREFIX)
         config = validate(dataclasses.replace(
             base,
@@ -150,7 +146,7 @@ def env(tmp_path_factory):
         center_path = tmp / "center.toml"
         center_path.write_text(center_toml(str(tmp / "center.db"), str(image)))
 
-        daemon = GatewayDaemon(tb, str(gw_path))
+        daemon = bed.daemon(gw_path)
         xdpgw = daemon.xdpgw
         e = {"tb": tb, "daemon": daemon, "sock": config.gateway.api_socket, "xdpgw": xdpgw,
              "center_path": str(center_path), "tmp": tmp}
@@ -169,11 +165,6 @@ def env(tmp_path_factory):
         for vm in tb.vms:
             start_server(tb, vm.name, vm.name, vm_binds())
         yield e
-    finally:
-        if daemon is not None:
-            daemon.stop()
-        tb.down()          # stops the center and the dc agent (which stops its VMs' servers) by pid
-    assert [n for n in _netns_list() if n.startswith(PREFIX + "-")] == []
     assert not [p for p in os.listdir("/sys/fs/bpf/xdpgw") if p.startswith(PREFIX)] \
         if os.path.isdir("/sys/fs/bpf/xdpgw") else True
 

@@ -4,7 +4,6 @@ interface without a program; a layout change is refused unless --reset."""
 from __future__ import annotations
 
 import dataclasses
-import secrets
 import signal
 import subprocess
 
@@ -12,14 +11,16 @@ import pytest
 
 from control.api import unix as api
 from control.config import validate
-from testbed.demo import GatewayDaemon, LineConn, dc2_binds, start_server, vm_binds
+from testbed.kit import GatewayDaemon, LineConn, dc2_binds, start_server, vm_binds
 from testbed.config import WEB_PORT
 from testbed.config import testbed_config as make_config
-from dataplane.pinning import LayoutError, PinnedState, mount_type
+from dataplane.pinning import PIN_ROOT, LayoutError, PinnedState, mount_type
 from dataplane.program import Sizes, attached_program_id
-from testbed.topology import DC2_ENDPOINT, PIN_ROOT, UPLINK, VIP4, Testbed
+from testbed.addresses import DC2_ENDPOINT, UPLINK, VIP4
+from testbed.topology import Testbed
+from tests.e2e.conftest import running_testbed, unique_prefix
 
-PREFIX = "xgr" + secrets.token_hex(2)[:3]
+PREFIX = unique_prefix("xgr")
 
 
 # ------------------------------------------------------------ pinned ids, layout
@@ -73,15 +74,12 @@ def test_pins_need_a_bpf_filesystem(tmp_path):
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
-    tb = Testbed(PREFIX)
-    try:
-        tb.up()
+    with running_testbed(PREFIX) as env:
+        tb = env.tb
         for vm in tb.vms:
             start_server(tb, vm.name, vm.name, vm_binds())
         start_server(tb, "dc2", "dc2", dc2_binds())
         yield tb, tmp_path_factory.mktemp("restart")
-    finally:
-        tb.down()
     assert not list(PIN_ROOT.glob(f"{PREFIX}-*")), "the testbed left pinned state behind"
 
 

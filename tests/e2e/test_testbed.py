@@ -17,32 +17,23 @@ import time
 import pytest
 from pyroute2 import netns as pr_netns
 
-from testbed import topology as tbm
+from testbed import addresses
 from testbed.netns import netns_socket, run_in_netns
 from testbed.topology import Testbed, cleanup_prefix
+from tests.e2e.conftest import netns_list, running_testbed
 
 PREFIX = "xgt" + secrets.token_hex(2)      # e.g. xgt3f9a; namespaces xgt3f9a-vm1
 IO_TIMEOUT = 5.0
 
 
-def _netns_list() -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                         timeout=10, check=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
 def _ours(prefix: str) -> list[str]:
-    return [n for n in _netns_list() if n.startswith(prefix + "-")]
+    return [n for n in netns_list() if n.startswith(prefix + "-")]
 
 
 @pytest.fixture(scope="module")
 def tb():
-    bed = Testbed(PREFIX)
-    try:
-        bed.up()
-        yield bed
-    finally:
-        bed.down()
+    with running_testbed(PREFIX) as env:
+        yield env.tb
     assert _ours(PREFIX) == []
 
 
@@ -137,7 +128,7 @@ def test_netns_socket_lives_in_namespace(tb):
 
 def test_gro_enabled_on_redirect_targets(tb):
     for role, ifname in [("vm1", "eth0"), ("vm2", "eth0"), ("vm3", "eth0"),
-                         ("rt", tbm.ROUTER_DOWNLINK)]:
+                         ("rt", addresses.ROUTER_DOWNLINK)]:
         out = tb.cmd(role, ["ethtool", "-k", ifname]).stdout
         assert "generic-receive-offload: on" in out, (role, ifname)
 
@@ -172,19 +163,19 @@ def test_vm_replies_from_vip_reach_client(tb):
     with tb.socket("c1") as rx, tb.socket("vm2") as tx:
         rx.bind((c1.ip, 40123))
         rx.settimeout(IO_TIMEOUT)
-        tx.bind((tbm.VIP4, 80))
+        tx.bind((addresses.VIP4, 80))
         tx.sendto(b"from-vip", (c1.ip, 40123))
         data, peer = rx.recvfrom(2048)
-    assert data == b"from-vip" and peer == (tbm.VIP4, 80)
+    assert data == b"from-vip" and peer == (addresses.VIP4, 80)
 
 
 def test_plain_traffic_to_dc2_passes_decapsulator(tb):
     c1 = tb.client("c1")
     with tb.socket("dc2") as rx, tb.socket("c1") as tx:
-        rx.bind((tbm.DC2_ENDPOINT, 9))
+        rx.bind((addresses.DC2_ENDPOINT, 9))
         rx.settimeout(IO_TIMEOUT)
         tx.bind((c1.ip, 0))
-        tx.sendto(b"plain", (tbm.DC2_ENDPOINT, 9))
+        tx.sendto(b"plain", (addresses.DC2_ENDPOINT, 9))
         data, peer = rx.recvfrom(2048)
     assert data == b"plain" and peer[0] == c1.ip
 
@@ -196,7 +187,7 @@ def test_plain_traffic_to_dc2_passes_decapsulator(tb):
 def test_dc2_decapsulates_and_replies_direct(tb, outer, inner):
     c1 = tb.client("c1")
     fam = socket.AF_INET if inner == "4" else socket.AF_INET6
-    vip = tbm.VIP4 if inner == "4" else tbm.VIP6
+    vip = addresses.VIP4 if inner == "4" else addresses.VIP6
     client_ip = c1.ip if inner == "4" else c1.ip6
     sport = 41000 + int(outer) * 10 + int(inner)
     payload = f"tunnelled-{outer}in{inner}"
@@ -207,9 +198,9 @@ def test_dc2_decapsulates_and_replies_direct(tb, outer, inner):
         client.settimeout(IO_TIMEOUT)
         # the gateway's encapsulation, sent from the router toward dc2
         res = tb.cmd("rt", [sys.executable, "-c", INJECT, outer, inner, client_ip, vip,
-                            str(sport), payload, tbm.ROUTER_DC2_IF, tbm.ROUTER_DC2_MAC,
-                            tbm.DC2_MAC, tbm.UPLINK_IP, tbm.DC2_ENDPOINT,
-                            tbm.UPLINK_IP6, tbm.DC2_ENDPOINT6], timeout=60)
+                            str(sport), payload, addresses.ROUTER_DC2_IF, addresses.ROUTER_DC2_MAC,
+                            addresses.DC2_MAC, addresses.UPLINK_IP, addresses.DC2_ENDPOINT,
+                            addresses.UPLINK_IP6, addresses.DC2_ENDPOINT6], timeout=60)
         assert res.stdout.startswith("sent"), res.stderr
         data, peer = server.recvfrom(2048)
         assert data == payload.encode()
@@ -246,7 +237,7 @@ def test_up_replaces_leftovers_and_down_is_clean_and_repeatable():
     pr_netns.create(other)
     try:
         cleanup_prefix(prefix)
-        assert other in _netns_list()
+        assert other in netns_list()
     finally:
         pr_netns.remove(other)
 

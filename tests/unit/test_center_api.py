@@ -154,11 +154,11 @@ def test_throughput(tmp_path):
 
 def test_agent_api_errors():
     from control.api.http import AgentServer
-    from control.gateway import GatewayError
+    from control.gateway import UnknownName
 
     def offload_set(a):
         if a.get("region") != "r1":
-            raise GatewayError(f"unknown region {a.get('region')!r}")
+            raise UnknownName(f"unknown region {a.get('region')!r}")
         return a
 
     server = AgentServer("127.0.0.1", 0, "agenttok", {"offload.set": offload_set, "status": lambda a: {"ok": 1}})

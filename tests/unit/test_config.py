@@ -1,4 +1,4 @@
-"""control/config.py: parsing, defaults, round trip, and one error per rule."""
+"""control/config/: parsing, defaults, round trip, and one error per rule."""
 
 import dataclasses
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network

@@ -1,4 +1,4 @@
-"""control/config.py: a service's `health` table (issue 5): values, defaults, round
+"""control/config/: a service's `health` table: values, defaults, round
 trip, and one error per rule, in the style of tests/unit/test_config.py."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The defragmentation planner (control/defrag.py) on synthetic traffic matrices."""
+"""The defragmentation planner (control/defrag/planner.py) on synthetic traffic matrices."""
 import random
 
 from hypothesis import given, settings, strategies as st

@@ -1,4 +1,4 @@
-"""Config and start-up errors (issue 4.5): one line naming the key or the cause,
+"""Config and start-up errors: one line naming the key or the cause,
 exit code 2, and nothing loaded or attached."""
 from __future__ import annotations
 
@@ -6,28 +6,7 @@ import pytest
 
 from control import cli
 from dataplane.program import LoadError, Sizes, load
-
-VALID = """
-[gateway]
-name = "gwe"
-interface = "lo"
-
-[[region]]
-name = "r1"
-prefixes = ["198.18.1.0/24"]
-
-[[service]]
-name = "web"
-vip = "198.19.0.10"
-port = 8080
-protocol = "tcp"
-vms = ["vm1"]
-
-[[vm]]
-name = "vm1"
-port = "lo"
-mac = "02:00:00:00:00:01"
-"""
+from tests.configs import MINIMAL
 
 
 def _run(tmp_path, capsys, text: str, *args: str) -> tuple[int, list[str]]:
@@ -46,14 +25,14 @@ def _run(tmp_path, capsys, text: str, *args: str) -> tuple[int, list[str]]:
     (lambda t: t.replace('interface = "lo"', 'interfac = "lo"'), "gateway.interfac"),
 ])
 def test_bad_config_is_one_line_exit_2(tmp_path, capsys, change, needle):
-    rc, lines = _run(tmp_path, capsys, change(VALID))
+    rc, lines = _run(tmp_path, capsys, change(MINIMAL))
     assert rc == 2 and len(lines) == 1, lines
     assert needle in lines[0] and lines[0].startswith("xdpgw: ")
 
 
 def test_running_without_root_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli.os, "geteuid", lambda: 1000)
-    rc, lines = _run(tmp_path, capsys, VALID)
+    rc, lines = _run(tmp_path, capsys, MINIMAL)
     assert rc == 2 and lines == ["xdpgw: xdpgw run must run as root (it loads BPF programs and attaches XDP)"]
 
 

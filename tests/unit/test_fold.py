@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dataplane.fold import fold_bytes, fold_percpu, fold_percpu_reference, percpu_value_stride
+from dataplane.fold import fold_bytes, fold_percpu, fold_percpu_reference, percpu_value_size, percpu_value_stride
 
 U64_MAX = np.iinfo(np.uint64).max
 
@@ -61,6 +61,7 @@ def percpu_buffer(values: np.ndarray, value_size: int) -> bytes:
 
 def test_value_stride():
     assert [percpu_value_stride(s) for s in (8, 12, 16, 20, 24)] == [8, 16, 16, 24, 24]
+    assert [percpu_value_size(s, 4) for s in (8, 12, 16)] == [32, 64, 64]
 
 
 @pytest.mark.parametrize("value_size,n_fields", [

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from control.config import ConfigError, parse_config
-from control.offload.monitor import Event, Monitor, OffloadLink
+from control.offload.link import OffloadLink
+from control.offload.monitor import Event, Monitor
 
 BASE = """
 [gateway]

@@ -1,6 +1,7 @@
 """Fixtures of the XDP packet tests (tests/xdp/).
 
-* `xdp_program` (session): compiles and loads the XDP program once.
+* `xdp_program` (session): compiles and loads the XDP program once, as the test
+  build (its forward trace tells a test which VM and port a packet went to).
 * `gw` (function): (re)programs the standard setup of tests/xdp/harness.py, empties
   the flow table and the offload map, and hands the test an `XdpHarness`.
 """
@@ -17,7 +18,7 @@ def xdp_program():
     from dataplane.program import Sizes, load
 
     sizes = Sizes(flow_entries=4096, maglev_m=MAGLEV_M, hash_seed=HASH_SEED)
-    bpf, fn = load(sizes)
+    bpf, fn = load(sizes, trace=True)
     yield bpf, fn, sizes
     bpf.cleanup()
 

@@ -22,7 +22,7 @@ def flood_program():
     from dataplane.program import Sizes, load
 
     sizes = Sizes(flow_entries=TABLE, new_flow_limit=LIMIT)
-    bpf, fn = load(sizes)
+    bpf, fn = load(sizes, trace=True)
     yield bpf, fn, sizes
     bpf.cleanup()
 
@@ -110,7 +110,7 @@ def test_syn_flood_in_the_testbed_leaves_established_connections_in_place(tmp_pa
     import sys
 
     from control.api import unix as api
-    from testbed.demo import GatewayDaemon, LineConn, start_server, vm_binds
+    from testbed.kit import GatewayDaemon, LineConn, start_server, vm_binds
     from testbed.config import WEB_PORT, testbed_config
     from testbed.topology import Testbed
 

@@ -978,7 +978,7 @@ class Fuzzer:
         o.data_in = ct.cast(ct.c_char_p(frame), ct.c_void_p)
         o.data_size_in = len(frame)
         o.data_size_out = len(self._out)
-        rc = libbpf._lib.bpf_prog_test_run_opts(self.fd, ct.byref(o))
+        rc = libbpf.lib().bpf_prog_test_run_opts(self.fd, ct.byref(o))
         if rc < 0:
             raise libbpf.BpfError(-rc, f"BPF_PROG_TEST_RUN of a {len(frame)}-byte frame")
         return o.retval, ct.string_at(self._out, o.data_size_out)

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from scapy.all import IP, TCP
 
 from control.config import Config, GatewayConfig, ServiceConfig, VMConfig, validate
-from control.gateway import ADMIN_STATES, HEALTH_STATES, Gateway, GatewayError, effective_state
+from control.gateway import Gateway, GatewayError
+from control.vms import ADMIN_STATES, HEALTH_STATES, effective_state
 from control.maglev import NO_VM
 
 ip = ipaddress.ip_address

@@ -1,0 +1,85 @@
+"""Command tables: a command's name -> its handler (a dict of JSON arguments in,
+a JSON-able result out), the argument validators the handlers share, and the
+one dispatch that both the unix-socket API and the HTTP agent API call."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable
+
+from control.api.errors import HANDLER_ERRORS, BadRequest, NotFound, as_command_error
+
+Handler = Callable[[dict[str, Any]], Any]
+
+
+class CommandTable(Mapping[str, Handler]):
+    """Read-only once built; tables of several services are joined with `merge`."""
+
+    def __init__(self, handlers: Mapping[str, Handler]) -> None:
+        self._handlers = dict(handlers)
+
+    def __getitem__(self, name: str) -> Handler:
+        return self._handlers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._handlers)
+
+    def __len__(self) -> int:
+        return len(self._handlers)
+
+
+def merge(*tables: Mapping[str, Handler]) -> CommandTable:
+    """One table from several. A name in two of them is a wiring mistake: no table
+    silently replaces another's command."""
+    out: dict[str, Handler] = {}
+    for table in tables:
+        clash = sorted(out.keys() & table.keys())
+        if clash:
+            raise ValueError(f"commands {clash} are defined twice")
+        out.update(table)
+    return CommandTable(out)
+
+
+def arg(args: Mapping[str, Any], name: str, kind: type = str, required: bool = True,
+        noun: str = "argument") -> Any:
+    """`args[name]` if it is a `kind` (a bool is no int), None if absent and not required;
+    else BadRequest. `noun` names what the caller calls its arguments."""
+    value = args.get(name)
+    if value is None:
+        if required:
+            raise BadRequest(f"missing {noun} {name!r}")
+        return None
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise BadRequest(f"{noun} {name!r} must be a {kind.__name__}")
+    return value
+
+
+def int_arg(args: Mapping[str, Any], name: str, low: int, high: int, default: int | None = None) -> int:
+    """`args[name]` (or `default` if absent) if it is an int in low..high; else BadRequest."""
+    value = args.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise BadRequest(f"argument {name!r} must be an int in {low}..{high}")
+    return value
+
+
+def parse_json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+def handler_of(table: Mapping[str, Handler], name: str) -> Handler:
+    handler = table.get(name)
+    if handler is None:
+        raise NotFound(f"unknown command {name!r}; known: {sorted(table)}")
+    return handler
+
+
+def dispatch(table: Mapping[str, Handler], name: str, args: dict[str, Any]) -> Any:
+    """Run command `name` on `args`: its result, or a CommandError saying why not."""
+    handler = handler_of(table, name)
+    try:
+        return handler(args)
+    except HANDLER_ERRORS as exc:
+        raise as_command_error(exc) from None

@@ -1,0 +1,89 @@
+"""Give a testbed VM a new gateway port, as a hypervisor does when it
+live-migrates the VM to another host: a veth between the gateway namespace
+(`gwvN` + suffix) and the VM's namespace (`eth` + suffix, carrying the VM's own
+MAC), then, when the VM has "moved", its default routes via the new port.
+
+The suffix is one letter a..o (letter k = 0..14), which fixes the address plan:
+gateway end 198.19.(100 + 10k + N).1/24 and 2001:db8:(1000 + 10k + N)::1/64,
+VM end .2 and ::2, gateway-side MAC 02:00:00:00:(20 + k):N. Nothing is created
+outside the testbed's namespaces, whose removal removes it all.
+
+The demo, the e2e tests and the stand-in orchestrator (testbed/orchestrator.py,
+run by the daemon inside the gateway namespace) all use this one operation."""
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+
+from testbed.addresses import vm_named
+
+SUFFIXES = "abcdefghijklmno"
+
+
+@dataclass(frozen=True)
+class VmPort:
+    vm: str
+    vm_ns: str
+    port: str          # in the gateway namespace
+    port_mac: str
+    vm_if: str         # the VM's end (with the VM's MAC)
+    vm_mac: str
+    gw_ip: str         # the gateway end's addresses (the VM's next hop once it moved)
+    gw_ip6: str
+    link_ip: str       # the VM end's addresses
+    link_ip6: str
+    vm_ip: str         # the VM's own address (its config ip, what it announces)
+
+
+def port_for(prefix: str, vm_name: str, suffix: str) -> VmPort:
+    """The new port `suffix` of VM `vm_name` in testbed `prefix` (nothing is created)."""
+    if len(suffix) != 1 or suffix not in SUFFIXES:
+        raise ValueError(f"port suffix {suffix!r} must be one letter a..o")
+    vm = vm_named(vm_name, prefix)
+    n = int(vm.name[2:])
+    k = SUFFIXES.index(suffix)
+    net4, net6 = f"198.19.{100 + 10 * k + n}", f"2001:db8:{1000 + 10 * k + n}"
+    return VmPort(vm=vm.name, vm_ns=vm.ns, port=f"{vm.port}{suffix}", port_mac=f"02:00:00:00:{0x20 + k:02x}:{n:02x}",
+                  vm_if=f"eth{suffix}", vm_mac=vm.mac, gw_ip=f"{net4}.1", gw_ip6=f"{net6}::1",
+                  link_ip=f"{net4}.2", link_ip6=f"{net6}::2", vm_ip=vm.ip)
+
+
+def _run(argv: list[str]) -> None:
+    subprocess.run(argv, check=True, capture_output=True, text=True, timeout=20)
+
+
+def add_port(p: VmPort, gw_ns: str | None = None, gw_routes: bool = False) -> None:
+    """Create the port (from the gateway namespace `gw_ns`, or the caller's if None),
+    with static neighbours on the VM side and GRO on the VM end (a veth drops
+    XDP-redirected frames unless its peer runs NAPI). `gw_routes`: also route the
+    VM's own address via the new port (the kernel then learns its neighbour there,
+    which the daemon's netlink watcher sees)."""
+    gw = ["ip", "-n", gw_ns] if gw_ns else ["ip"]
+    vm = ["ip", "-n", p.vm_ns]
+    _run(gw + ["link", "add", p.port, "address", p.port_mac, "type", "veth", "peer", "name", p.vm_if,
+               "address", p.vm_mac, "netns", p.vm_ns])
+    _run(gw + ["addr", "add", f"{p.gw_ip}/24", "dev", p.port])
+    _run(gw + ["addr", "add", f"{p.gw_ip6}/64", "dev", p.port])
+    _run(gw + ["link", "set", p.port, "up"])
+    _run(vm + ["addr", "add", f"{p.link_ip}/24", "dev", p.vm_if])
+    _run(vm + ["addr", "add", f"{p.link_ip6}/64", "dev", p.vm_if])
+    _run(vm + ["link", "set", p.vm_if, "up"])
+    _run(vm + ["neigh", "replace", p.gw_ip, "lladdr", p.port_mac, "dev", p.vm_if, "nud", "permanent"])
+    _run(vm + ["neigh", "replace", p.gw_ip6, "lladdr", p.port_mac, "dev", p.vm_if, "nud", "permanent"])
+    _run(["ip", "netns", "exec", p.vm_ns, "ethtool", "-K", p.vm_if, "gro", "on"])
+    if gw_routes:
+        _run(gw + ["route", "replace", f"{p.vm_ip}/32", "dev", p.port])
+        _run(gw + ["neigh", "replace", p.vm_ip, "lladdr", p.vm_mac, "dev", p.port, "nud", "permanent"])
+
+
+def switch_to(p: VmPort) -> None:
+    """The VM now lives behind its new port: default routes via it, its other
+    interfaces down."""
+    vm = ["ip", "-n", p.vm_ns]
+    _run(vm + ["route", "replace", "default", "via", p.gw_ip, "dev", p.vm_if])
+    _run(vm + ["-6", "route", "replace", "default", "via", p.gw_ip6, "dev", p.vm_if])
+    out = subprocess.run(vm + ["-o", "link", "show"], check=True, capture_output=True, text=True, timeout=20).stdout
+    for line in out.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        if name not in ("lo", p.vm_if):
+            _run(vm + ["link", "set", name, "down"])
