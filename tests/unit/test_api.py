@@ -64,3 +64,31 @@ def test_handler_errors_become_api_errors_naming_the_culprit(server):
 def test_no_daemon_is_a_clear_error(tmp_path):
     with pytest.raises(ApiError, match="no xdpgw daemon is listening"):
         call(str(tmp_path / "none.sock"), "echo")
+
+
+def test_merged_tables_refuse_a_command_defined_twice():
+    from control.api.commands import merge
+
+    a, b = {"vm.move": lambda args: 1}, {"vm.move": lambda args: 2, "vm.list": lambda args: []}
+    with pytest.raises(ValueError, match=r"commands \['vm.move'\] are defined twice"):
+        merge(a, b)
+    assert sorted(merge(a, {"vm.list": b["vm.list"]})) == ["vm.list", "vm.move"]
+
+
+def test_lookup_failures_are_not_found_and_the_rest_bad_requests():
+    from control.api.commands import dispatch
+    from control.api.errors import BadRequest, NotFound
+    from control.gateway import GatewayError, UnknownName
+
+    def unknown(args):
+        raise UnknownName("unknown VM 'vm9'")
+
+    def refused(args):
+        raise GatewayError("VM 'vm1' has no port named unknown0")   # says "unknown", is no lookup
+
+    with pytest.raises(NotFound, match="unknown VM 'vm9'"):
+        dispatch({"x": unknown}, "x", {})
+    with pytest.raises(BadRequest, match="no port named"):
+        dispatch({"x": refused}, "x", {})
+    with pytest.raises(NotFound, match="unknown command 'y'"):
+        dispatch({"x": unknown}, "y", {})
