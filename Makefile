@@ -3,6 +3,7 @@
 #   make demo       run the demo
 #   make test       run the test suite
 #   make bench      run the benchmarks
+#   make install    install into a venv under $(PREFIX), xdpgw on PATH, the systemd units
 #   make fuzz       long fuzz run (XDPGW_FUZZ_EXAMPLES examples)
 #   make clean      remove build artefacts (keeps .venv)
 #   make distclean  clean, and remove .venv
@@ -10,8 +11,11 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 XDPGW_FUZZ_EXAMPLES ?= 2000000
+PREFIX   ?= /opt/xdpgw
+BINDIR   ?= /usr/local/bin
+UNITROOT ?= /
 
-.PHONY: all setup demo test bench fuzz clean distclean
+.PHONY: all setup demo test bench fuzz install clean distclean
 
 all: test
 
@@ -30,6 +34,20 @@ bench: setup
 
 fuzz: setup
 	XDPGW_FUZZ_EXAMPLES=$(XDPGW_FUZZ_EXAMPLES) $(PY) -m pytest -q tests/xdp/test_fuzz.py
+
+# A wheel of the checkout, installed into its own venv (the Debian python with
+# --system-site-packages, which bcc needs), `xdpgw` linked into $(BINDIR), and the
+# units of the gateway and the center written by `xdpgw install-service` (under
+# $(UNITROOT), / by default). Idempotent: a second run reinstalls the same files.
+install: setup
+	rm -rf build/wheel
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w build/wheel .
+	test -x $(PREFIX)/bin/python || /usr/bin/python3 -m venv --system-site-packages $(PREFIX)
+	$(PREFIX)/bin/pip install --quiet build/wheel/xdpgw-*.whl
+	$(PREFIX)/bin/pip install --quiet --no-deps --force-reinstall build/wheel/xdpgw-*.whl
+	mkdir -p $(BINDIR) && ln -sfn $(PREFIX)/bin/xdpgw $(BINDIR)/xdpgw
+	$(PREFIX)/bin/xdpgw install-service --root $(UNITROOT) --bin $(PREFIX)/bin/xdpgw
+	$(PREFIX)/bin/xdpgw install-service --root $(UNITROOT) --bin $(PREFIX)/bin/xdpgw --center
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -7,14 +7,15 @@ Sections (run in this order; `--only NAME` picks some):
   e2e         delivered Mpps over veth namespaces, xdpgw vs a minimal gateway
   control     Maglev build, table swap, counter folding, flow reads, startup
   breakdown   where xdpgw's per-packet time goes: variants, map primitives, perf
+  metrics     a Prometheus scrape of a gateway with 1k regions and 1M flows
 
 Every figure is reported with a baseline measured in the same run and the
 ratio to it."""
 from __future__ import annotations
 
-SECTIONS = ("per_packet", "scaling", "e2e", "control", "breakdown")
+SECTIONS = ("per_packet", "scaling", "e2e", "control", "breakdown", "metrics")
 MODULES = {"per_packet": "perpacket", "scaling": "scaling", "e2e": "e2e", "control": "controlplane",
-           "breakdown": "breakdown"}
+           "breakdown": "breakdown", "metrics": "metrics"}
 
 
 def run(sections=SECTIONS, quick: bool = False, out_dir: str = "bench/results", **options):

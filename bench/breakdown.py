@@ -5,6 +5,10 @@ targets it misses.
   changed (text edits of the spliced program, dataplane.program.program_source;
   a variant whose anchor text is gone is skipped and said so), timed on
   flow-table hits (10k flows, rotated) next to the program as it is;
+* the unarmed capture: xdpgw as it is against the same program with capture
+  compiled out (the "no_capture" variant), on hits of a hot set of flows and
+  on passed packets (not a VIP), rotated side by side: the ns/packet the
+  capture check costs;
 * primitives (bench/primitives.c): each map operation of the packet path
   alone, timed the same way, next to XDP_DROP;
 * the verified program's calls (bpftool prog dump xlated): a map lookup the
@@ -30,7 +34,7 @@ SECTION = "breakdown"
 
 FLOW_FIRST = """
     {   /* bench prototype: flow table first -- a hit needs no service lookup */
-        struct flow_entry *fe0 = flow_table.lookup(&p.key);
+        struct flow_entry *fe0 = flow_table.lookup(&p->key);
         if (fe0) {
             struct choice c0 = {};
             c0.loc = usable_vm(fe0->vm_id);
@@ -39,16 +43,23 @@ FLOW_FIRST = """
                 struct service_counter *sc0 = service_counters.lookup(&sid0);
                 if (sc0) {
                     sc0->packets += 1;
-                    sc0->bytes += p.len;
+                    sc0->bytes += p->len;
                 }
                 stat_inc(STAT_FLOW_HITS);
                 c0.vm_id = fe0->vm_id;
-                return deliver(ctx, &p, &c0, sid0);
+                return deliver(ctx, p, &c0, sid0);
             }
         }
     }
 """
-FLOW_FIRST_ANCHOR = "    struct service_info *svc = find_service(&p.key, p.family);\n"
+FLOW_FIRST_ANCHOR = "    struct service_info *svc = find_service(&p->key, p->family);\n"
+
+
+# The program as it is, and without capture, timed side by side on a hot set of
+# hit flows and on passed packets: with 10k flows, where each program's own flow
+# table lands in memory moves a program by tens of ns, far more than the check.
+CAPTURE_PAIR = ("as_is", "no_capture")
+CAPTURE_HOT_FLOWS = 256
 
 
 def _stub(src: str | None, signature: str, statement: str) -> str | None:
@@ -79,6 +90,9 @@ def variants() -> dict[str, tuple[str, str | None]]:
         "region_generic_call": ("region lookups merged into one call (before the region.h fix)", unfixed),
         "no_region": ("without region accounting (LPM trie + counter)", no_region),
         "test_trace": ("with the forward trace (the tests' build)", f"#define {TEST_TRACE}\n" + src),
+        "no_capture": ("without packet capture (capture_armed() compiled to NULL)",
+                       _stub(src, "static __always_inline const struct capture_filter *capture_armed(",
+                             "return NULL;")),
         "no_stats": ("without the global stats counters",
                      _stub(src, "static __always_inline void stat_inc(", "return;")),
         "flow_first": ("prototype: flow table first, service lookup only on a miss", flow_first),
@@ -162,14 +176,16 @@ def run(ctx: Context) -> dict:
         base.set_target(0, "02:00:00:0c:00:01", "02:00:00:0b:00:01", 1)
         rotator = load_rotator()
         prims, prim_fns = _load_primitives(hit_flows)
-        _load_variants(progs, ("as_is", "flow_first") if ctx.quick else None, info, p)
+        _load_variants(progs, ("as_is", "flow_first", "no_capture") if ctx.quick else None, info, p)
         info["xlated_calls"] = {key: xlated_calls(g.fd) for key, (_, g) in progs.items() if key == "as_is"}
         with pinned(ctx.cpu):
             frame0 = F.flows4("tcp4", F.SRC["hit"], 0, 1)[0]
             drop_repeat = median(run_repeat(base.fd("xdp_drop_min"), frame0, 100_000) for _ in range(3))
             hit_rot = Rotation.v4("tcp4", F.SRC["hit"], hit_flows)
             new_rot = Rotation.v4("tcp4", F.SRC["new"], 1 << 30)
-            rt = _time_rotated(base, rotator, progs, prim_fns, hit_rot, new_rot, repeat, trials, p)
+            capture_rots = {"hot": Rotation.v4("tcp4", F.SRC["hit"], min(hit_flows, CAPTURE_HOT_FLOWS)),
+                            "pass": Rotation.v4("non_vip", F.SRC["misc"], hit_flows)}
+            rt = _time_rotated(base, rotator, progs, prim_fns, hit_rot, new_rot, capture_rots, repeat, trials, p)
             verdicts = {}
             for name, _ in PRIMITIVES:
                 if name not in ("prim_lru40_update", "prim_lru40_insert_free"):
@@ -177,6 +193,7 @@ def run(ctx: Context) -> dict:
                     verdicts[name] = rotator.last_verdict
             info["primitive_hit_verdicts"] = verdicts      # 1 (XDP_DROP) = the lookup found its key
             results = _measurements(rt, progs, verdicts, drop_repeat, info, repeat, trials, hit_flows)
+            results += _capture_overhead(rt, progs, info, repeat, trials, hit_flows)
             if ctx.perf and not ctx.quick and "as_is" in progs:
                 _perf_profiles(rotator, progs["as_is"][1], hit_rot, new_rot, hit_flows, info, p)
     finally:
@@ -208,14 +225,18 @@ def _load_variants(progs: dict, wanted: tuple[str, ...] | None, info: dict, p) -
 
 
 def _time_rotated(base, rotator, progs: dict, prim_fns: dict, hit_rot: Rotation, new_rot: Rotation,
-                  repeat: int, trials: int, p) -> Rotated:
-    """The baselines, every variant (flow hits) and every primitive, rotated in one run."""
+                  capture_rots: dict[str, Rotation], repeat: int, trials: int, p) -> Rotated:
+    """The baselines, every variant (flow hits; the capture pair also on
+    `capture_rots`) and every primitive, rotated in one run."""
     rt = Rotated(rotator, repeat, progress=p)
     rt.add("xdp_drop_min", hit_rot, base.fd("xdp_drop_min"))
     rt.add("xdp_redirect_min", hit_rot, base.fd("xdp_redirect_min"))
     for key, (_, g) in progs.items():
         rt.add(key, hit_rot, g.fd, g.counters)
         rt.warm(key)
+        if key in CAPTURE_PAIR:
+            for case, rot in capture_rots.items():
+                rt.add(f"{key}:{case}", rot, g.fd, g.counters)
     for name, _ in PRIMITIVES:
         inserts = name in ("prim_lru40_update", "prim_lru40_insert_free")
         rt.add(name, new_rot if inserts else hit_rot, prim_fns[name].fd)
@@ -251,6 +272,31 @@ def _measurements(rt: Rotated, progs: dict, verdicts: dict, drop_repeat: float, 
     results.append(Measurement(SECTION, "baseline:redirect", "minimal MAC rewrite + redirect", rt.value(
         "xdp_redirect_min") - overhead, "ns/pkt", "XDP_DROP", drop_net, f"rotated repeat={repeat}"))
     return results
+
+
+def _capture_overhead(rt: Rotated, progs: dict, info: dict, repeat: int, trials: int,
+                      hit_flows: int) -> list[Measurement]:
+    """xdpgw as it is against its build without capture: what the unarmed check
+    costs, as the median of the per-trial differences (trials interleave the two,
+    so drift cancels; a mean over trials resolves below the kernel's 1 ns)."""
+    if not all(key in progs for key in CAPTURE_PAIR):
+        return []
+    out = []
+    overhead = info["rotator_overhead_ns"]
+    for case, stat, label in (("hot", "flow_hits", f"flow hit ({min(hit_flows, CAPTURE_HOT_FLOWS)} hot flows)"),
+                              ("pass", "pass", "passed packet (not a VIP)")):
+        with_, without = (rt.entry(f"{key}:{case}") for key in CAPTURE_PAIR)
+        diff = median(a - b for a, b in zip(with_.results, without.results))
+        value, base = (float(np.mean(e.results)) - overhead for e in (with_, without))
+        info[f"capture_unarmed_{case}_ns"] = diff
+        info[f"capture_unarmed_{case}_trials"] = {"with": with_.results, "without": without.results}
+        done = with_.counter_delta.get(stat, 0)
+        out.append(Measurement(SECTION, f"capture_unarmed:{case}", f"unarmed packet capture -- {label}", value,
+                               "ns/pkt", "xdpgw without capture", base,
+                               f"rotated repeat={repeat}, mean of {trials} trials; overhead_ns = median of the "
+                               "per-trial differences",
+                               params={"overhead_ns": diff}, checks={stat: done, "ok": done == with_.runs}))
+    return out
 
 
 def _perf_profiles(rotator, g, hit_rot: Rotation, new_rot: Rotation, hit_flows: int, info: dict, p) -> None:

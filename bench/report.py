@@ -69,6 +69,14 @@ def targets(sections: dict, quick: bool) -> list[Target]:
         out.append(Target("startup", "daemon startup (compile + load + attach + program) <= 3 s",
                           m.value if m else None, 3.0, "<=", "s",
                           (f"median {m.value:.2f} s" if m else "not measured") + note))
+    if "breakdown" in sections:
+        found = [m for m in (_find(sections, "breakdown", f"capture_unarmed:{c}") for c in ("hot", "pass")) if m]
+        worst = max((m.params["overhead_ns"] for m in found), default=None)
+        out.append(Target("capture_unarmed", "unarmed packet capture <= 2 ns/packet (xdpgw vs its build without "
+                          "capture, hot flow hits and passes)", worst, 2.0, "<=", "ns",
+                          ("; ".join(f"{m.name}: {m.params['overhead_ns']:+.2f} ns ({m.value:.1f} vs "
+                                     f"{m.baseline_value:.1f} ns, x{m.ratio:.3f})" for m in found)
+                           or "not measured") + note))
     for t in out:
         t.applicable = not quick
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from importlib.metadata import entry_points
@@ -13,6 +14,7 @@ from typing import Any, Sequence
 from control.api.unix import ApiError, call
 from control.config import Config, ConfigError, load_config, parse_listen, split_addr_port
 from control.defrag.planner import DEFAULT_MAX_MOVES
+from control.logs import configure as configure_logging
 from dataplane.pinning import LayoutError
 from dataplane.program import LoadError
 
@@ -32,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xdpgw", description="XDP cloud data-center gateway")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_daemon_commands, _add_vm_commands, _add_flow_commands, _add_offload_commands,
-                _add_center_command, _add_defrag_commands):
+                _add_center_command, _add_defrag_commands, _add_capture_command):
         add(sub)
     for plugin in entry_points(group=PLUGIN_GROUP):
         plugin.load()(sub)
@@ -51,6 +53,14 @@ def _add_daemon_commands(sub: argparse._SubParsersAction) -> None:
                      help="discard the pinned state of an earlier run (flows, counters, offloads)")
     _with_config(sub.add_parser("reset", help="remove the gateway's pinned state (the daemon must be stopped)"))
     _with_config(sub.add_parser("check", help="validate the config and exit"))
+    _with_config(sub.add_parser("reload", help="make the running daemon re-read its config file (as SIGHUP does)"))
+    svc = sub.add_parser("install-service", help="write the systemd unit (xdpgw@.service, or the center's) "
+                                                 "and print the systemctl commands to run")
+    svc.add_argument("--center", action="store_true", help="the control center's unit (xdpgw-center@.service)")
+    svc.add_argument("--name", help="the instance: its config is /etc/xdpgw/NAME.toml "
+                                    "(default: xdpgw, or center with --center)")
+    svc.add_argument("--root", default="/", help="install under this directory instead of / (packaging, tests)")
+    svc.add_argument("--bin", help="the xdpgw executable the unit runs (default: this one)")
     stats = _with_config(sub.add_parser("stats", help="counters and rates"))
     stats.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -117,6 +127,26 @@ def _add_defrag_commands(sub: argparse._SubParsersAction) -> None:
             sp.add_argument("--max-moves", type=int, default=DEFAULT_MAX_MOVES)
 
 
+def _add_capture_command(sub: argparse._SubParsersAction) -> None:
+    from dataplane.structs import CAPTURE_SNAPLEN_MAX
+
+    cap = _with_config(sub.add_parser(
+        "capture", help="capture packets at the XDP hook as pcap (stdout: `xdpgw capture | tcpdump -r -`)",
+        description="Record the packets the XDP program sees, as received and (forwarded or tunnelled ones) "
+                    "as sent, in classic pcap. Stops after COUNT packets or on Ctrl-C."))
+    cap.add_argument("--region", help="source region (`unknown`: no prefix matched, or dropped before the lookup)")
+    cap.add_argument("--service")
+    cap.add_argument("--vm")
+    cap.add_argument("--verdict", help="pass, drop, forward or tunnel")
+    cap.add_argument("--reason", help="drop reason (as `xdpgw stats` names them); implies --verdict drop")
+    cap.add_argument("--snaplen", type=int, default=CAPTURE_SNAPLEN_MAX,
+                     help=f"bytes kept of each frame, 1..{CAPTURE_SNAPLEN_MAX} (default {CAPTURE_SNAPLEN_MAX})")
+    cap.add_argument("-c", dest="count", type=int, help="stop after COUNT packets")
+    cap.add_argument("-w", dest="file", default="-", help="pcap file to write (default -: stdout)")
+    cap.add_argument("--summary", action="store_true",
+                     help="one key=value line per packet on stderr: verdict, drop reason, region, service, VM")
+
+
 def _socket(config: Config) -> str:
     from control.daemon import api_socket_path
 
@@ -133,7 +163,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if os.geteuid() != 0:
         raise UsageError("xdpgw run must run as root (it loads BPF programs and attaches XDP)")
-    return Daemon(config).run(reset=args.reset)
+    configure_logging()
+    return Daemon(config, args.config).run(reset=args.reset)
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    config = load_config(args.config)      # a file that does not validate is refused here already (exit 2)
+    changes = call(_socket(config), "config.reload", timeout=60.0)
+    for kind, change in changes.items():
+        done = [f"{what} {', '.join(names)}" for what, names in change.items() if names]
+        print(f"{kind}: {'; '.join(done) if done else 'unchanged'}")
+    return 0
+
+
+def _cmd_install_service(args: argparse.Namespace) -> int:
+    from control.deploy import InstallError, install_units
+
+    try:
+        lines = install_units(center=args.center, name=args.name, root=args.root, executable=args.bin)
+    except InstallError as exc:
+        raise UsageError(str(exc)) from None
+    for line in lines:
+        print(line)
+    return 0
 
 
 def _cmd_reset(args: argparse.Namespace) -> int:
@@ -227,6 +279,7 @@ def _cmd_center(args: argparse.Namespace) -> int:
     if args.action == "run":
         from control.center.server import serve
 
+        configure_logging()
         return serve(config)
     from control.center.client import CenterClient
 
@@ -286,8 +339,35 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_capture(args: argparse.Namespace) -> int:
+    from control.capture import BadFlag, CaptureRequest, run_capture
+
+    config = load_config(args.config)
+    try:
+        request = CaptureRequest(snaplen=args.snaplen, region=args.region, service=args.service, vm=args.vm,
+                                 verdict=args.verdict, reason=args.reason).check(config)
+    except BadFlag as exc:
+        raise UsageError(str(exc)) from None
+    if args.count is not None and args.count < 1:
+        raise UsageError(f"-c {args.count}: the packet count must be at least 1")
+    if args.file == "-" and sys.stdout.isatty():
+        raise UsageError("-w: not writing pcap to a terminal; give -w FILE or pipe into `tcpdump -r -`")
+    try:
+        out = sys.stdout.buffer if args.file == "-" else open(args.file, "wb")
+    except OSError as exc:
+        raise UsageError(f"-w {args.file}: {exc.strerror}") from None
+    try:
+        n = run_capture(config, request, out, count=args.count, summary=sys.stderr if args.summary else None)
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+    print(f"xdpgw: {n} packets captured", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"run": _cmd_run, "reset": _cmd_reset, "check": _cmd_check, "stats": _cmd_stats, "vm": _cmd_vm,
-            "flow": _cmd_flow, "offload": _cmd_offload, "defrag": _cmd_defrag, "center": _cmd_center}
+            "flow": _cmd_flow, "offload": _cmd_offload, "defrag": _cmd_defrag, "center": _cmd_center,
+            "reload": _cmd_reload, "install-service": _cmd_install_service, "capture": _cmd_capture}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -299,6 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except (ApiError, RuntimeError, OSError, ValueError) as exc:
         print(f"xdpgw: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception:  # noqa: BLE001 - a bug, not an operator error: its traceback, at error level
+        logging.getLogger("xdpgw").exception("unexpected error (a bug in xdpgw)")
         return EXIT_FAILED
 
 

@@ -1,24 +1,31 @@
 """`xdpgw run`: the foreground gateway daemon. Loads, programs and attaches the
-dataplane, serves the local API, samples counters into rates, and on SIGTERM
-or SIGINT detaches and exits 0."""
+dataplane, serves the local API, samples counters into rates, re-reads its
+config on SIGHUP (or `config.reload`), and on SIGTERM or SIGINT detaches and
+exits 0."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 import resource
 import signal
-import sys
 import threading
 
 from control.api.commands import CommandTable, arg, merge
+from control.api.errors import BadRequest
 from control.api.unix import ApiServer
-from control.config import Config, ConfigError
+from control.config import Config, ConfigError, load_config
+from control.capture import CaptureService
 from control.defrag.service import DefragService
-from control.gateway import Gateway
+from control.deploy import notify
+from control.gateway import Gateway, GatewayError
 from control.health import HealthMonitor, checks_from_config
+from control.logs import event
 from control.migration.service import MigrationService
 from control.offload.link import OffloadLink
 from control.offload.monitor import Monitor
 from control.rates import RateTracker, Sampler
 from dataplane.netns import enter_netns
+from dataplane.pinning import LayoutError
 
 
 def enter_gateway_netns(name: str) -> None:
@@ -31,13 +38,37 @@ def enter_gateway_netns(name: str) -> None:
         raise ConfigError("gateway.netns", f"cannot enter network namespace {name!r}: {exc}") from None
 
 
+log = logging.getLogger("xdpgw.gateway")
+
+# What a reload applies; every other part of the config (the [gateway] table:
+# interface, sizes, hash seed, paths; [monitor], [center], [agent], [[host]], and
+# any table added later) takes effect only on a restart.
+RELOADABLE = ("regions", "services", "vms")
+_TOML_KEYS = {"regions": "region", "services": "service", "vms": "vm", "hosts": "host"}
+
+
+def check_reloadable(old: Config, new: Config, source: str | None = None) -> None:
+    """ConfigError naming the first key whose change a reload cannot apply."""
+    for f in dataclasses.fields(Config):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if f.name in RELOADABLE or a == b:
+            continue
+        key = _TOML_KEYS.get(f.name, f.name)
+        if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
+            key += "." + next(g.name for g in dataclasses.fields(a) if getattr(a, g.name) != getattr(b, g.name))
+        raise ConfigError(key, "changed: this takes a restart (systemctl restart xdpgw@NAME), not a reload; "
+                          "nothing was changed", source)
+
+
 def api_socket_path(config: Config) -> str:
     return config.gateway.api_socket
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path          # what a reload re-reads
+        self._reloading = threading.Lock()
         self.gateway = Gateway(config)
         self.rates = RateTracker()
         self.sampler = Sampler(lambda: self.gateway.counters(count_flows=False))
@@ -47,12 +78,14 @@ class Daemon:
         self.health: HealthMonitor | None = None
         self.migration = MigrationService(config, self.gateway)
         self.defrag = DefragService(config, self.migration)
+        self.capture = CaptureService(self.gateway)   # unix socket only: see control/capture.py
         # region offload: heavy-region monitor, its link to the center, the agent API
         self.monitor: Monitor | None = Monitor(config) if config.monitor else None
         if self.monitor is not None:
             self.sampler.every(self.monitor.interval, self._monitor_sample)
         self.link: OffloadLink | None = None
         self.agent = None
+        self.metrics = None                     # control/metrics.py MetricsServer, with [metrics]
 
     def commands(self) -> CommandTable:
         """The gateway's own commands, the migration service's (vm.move among them:
@@ -70,6 +103,7 @@ class Daemon:
                                                         now=bool(arg(a, "now", bool, required=False))),
             "offload.list": lambda a: gw.offloads(),
             "maglev.tables": lambda a: gw.maglev_tables(),
+            "config.reload": lambda a: self._reload_command(),
             "status": lambda a: {"name": self.config.gateway.name, "interface": self.config.gateway.interface,
                                  "mode": gw.attached_mode},
         }
@@ -97,12 +131,19 @@ class Daemon:
             self.link = OffloadLink(self.config, services)
             self.link.start()
 
+    def start_metrics(self) -> None:
+        """GET /metrics on [metrics] listen, in the gateway's network namespace, read at scrape time."""
+        if self.config.metrics is not None:
+            from control.metrics import GatewayCollector, MetricsServer
+
+            self.metrics = MetricsServer(self.config.metrics.listen, GatewayCollector(self.gateway, self.monitor))
+
     def _monitor_sample(self, counters: dict, now: float) -> None:
-        for event in self.monitor.update(counters["regions"], now=now):
-            print(f"xdpgw: region {event.region} is {event.kind} ({event.pps:.0f} pps, "
-                  f"{event.bps / 1e6:.3f} Mbit/s smoothed)", flush=True)
+        for change in self.monitor.update(counters["regions"], now=now):
+            event(log, f"region.{change.kind}", region=change.region, pps=round(change.pps),
+                  mbps=change.bps / 1e6)
             if self.link:
-                self.link.submit(event)
+                self.link.submit(change)
 
     def health_summary(self) -> dict:
         """Probe counts and VMs by health, and the last table rebuild (when, how long)."""
@@ -112,17 +153,73 @@ class Daemon:
     def start_health(self) -> None:
         """Probe the VMs in a thread of this daemon (in the gateway's network namespace):
         health changes go to the gateway in batches, probe results to `vm list`."""
-        checks = checks_from_config(self.config)
-        if checks:
-            # Up to max_concurrent probe sockets besides the maps' and the API's fds.
-            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            if soft != resource.RLIM_INFINITY and soft < 4096:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (4096 if hard == resource.RLIM_INFINITY
-                                                            else min(4096, hard), hard))
-            gw = self.gateway
-            self.health = HealthMonitor(checks, on_change=gw.set_vm_health,
-                                        on_probe=lambda vm, check, r: gw.record_probe(vm, r.as_dict(check)))
-            self.health.start()
+        self._start_health_monitor(self._health_monitor(checks_from_config(self.config), None))
+
+    def _start_health_monitor(self, health: HealthMonitor | None) -> None:
+        self.health = health
+        if health is not None:
+            health.start()
+
+    def _health_monitor(self, checks: list, carry: HealthMonitor | None) -> HealthMonitor | None:
+        """A monitor of `checks`, not started (None if there are none); the checks
+        that `carry` (the monitor a reload replaces) ran keep their state."""
+        if not checks:
+            return None
+        # Up to max_concurrent probe sockets besides the maps' and the API's fds.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < 4096:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (4096 if hard == resource.RLIM_INFINITY
+                                                        else min(4096, hard), hard))
+        gw = self.gateway
+        health = HealthMonitor(checks, on_change=gw.set_vm_health,
+                               on_probe=lambda vm, check, r: gw.record_probe(vm, r.as_dict(check)),
+                               events=gw.events)
+        if carry is not None:
+            health.carry_from(carry)
+        return health
+
+    def reload(self) -> dict:
+        """Re-read the config file and apply what changed in its regions, services,
+        VMs, weights and health checks, as one change of the gateway's maps. A file
+        that does not parse or validate, or that changes anything else (a restart's
+        business), changes nothing: ConfigError naming the key."""
+        with self._reloading:
+            try:
+                if self.api is None:
+                    raise GatewayError("the gateway is still starting: reload after it is up")
+                if self.config_path is None:
+                    raise ConfigError(None, "the daemon was not started from a config file; nothing to re-read")
+                new = load_config(self.config_path)
+                check_reloadable(self.config, new, self.config_path)
+            except (ConfigError, GatewayError) as exc:
+                event(log, "config.reload_refused", logging.ERROR, error=str(exc))
+                raise
+            old_health = health = self.health
+            checks = checks_from_config(new)
+            if checks != (old_health.checks if old_health else []):
+                # stopped first, so that no verdict of the old checks arrives after the new ones take over
+                if old_health is not None:
+                    old_health.stop()
+                health = self._health_monitor(checks, old_health)
+            try:
+                changes = self.gateway.reload(new, {v.name: health.vm_health(v.name) if health else "unknown"
+                                                    for v in new.vms})
+            except Exception as exc:
+                event(log, "config.reload_refused", logging.ERROR, error=str(exc))
+                if health is not old_health:
+                    health = self._health_monitor(old_health.checks, old_health) if old_health else None
+                    self._start_health_monitor(health)
+                raise
+            if health is not old_health:
+                self._start_health_monitor(health)
+            self.config = new
+            self.migration.reloaded(new, changes["vms"])
+            if self.monitor is not None:
+                self.monitor.reconfigure(new)
+            fields = {f"{kind}_{what}": ",".join(names) for kind, c in changes.items()
+                      for what, names in c.items() if names}
+            event(log, "config.reloaded", file=self.config_path, **fields)
+            return changes
 
     def run(self, reset: bool = False) -> int:
         """Serve until SIGTERM/SIGINT (detach, exit 0) or SIGUSR2 (exit 0 leaving the
@@ -133,17 +230,25 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         signal.signal(signal.SIGUSR2, lambda *_: (keep_attached.set(), self.stopping.set()))
+        # the handler only hands over: a reload must not run inside whatever the main thread holds
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self._reload_on_signal, name="xdpgw-reload",
+                                                                 daemon=True).start())
         try:
             took = self.gateway.start(reset=reset)
             self.migration.start()
-            self.api = ApiServer(api_socket_path(self.config), self.commands())
+            self.api = ApiServer(api_socket_path(self.config), merge(self.commands(), self.capture.commands()))
             self.api.start()
             self.start_health()
             self.start_offload()
-            print(f"xdpgw: gateway {self.config.gateway.name} up on {self.config.gateway.interface} "
-                  f"({self.gateway.attached_mode} XDP) in {took:.2f} s; API at {self.api.path}", flush=True)
+            self.start_metrics()
+            event(log, "gateway.up", gateway=self.config.gateway.name, interface=self.config.gateway.interface,
+                  mode=self.gateway.attached_mode, startup_s=round(took, 2), api=self.api.path)
+            notify("READY=1")
             self.sampler.run(self.stopping)
         finally:
+            notify("STOPPING=1")
+            if self.metrics:
+                self.metrics.close()
             if self.link:
                 self.link.stop()
             if self.agent:
@@ -153,8 +258,25 @@ class Daemon:
             if self.api:
                 self.api.close()
             self.migration.stop()
+            self.capture.close()                # also before an upgrade: the next program starts unarmed
             if not keep_attached.is_set():
                 self.gateway.stop()
-        state = "XDP left attached for the next run" if keep_attached.is_set() else "XDP detached"
-        print(f"xdpgw: gateway {self.config.gateway.name} stopped, {state}", file=sys.stderr, flush=True)
+        event(log, "gateway.stopped", gateway=self.config.gateway.name,
+              xdp="attached" if keep_attached.is_set() else "detached")
         return 0
+
+    def _reload_on_signal(self) -> None:
+        """SIGHUP: reload; a refusal is already logged (config.reload_refused)."""
+        try:
+            self.reload()
+        except (ConfigError, GatewayError, LayoutError):
+            pass
+        except Exception:  # noqa: BLE001 - a bug: logged with its traceback, the daemon serves on
+            log.exception("config.reload failed")
+
+    def _reload_command(self) -> dict:
+        """`config.reload` over the API: a refused file answers 400 with the reason."""
+        try:
+            return self.reload()
+        except ConfigError as exc:
+            raise BadRequest(str(exc)) from None

@@ -5,20 +5,23 @@ Every change is validated completely before the first map write, so a bad
 request changes nothing."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import threading
 import time
+from typing import Mapping
 
 import numpy as np
 
 from control.config import Config, ConfigError, IPAddress
+from control.events import GatewayEvents
 from control.maglev import build_table
 from control.vms import ADMIN_STATES, HEALTH_STATES, VmRuntime
 from dataplane import structs as S
 from dataplane.flowhash import maglev_slot
 from dataplane.maps import PROTOCOLS, Dataplane, LocalPort, Tunnel
-from dataplane.pinning import PinnedState, check_reused_maps
+from dataplane.pinning import PinnedState, check_reused_maps, reach
 from dataplane.program import AttachError, Sizes, attach, detach, ifindex, load
 
 
@@ -30,13 +33,20 @@ class UnknownName(GatewayError, LookupError):
     """The request names a VM, region or service the gateway does not have."""
 
 
+def _name_diff(old: tuple, new: tuple) -> dict[str, list[str]]:
+    """Names of config entries added, removed and changed from `old` to `new`."""
+    before, after = {e.name: e for e in old}, {e.name: e for e in new}
+    return {"added": sorted(after.keys() - before.keys()), "removed": sorted(before.keys() - after.keys()),
+            "changed": sorted(n for n in before.keys() & after.keys() if before[n] != after[n])}
+
+
 def sizes_of(config: Config) -> Sizes:
     g = config.gateway
     prefixes = sum(len(r.prefixes) for r in config.regions)
     return Sizes(flow_entries=g.flow_table_size, max_services=g.max_services, max_vms=g.max_vms,
                  max_regions=g.max_regions, max_prefixes=max(16, 2 * prefixes),
                  max_ports=max(16, 2 * len(config.vms) + 1), maglev_m=g.maglev_table_size, hash_seed=g.hash_seed,
-                 new_flow_limit=g.new_flow_rate_limit, pin_dir=g.pin_dir)
+                 new_flow_limit=g.new_flow_rate_limit, pin_dir=str(reach(g.pin_dir)))
 
 
 def link_mac(name: str) -> str:
@@ -76,6 +86,7 @@ class Gateway:
                     for v, i in zip(config.vms, (config.vm_ids()[v.name] for v in config.vms))}
         self.tables: dict[int, np.ndarray] = {}
         self.last_rebuild: dict | None = None   # the last rebuild that swapped a table: when, how long
+        self.events = GatewayEvents()            # probes, rebuilds, migrations: for the metrics
         self.offload_targets: dict[tuple[str, str], IPAddress] = {}
         self.lock = threading.RLock()
         self.dataplane: Dataplane | None = None
@@ -83,13 +94,15 @@ class Gateway:
         self.attached_mode: str | None = None
 
     # ---- lifecycle -----------------------------------------------------
-    def check_environment(self) -> None:
-        """Everything that can be checked before anything is loaded or attached."""
+    def check_environment(self, config: Config | None = None) -> None:
+        """Everything about `config` (default: the running one) that can be checked
+        before anything is loaded, attached or reprogrammed."""
+        config = config or self.config
         try:
-            ifindex(self.config.gateway.interface)
+            ifindex(config.gateway.interface)
         except AttachError as exc:
             raise ConfigError("gateway.interface", str(exc)) from None
-        for i, vm in enumerate(self.config.vms):
+        for i, vm in enumerate(config.vms):
             if vm.port:
                 try:
                     ifindex(vm.port)
@@ -110,9 +123,11 @@ class Gateway:
         pins.open()
         try:
             pins.check_layout(self.sizes)
-            fresh = self._adopt_ids(pins)
+            self.region_ids, self.service_ids, vm_ids, fresh = self._assign_ids(pins, self.config)
         finally:
             pins.close()
+        for name, vm in self.vms.items():
+            vm.vm_id = vm_ids[name]
         bpf, self.fn = load(self.sizes)
         check_reused_maps(bpf, self.sizes)
         self.dataplane = Dataplane(bpf, self.sizes)
@@ -123,18 +138,17 @@ class Gateway:
         self.attached_mode = attach(self.fn, self.config.gateway.interface, self.config.gateway.xdp_mode)
         return time.monotonic() - t0
 
-    def _adopt_ids(self, pins: PinnedState) -> dict[str, list[int]]:
-        """Take the pinned name -> id assignment; returns the ids given to new names."""
-        c, z = self.config, self.sizes
-        self.region_ids, new_regions = pins.assign_ids("region", [r.name for r in c.regions], 1, z.max_regions)
-        self.service_ids, new_services = pins.assign_ids("service", [s.name for s in c.services], 0,
-                                                         z.max_services - 1)
+    def _assign_ids(self, pins: PinnedState, c: Config) -> tuple[dict[str, int], dict[str, int], dict[str, int],
+                                                                 dict[str, list[int]]]:
+        """The pinned name -> id assignment for `c`'s regions, services and VMs (a
+        known name keeps its id), and per kind the ids given to new names."""
+        z = self.sizes
+        region_ids, new_regions = pins.assign_ids("region", [r.name for r in c.regions], 1, z.max_regions)
+        service_ids, new_services = pins.assign_ids("service", [s.name for s in c.services], 0, z.max_services - 1)
         vm_ids, new_vms = pins.assign_ids("vm", [v.name for v in c.vms], 1, z.max_vms)
-        for name, vm in self.vms.items():
-            vm.vm_id = vm_ids[name]
-        return {"region": [self.region_ids[n] for n in new_regions],
-                "service": [self.service_ids[n] for n in new_services],
-                "vm": [vm_ids[n] for n in new_vms]}
+        fresh = {"region": [region_ids[n] for n in new_regions], "service": [service_ids[n] for n in new_services],
+                 "vm": [vm_ids[n] for n in new_vms]}
+        return region_ids, service_ids, vm_ids, fresh
 
     def _adopt_offloads(self) -> None:
         """Offloads survive a restart; those of regions or services no longer configured go."""
@@ -164,6 +178,104 @@ class Gateway:
         if self.dataplane is None:
             raise GatewayError("the dataplane is not loaded")
         return self.dataplane
+
+    # ---- reload --------------------------------------------------------
+    def reload(self, config: Config, health: Mapping[str, str] | None = None) -> dict:
+        """Take `config`'s regions, services and VMs while serving; its [gateway]
+        table must be the running one (the daemon refuses other changes first).
+
+        `health`: the health checks' verdict per VM under `config` (a VM left out:
+        unknown). Everything is checked before the first map write, so a config
+        that cannot be applied changes nothing. The writes are ordered so that no
+        packet meets half a change: a VM is in place before a table names it, a
+        service's table before its service entry, and a leaving VM or service
+        leaves the tables and the service map before its own entries go. Names
+        that stay keep their ids, so flows of unchanged VMs keep their VM.
+        Returns the names added, removed and changed per kind."""
+        health = health or {}
+        with self.lock:
+            self._check_capacity(config)
+            self.check_environment(config)
+            old_vms, old_config, old_sids = self.vms, self.config, set(self.service_ids.values())
+            now = time.time()
+            vms: dict[str, VmRuntime] = {}
+            for v in config.vms:
+                cur = old_vms.get(v.name)
+                if cur is None:
+                    rt = VmRuntime(v, 0, port=v.port, mac=v.mac, tunnel=v.tunnel)
+                else:
+                    # a VM keeps where moves took it unless the file now says otherwise
+                    rt = dataclasses.replace(cur, config=v)
+                    if (v.port, v.mac, v.tunnel) != (cur.config.port, cur.config.mac, cur.config.tunnel):
+                        rt.port, rt.mac, rt.tunnel = v.port, v.mac, v.tunnel
+                if rt.health != health.get(v.name, "unknown"):
+                    rt.health, rt.health_since = health.get(v.name, "unknown"), now
+                if cur is not None and rt.state != cur.state:
+                    rt.since = now
+                vms[v.name] = rt
+            placed = {n for n, rt in vms.items() if n not in old_vms
+                      or (rt.port, rt.mac, rt.tunnel) != (old_vms[n].port, old_vms[n].mac, old_vms[n].tunnel)}
+            for name in placed:
+                if vms[name].tunnel is not None:
+                    self._tunnel(vms[name].tunnel)       # resolves the next hop: may refuse
+            pins = PinnedState(config.gateway.pin_dir)
+            pins.open()
+            try:
+                region_ids, service_ids, vm_ids, fresh = self._assign_ids(pins, config)
+            finally:
+                pins.close()
+            for name, rt in vms.items():
+                rt.vm_id = vm_ids[name]
+            dp = self._dp()
+            for kind, ids in fresh.items():
+                dp.zero_counters(kind, ids)
+
+            def write(rt: VmRuntime) -> None:
+                name = rt.config.name
+                if name in placed:
+                    dp.set_vm(rt.vm_id, self._location(rt), rt.state)
+                elif rt.state != old_vms[name].state:
+                    dp.set_vm_state(rt.vm_id, rt.state)
+
+            for rt in vms.values():
+                if rt.state != "down":
+                    write(rt)
+            self.config, self.vms, self.region_ids, self.service_ids = config, vms, region_ids, service_ids
+            dp.set_region_prefixes({net: region_ids[r.name] for r in config.regions for net in r.prefixes})
+            self._rebuild_tables()
+            dp.set_services([(s.vip, s.port, s.protocol, service_ids[s.name]) for s in config.services])
+            for sid in old_sids - set(service_ids.values()):
+                dp.remove_maglev_table(sid)
+                self.tables.pop(sid, None)
+            for rt in vms.values():
+                if rt.state == "down":
+                    write(rt)
+            for name in old_vms.keys() - vms.keys():
+                dp.clear_vm(old_vms[name].vm_id)
+            self._release_unused_ports()
+            self.offload_targets = {}
+            self._adopt_offloads()
+            done = time.time()
+            for name, rt in vms.items():
+                if name in placed or name not in old_vms or rt.state != old_vms[name].state:
+                    rt.tables_at = done
+            return {kind: _name_diff(getattr(old_config, kind), getattr(config, kind))
+                    for kind in ("regions", "services", "vms")}
+
+    def _check_capacity(self, config: Config) -> None:
+        """The compiled-in sizes of the running program must hold `config`'s prefixes and ports."""
+        z = self.sizes
+        for version in (4, 6):
+            n = sum(net.version == version for r in config.regions for net in r.prefixes)
+            if n > z.max_prefixes:
+                raise ConfigError("region", f"{n} IPv{version} prefixes, more than the {z.max_prefixes} the running "
+                                  "program holds; this needs a restart, not a reload")
+        names = {v.name for v in config.vms}
+        ports = {v.port for v in config.vms if v.port} | {vm.port for n, vm in self.vms.items()
+                                                          if vm.port and n in names}
+        if len(ports) >= z.max_ports:
+            raise ConfigError("vm", f"{len(ports)} host ports, more than the {z.max_ports - 1} the running program "
+                              "holds; this needs a restart, not a reload")
 
     # ---- VM locations --------------------------------------------------
     def _slot(self, port: str) -> int:
@@ -215,8 +327,10 @@ class Gateway:
                 self.tables[sid] = table
                 swapped.append(s.name)
         if swapped:
+            total_s = time.perf_counter() - t0
             self.last_rebuild = {"at": time.time(), "services": swapped, "build_ms": round(build_s * 1000, 3),
-                                 "total_ms": round((time.perf_counter() - t0) * 1000, 3)}
+                                 "total_ms": round(total_s * 1000, 3)}
+            self.events.maglev_swapped(swapped, total_s)
 
     def vm(self, name: str) -> VmRuntime:
         if name not in self.vms:

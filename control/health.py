@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from control.config import Config, IPAddress
+from control.events import GatewayEvents
 from control.vms import HEALTH_STATES
 
 log = logging.getLogger(__name__)
@@ -230,14 +231,17 @@ class HealthMonitor:
       monitor's applier thread, one call at a time, in order;
     * ``on_probe(vm, check, result)``: after every probe, in the event-loop thread
       (keep it to an attribute store).
+
+    Every probe's result and round trip also go to `events` (the metrics), if given.
     """
 
     def __init__(self, checks: Iterable[Check], on_change: Callable[[dict[str, str]], None],
                  on_probe: Callable[[str, Check, ProbeResult], None] | None = None,
-                 max_concurrent: int = 512) -> None:
+                 max_concurrent: int = 512, events: GatewayEvents | None = None) -> None:
         self.checks = list(checks)
         self.on_change = on_change
         self.on_probe = on_probe
+        self.events = events
         self.max_concurrent = max_concurrent
         self.states = [Hysteresis(c.rise, c.fall) for c in self.checks]
         self.last: list[ProbeResult | None] = [None] * len(self.checks)
@@ -274,6 +278,18 @@ class HealthMonitor:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def carry_from(self, old: "HealthMonitor") -> None:
+        """Before start(): the checks `old` ran too keep their probe history and
+        state, so a config reload re-decides no VM whose checks did not change."""
+        index = {c: i for i, c in enumerate(old.checks)}
+        for i, c in enumerate(self.checks):
+            if c in index:
+                self.states[i], self.last[i] = old.states[index[c]], old.last[index[c]]
+        for name, vm in self.vms.items():
+            vm.health = combine(self.states[i].state for i in vm.checks)
+            if name in old.vms and old.vms[name].health == vm.health:
+                vm.since = old.vms[name].since
 
     # ---- queries (any thread)
     def vm_health(self, vm: str) -> str:
@@ -327,6 +343,8 @@ class HealthMonitor:
         self.probes += 1
         self.failures += not result.ok
         self.last[i] = result
+        if self.events is not None:
+            self.events.probe(check.vm, check.kind, result.ok, None if result.rtt_ms is None else result.rtt_ms / 1000)
         if self.on_probe is not None:
             try:
                 self.on_probe(check.vm, check, result)

@@ -2,11 +2,15 @@
 counters once per tick for every consumer of them."""
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from control.logs import event
+
+log = logging.getLogger(__name__)
 
 RATE_SECTIONS = ("regions", "services", "vms")
 
@@ -89,7 +93,7 @@ class Sampler:
             try:
                 counters = self.read()
             except Exception as exc:  # noqa: BLE001 - a failed sample is skipped, not fatal
-                print(f"xdpgw: counter sample failed: {exc}", file=sys.stderr, flush=True)
+                event(log, "counters.sample_failed", logging.WARNING, error=str(exc))
                 continue
             at = time.monotonic()
             for s in due:

@@ -1,6 +1,6 @@
 """ctypes bindings to libbpf.so.1 for what bcc 0.26 lacks: BPF_PROG_TEST_RUN
-with options, creating inner maps for map-in-map swaps, batch map operations
-and pinning."""
+with options, creating inner maps for map-in-map swaps, batch map operations,
+pinning, and reading a ring buffer map opened by id (another process's)."""
 from __future__ import annotations
 
 import ctypes as ct
@@ -57,6 +57,9 @@ class MapInfo(ct.Structure):
                 ("map_extra", ct.c_uint64)]
 
 
+# int (*)(void *ctx, void *data, size_t size): libbpf's ring buffer callback
+RingBufferSample = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
+
 _SIGNATURES = {
     "bpf_prog_test_run_opts": [ct.c_int, ct.POINTER(TestRunOpts)],
     "bpf_map_create": [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32, ct.POINTER(MapCreateOpts)],
@@ -70,7 +73,12 @@ _SIGNATURES = {
     "bpf_obj_get": [ct.c_char_p],
     "bpf_map_get_fd_by_id": [ct.c_uint32],
     "bpf_obj_get_info_by_fd": [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)],
+    "ring_buffer__new": [ct.c_int, RingBufferSample, ct.c_void_p, ct.c_void_p],
+    "ring_buffer__poll": [ct.c_void_p, ct.c_int],
+    "ring_buffer__consume": [ct.c_void_p],
+    "ring_buffer__free": [ct.c_void_p],
 }
+_RESTYPES = {"ring_buffer__new": ct.c_void_p}
 
 
 @functools.cache
@@ -83,6 +91,8 @@ def lib() -> ct.CDLL:
         raise BpfError(errno.ENOENT, f"cannot load libbpf ({name}): {exc}; run `make setup`") from None
     for function, argtypes in _SIGNATURES.items():
         getattr(handle, function).argtypes = argtypes
+    for function, restype in _RESTYPES.items():
+        getattr(handle, function).restype = restype
     return handle
 
 
@@ -194,3 +204,35 @@ def obj_pin(fd: int, path: str) -> None:
 
 def obj_get(path: str) -> int:
     return _check(lib().bpf_obj_get(path.encode()), f"opening pinned object {path}")
+
+
+class RingBuffer:
+    """A BPF_MAP_TYPE_RINGBUF map read through libbpf; records come back as bytes."""
+
+    def __init__(self, map_fd: int, what: str) -> None:
+        self.what = what
+        self._records: list[bytes] = []
+
+        def sample(_ctx, data, size) -> int:
+            self._records.append(ct.string_at(data, size))   # only copy here: a callback cannot raise
+            return 0
+
+        self._callback = RingBufferSample(sample)            # kept alive as long as libbpf may call it
+        self._rb = lib().ring_buffer__new(map_fd, self._callback, None, None)
+        if not self._rb:
+            err = ct.get_errno()
+            raise BpfError(err, f"opening ring buffer {what}: {os.strerror(err)}")
+
+    def poll(self, timeout_ms: int) -> list[bytes]:
+        """The records that arrive within `timeout_ms` (0: those waiting now); a
+        signal ends the wait early with what has arrived."""
+        rc = lib().ring_buffer__poll(self._rb, timeout_ms) if timeout_ms else lib().ring_buffer__consume(self._rb)
+        if rc < 0 and _errno(rc) != errno.EINTR:
+            _check(rc, f"reading ring buffer {self.what}")
+        records, self._records = self._records, []
+        return records
+
+    def close(self) -> None:
+        if self._rb:
+            lib().ring_buffer__free(self._rb)
+            self._rb = None

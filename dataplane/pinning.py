@@ -16,6 +16,8 @@ next daemon loads the program. Two things make that safe:
 from __future__ import annotations
 
 import ctypes as ct
+import ctypes.util
+import functools
 import hashlib
 import math
 import os
@@ -28,7 +30,9 @@ from . import libbpf
 from . import structs as S
 from .program import Sizes
 
-PIN_ROOT = Path("/sys/fs/bpf/xdpgw")
+BPFFS = Path("/sys/fs/bpf")
+PIN_ROOT = BPFFS / "xdpgw"
+BPF_FS_MAGIC = 0xCAFE4A11             # statfs f_type of a BPF file system (linux/magic.h)
 MAPS_H = S.EBPF_DIR / "maps.h"
 BPF_MAP_TYPE_HASH = 1                 # enum bpf_map_type
 IDS_MAP = "state_ids"
@@ -104,31 +108,98 @@ def fingerprint(sizes: Sizes) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") or 1
 
 
+def _statfs_type(path: str | os.PathLike[str]) -> int | None:
+    """statfs(2) f_type of `path` (None if it cannot be read); Python has no statfs."""
+    buf = ct.create_string_buffer(256)               # struct statfs; f_type is its first field
+    if _libc().statfs(os.fsencode(path), buf) != 0:
+        return None
+    return ct.c_long.from_buffer(buf).value
+
+
+@functools.cache
+def _libc() -> ct.CDLL:
+    return ct.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def on_bpffs(path: str | os.PathLike[str]) -> bool:
+    """Whether `path`, or its nearest existing parent, is on a BPF file system."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return _statfs_type(path) == BPF_FS_MAGIC
+
+
+def _ancestors() -> list[int]:
+    """PID 1, then this process's parent, grandparent, ... (those still running)."""
+    pids, pid = [1], os.getppid()
+    while pid > 1 and len(pids) < 64:
+        pids.append(pid)
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                pid = next(int(line.split()[1]) for line in f if line.startswith("PPid:"))
+        except (OSError, StopIteration, ValueError):
+            break
+    return pids
+
+
+@functools.cache
+def _host_bpffs_fd() -> int | None:
+    """An O_PATH descriptor of the host's /sys/fs/bpf, opened through the root of
+    PID 1 or, if that is out of reach, of the nearest ancestor that sees one; kept
+    open for the life of the process, so paths through it stay valid whoever exits."""
+    for pid in _ancestors():
+        try:
+            fd = os.open(f"/proc/{pid}/root{BPFFS}", os.O_PATH | os.O_DIRECTORY)
+        except OSError:
+            continue
+        if _statfs_type(f"/proc/self/fd/{fd}") == BPF_FS_MAGIC:
+            return fd
+        os.close(fd)
+    return None
+
+
+def reach(path: str | os.PathLike[str]) -> Path:
+    """`path` (under /sys/fs/bpf) as this process can use it.
+
+    `ip netns exec` gives the command a mount namespace with a fresh /sys and no
+    bpffs, and a bpffs mounted there would be a new, empty instance. The host's
+    instance, where earlier runs pinned their state, is still reachable through
+    the root of a process outside that namespace; then `path` goes through a
+    descriptor of its /sys/fs/bpf (/proc/self/fd/N/...). Elsewhere `path` is
+    returned as it is, also when nothing is reachable (PinnedState.open says so)."""
+    path = Path(path)
+    if not path.is_relative_to(BPFFS) or on_bpffs(BPFFS):
+        return path
+    fd = _host_bpffs_fd()
+    return path if fd is None else Path(f"/proc/self/fd/{fd}") / path.relative_to(BPFFS)
+
+
 class PinnedState:
     """The pin directory of one gateway and its `state_ids` map."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.dir = Path(directory)
+        self.dir = Path(directory)           # as configured: what messages name
+        self.path = reach(self.dir)          # as this process reaches it
         self._fd: int | None = None
 
     @property
     def exists(self) -> bool:
-        return (self.dir / IDS_MAP).exists()
+        return (self.path / IDS_MAP).exists()
 
     def open(self) -> None:
         """Open the ids map, creating the directory and map on first use."""
         if self._fd is not None:
             return
-        fstype = mount_type(self.dir)
-        if fstype != "bpf":
-            raise LayoutError(f"pin directory {self.dir} is on {fstype}, not on a BPF filesystem in this mount "
-                              "namespace (`ip netns exec` hides /sys/fs/bpf: set gateway.netns instead)")
+        if not on_bpffs(self.path):
+            raise LayoutError(f"pin directory {self.dir} is on {mount_type(self.dir)}, not on a BPF filesystem in "
+                              "this mount namespace, and no process outside it shows the host's /sys/fs/bpf "
+                              "(`ip netns exec` hides it): set gateway.netns and run xdpgw from the host instead")
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LayoutError(f"cannot create pin directory {self.dir}: {exc.strerror} "
                               "(is bpffs mounted at /sys/fs/bpf?)") from None
-        path = str(self.dir / IDS_MAP)
+        path = str(self.path / IDS_MAP)
         if os.path.exists(path):
             self._fd = libbpf.obj_get(path)
         else:
@@ -194,7 +265,7 @@ class PinnedState:
     def reset(self) -> None:
         """Remove every pinned object of this gateway."""
         self.close()
-        remove_pins(self.dir)
+        remove_pins(self.path)
 
 
 def mount_type(path: Path) -> str:
@@ -226,7 +297,7 @@ def check_reused_maps(bpf, sizes: Sizes) -> None:
 def remove_pins(directory: str | os.PathLike[str]) -> bool:
     """Remove a gateway's pin directory; False when there was none."""
     try:
-        shutil.rmtree(directory)
+        shutil.rmtree(reach(directory))
         return True
     except FileNotFoundError:
         return False

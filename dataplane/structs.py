@@ -47,7 +47,8 @@ STAT_OFFLOAD_FWD = 5
 STAT_ICMP_ERR_FWD = 6
 STAT_FLOW_RESELECT = 7
 STAT_FLOOD_UNRECORDED = 8
-STAT_MAX = 9
+STAT_CAPTURE_LOST = 9
+STAT_MAX = 10
 STAT_SLOTS = 32
 
 # drop_counters indexes
@@ -72,6 +73,11 @@ DROP_ENCAP = 17
 DROP_UDP_BAD_LEN = 18
 DROP_MAX = 19
 DROP_SLOTS = 64
+
+# packet capture (ebpf/capture.h)
+CAPTURE_ANY = 0xFFFFFFFF              # capture_filter: field unset; capture_meta: none
+CAPTURE_SNAPLEN_MAX = 4096            # bytes of a frame a record holds per direction
+CAPTURE_RING_PAGES = 256              # capture_ring size in pages
 
 # vm_announce.kind (ebpf/vmport.c)
 ANNOUNCE_GARP = 1
@@ -156,6 +162,19 @@ class FloodWindow(ct.Structure):
     _fields_ = [("start_ns", ct.c_uint64), ("new_flows", ct.c_uint64)]
 
 
+class CaptureFilter(ct.Structure):
+    _fields_ = [("armed", ct.c_uint32), ("snaplen", ct.c_uint32), ("region", ct.c_uint32),
+                ("service", ct.c_uint32), ("vm", ct.c_uint32), ("verdict", ct.c_uint32), ("reason", ct.c_uint32),
+                ("pad", ct.c_uint32)]
+
+
+class CaptureMeta(ct.Structure):
+    _fields_ = [("ts_ns", ct.c_uint64), ("ifindex", ct.c_uint32), ("region", ct.c_uint32),
+                ("service", ct.c_uint32), ("vm", ct.c_uint32), ("verdict", ct.c_uint16), ("reason", ct.c_uint16),
+                ("rx_len", ct.c_uint16), ("rx_caplen", ct.c_uint16), ("tx_len", ct.c_uint16),
+                ("tx_caplen", ct.c_uint16), ("pad", ct.c_uint32)]
+
+
 class VmAnnounce(ct.Structure):
     _fields_ = [("ts_ns", ct.c_uint64), ("ifindex", ct.c_uint32), ("kind", ct.c_uint8), ("family", ct.c_uint8),
                 ("mac", Mac), ("ip", Addr16), ("pad", ct.c_uint8 * 4)]
@@ -172,7 +191,7 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "offload_target": OffloadTarget,
     "lpm_v4_key": LpmV4Key, "lpm_v6_key": LpmV6Key, "traffic_counter": TrafficCounter,
     "service_counter": ServiceCounter, "forward_trace": ForwardTrace, "flood_window": FloodWindow,
-    "vm_announce": VmAnnounce, "vm_pair_key": VmPairKey,
+    "capture_filter": CaptureFilter, "capture_meta": CaptureMeta, "vm_announce": VmAnnounce, "vm_pair_key": VmPairKey,
 }
 
 

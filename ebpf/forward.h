@@ -5,6 +5,7 @@
 #define XDPGW_FORWARD_H
 
 #include "addr.h"
+#include "capture.h"
 #include "maps.h"
 #include "parse.h"
 #include "trace.h"
@@ -30,18 +31,19 @@ static __always_inline struct ethhdr *reframe(struct xdp_md *ctx, int delta, voi
     return eth;
 }
 
-static __always_inline int forward_local(struct xdp_md *ctx, const struct pkt *p,
+static __always_inline int forward_local(struct xdp_md *ctx, struct pkt *p,
                                          const struct vm_location *loc)
 {
+    capture_received(ctx, p);
     void *data_end;
     struct ethhdr *eth = reframe(ctx, p->vlan_depth * sizeof(struct vlan_tag), &data_end);
     if (!eth)
-        return drop(DROP_ENCAP);
+        return drop_pkt(p, DROP_ENCAP);
     eth->h_proto = p->eth_proto;
     set_macs(eth, loc->dst_mac, loc->src_mac);
     int act = tx_ports.redirect_map(loc->port_slot, XDP_DROP);
     if (act != XDP_REDIRECT)
-        return drop(DROP_VM_LOCATION);
+        return drop_pkt(p, DROP_VM_LOCATION);
     return act;
 }
 
@@ -60,10 +62,11 @@ static __always_inline __u16 ipv4_csum(const struct iphdr *iph)
 
 /* Wrap the IP packet in an outer IPv4 (family 4) or IPv6 header and send it
  * back out of the interface it came in on, to the next hop's MAC. */
-static __always_inline int tunnel_out(struct xdp_md *ctx, const struct pkt *p, __u8 family,
+static __always_inline int tunnel_out(struct xdp_md *ctx, struct pkt *p, __u8 family,
                                       const __u8 *src, const __u8 *dst, const __u8 *dmac,
                                       const __u8 *smac)
 {
+    capture_received(ctx, p);
     int outer = family == 6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr);
     int grow = outer - p->vlan_depth * (int)sizeof(struct vlan_tag);
     __u8 inner_proto = p->family == 6 ? IPPROTO_IPV6 : IPPROTO_IPIP;
@@ -72,17 +75,17 @@ static __always_inline int tunnel_out(struct xdp_md *ctx, const struct pkt *p, _
      * cost MTU: drop them first (no helper call when there are none) */
     int trailing = (int)p->len - (int)(p->l3_off + p->l3_len);
     if (trailing > 0 && bpf_xdp_adjust_tail(ctx, -trailing))
-        return drop(DROP_ENCAP);
+        return drop_pkt(p, DROP_ENCAP);
     void *data_end;
     struct ethhdr *eth = reframe(ctx, -grow, &data_end);
     if (!eth)
-        return drop(DROP_ENCAP);
+        return drop_pkt(p, DROP_ENCAP);
     set_macs(eth, dmac, smac);
 
     if (family == 6) {
         struct ipv6hdr *o = (void *)(eth + 1);
         if ((void *)(o + 1) > data_end)
-            return drop(DROP_ENCAP);
+            return drop_pkt(p, DROP_ENCAP);
         eth->h_proto = bpf_htons(ETH_P_IPV6);
         __builtin_memset(o, 0, sizeof(*o));
         o->version = 6;
@@ -94,7 +97,7 @@ static __always_inline int tunnel_out(struct xdp_md *ctx, const struct pkt *p, _
     } else {
         struct iphdr *o = (void *)(eth + 1);
         if ((void *)(o + 1) > data_end)
-            return drop(DROP_ENCAP);
+            return drop_pkt(p, DROP_ENCAP);
         eth->h_proto = bpf_htons(ETH_P_IP);
         __builtin_memset(o, 0, sizeof(*o));
         o->version = 4;

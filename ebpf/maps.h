@@ -1,4 +1,5 @@
-/* Every map of the XDP program but the test build's forward trace (trace.h).
+/* Every map of the XDP program but the test build's forward trace (trace.h)
+ * and the capture's filter, buffers and ring (capture.h).
  * Sizes come from the config through -D flags (dataplane/program.py); their
  * defaults are in defaults.h. */
 #ifndef XDPGW_MAPS_H

@@ -59,6 +59,12 @@ struct pkt {
     __u16 drop_reason;
     __be16 eth_proto;                 /* ethertype after the VLAN tags */
     struct flow_key key;
+    /* what the gateway made of the packet, for a capture (capture.h) */
+    __u32 region;
+    __u32 service_id;                 /* CAPTURE_ANY: no service */
+    __u32 vm_id;                      /* CAPTURE_ANY: no VM */
+    __u16 capture_rx;                 /* bytes copied as received before a rewrite; 0: none */
+    const struct capture_filter *capture;  /* the armed filter; NULL: not capturing */
 };
 
 static __always_inline void *pkt_at(void *data, __u32 off)

@@ -122,7 +122,8 @@ struct service_counter {
 #define STAT_ICMP_ERR_FWD 6
 #define STAT_FLOW_RESELECT 7          /* flow's VM gone or down: re-selected */
 #define STAT_FLOOD_UNRECORDED 8       /* new flow served by Maglev but not recorded: flood */
-#define STAT_MAX 9
+#define STAT_CAPTURE_LOST 9           /* captured packet not recorded: capture_ring full */
+#define STAT_MAX 10
 #define STAT_SLOTS 32                 /* map size: room for new stats without a layout change */
 
 /* Drop reasons, indexed into drop_counters. Names live in dataplane/structs.py. */
@@ -159,6 +160,39 @@ struct forward_trace {                /* per-CPU, last forwarded packet (test bu
     __u32 vm_id;
     __u32 port_slot;
     __u32 service_id;
+};
+
+/* Packet capture (capture.h, `xdpgw capture`): the one capture_filter entry
+ * arms it; each captured packet is one capture_ring record: struct
+ * capture_meta, rx_caplen bytes as received, tx_caplen bytes as sent. */
+#define CAPTURE_ANY 0xffffffffu       /* capture_filter: field unset; capture_meta: none (no service, no VM) */
+#define CAPTURE_SNAPLEN_MAX 4096      /* bytes of a frame a record holds per direction (an XDP frame fits a page) */
+#define CAPTURE_RING_PAGES 256        /* capture_ring size in pages (a power of 2) */
+
+struct capture_filter {               /* capture_filter[0] */
+    __u32 armed;                      /* 0: capture off */
+    __u32 snaplen;                    /* 1..CAPTURE_SNAPLEN_MAX */
+    __u32 region;                     /* region id, or CAPTURE_ANY (as every field below) */
+    __u32 service;                    /* service id */
+    __u32 vm;                         /* VM id */
+    __u32 verdict;                    /* XDP action: XDP_DROP, XDP_PASS, XDP_TX (tunnel), XDP_REDIRECT (forward) */
+    __u32 reason;                     /* DROP_*: only drops with this reason */
+    __u32 pad;
+};
+
+struct capture_meta {                 /* capture_ring record header */
+    __u64 ts_ns;                      /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    __u32 ifindex;                    /* ingress interface */
+    __u32 region;                     /* region id (XDPGW_REGION_UNKNOWN before the IP header is valid) */
+    __u32 service;                    /* service id or CAPTURE_ANY */
+    __u32 vm;                         /* VM id or CAPTURE_ANY (not chosen, or offloaded) */
+    __u16 verdict;                    /* XDP action */
+    __u16 reason;                     /* DROP_* when verdict is XDP_DROP */
+    __u16 rx_len;                     /* frame length as received */
+    __u16 rx_caplen;                  /* bytes of it that follow */
+    __u16 tx_len;                     /* frame length as sent (0: not rewritten) */
+    __u16 tx_caplen;                  /* bytes of it that follow the received ones */
+    __u32 pad;
 };
 
 /* ebpf/vmport.c: the VM-port watcher. vm_announce.kind: what a VM sent on a

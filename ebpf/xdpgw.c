@@ -1,5 +1,6 @@
 /* xdpgw XDP program: parse -> region account -> service -> flow table ->
- * region offload -> Maglev -> forward by VM location. */
+ * region offload -> Maglev -> forward by VM location; a capture, when armed,
+ * sees the outcome. */
 #include <uapi/linux/bpf.h>
 #include "addr.h"
 #include "structs.h"
@@ -8,9 +9,10 @@
 #include "region.h"
 #include "lb.h"
 #include "icmp.h"
+#include "capture.h"
 #include "forward.h"
 
-static __always_inline int deliver(struct xdp_md *ctx, const struct pkt *p, const struct choice *c,
+static __always_inline int deliver(struct xdp_md *ctx, struct pkt *p, const struct choice *c,
                                 __u32 service_id)
 {
     if (c->offload) {
@@ -20,6 +22,7 @@ static __always_inline int deliver(struct xdp_md *ctx, const struct pkt *p, cons
         return tunnel_out(ctx, p, t->family, t->src, t->endpoint, t->next_hop_mac, t->src_mac);
     }
     const struct vm_location *loc = c->loc;
+    p->vm_id = c->vm_id;
     traffic_add(vm_counters.lookup((__u32 *)&c->vm_id), p->len);
     if (loc->kind == VM_LOC_LOCAL) {
         stat_inc(STAT_LOCAL_FWD);
@@ -59,10 +62,11 @@ static __always_inline int handle_icmp_error(struct xdp_md *ctx, void *data, voi
     struct service_info *svc = find_service(&flow, p->family);
     if (!svc)
         goto pass;
+    p->service_id = svc->id;
     struct choice c = {};
     int is_new = 0;
     if (choose(&flow, svc->id, region, &c, &is_new))
-        return drop(c.drop_reason);
+        return drop_pkt(p, c.drop_reason);
     stat_inc(STAT_ICMP_ERR_FWD);
     return deliver(ctx, p, &c, svc->id);
 pass:
@@ -70,46 +74,56 @@ pass:
     return XDP_PASS;
 }
 
-int xdpgw_main(struct xdp_md *ctx)
+static __always_inline int gateway(struct xdp_md *ctx, struct pkt *p)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
-    struct pkt p = {};
 
-    int rc = parse_l3(data, data_end, &p);
+    int rc = parse_l3(data, data_end, p);
     if (rc == PARSE_PASS) {
         stat_inc(STAT_PASS);
         return XDP_PASS;
     }
     if (rc == PARSE_DROP)
-        return drop(p.drop_reason);
-    __u32 region = region_account(&p);
+        return drop(p->drop_reason);
+    __u32 region = region_account(p);
+    p->region = region;
 
-    if (parse_transport(data, data_end, &p) == PARSE_DROP)
-        return drop(p.drop_reason);
-    if (is_icmp_error(&p))
-        return handle_icmp_error(ctx, data, data_end, &p, region);
+    if (parse_transport(data, data_end, p) == PARSE_DROP)
+        return drop(p->drop_reason);
+    if (is_icmp_error(p))
+        return handle_icmp_error(ctx, data, data_end, p, region);
 
-    struct service_info *svc = find_service(&p.key, p.family);
+    struct service_info *svc = find_service(&p->key, p->family);
     if (!svc) {
         stat_inc(STAT_PASS);
         return XDP_PASS;
     }
     __u32 service_id = svc->id;
+    p->service_id = service_id;
     struct service_counter *sc = service_counters.lookup(&service_id);
     if (sc) {
         sc->packets += 1;
-        sc->bytes += p.len;
+        sc->bytes += p->len;
     }
 
     struct choice c = {};
     int is_new = 0;
-    if (choose(&p.key, service_id, region, &c, &is_new))
-        return drop(c.drop_reason);
+    if (choose(&p->key, service_id, region, &c, &is_new))
+        return drop_pkt(p, c.drop_reason);
     if (is_new) {
-        record_flow(&p.key, c.vm_id, service_id);
+        record_flow(&p->key, c.vm_id, service_id);
         if (sc)
             sc->new_flows += 1;
     }
-    return deliver(ctx, &p, &c, service_id);
+    return deliver(ctx, p, &c, service_id);
+}
+
+int xdpgw_main(struct xdp_md *ctx)
+{
+    struct pkt p = {.service_id = CAPTURE_ANY, .vm_id = CAPTURE_ANY, .capture = capture_armed()};
+    int verdict = gateway(ctx, &p);
+    if (p.capture)
+        capture_packet(ctx, &p, verdict);
+    return verdict;
 }

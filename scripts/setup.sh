@@ -29,12 +29,12 @@ VPY="$VENV/bin/python"
 STAMP="$VENV/.xdpgw-install-stamp"
 PIP_LOG="$VENV/pip-install.log"
 
-DEB_PACKAGES=(python3-bpfcc python3-venv python3-dev iproute2 ethtool bpftool libbpf1 gcc make)
+DEB_PACKAGES=(python3-bpfcc python3-venv python3-dev iproute2 ethtool bpftool libbpf1 gcc make tcpdump prometheus systemd)
 # Extension modules that must import after the install; read from setup.py below,
 # this is the fallback if it can't be parsed.
 EXT_MODULES_DEFAULT=(control._maglev dataplane._flowhash dataplane._fold)
 # Plain dependencies that must be importable from the venv (checked with find_spec).
-PY_DEPS=(bcc pyroute2 scapy numpy pytest hypothesis matplotlib)
+PY_DEPS=(bcc pyroute2 scapy numpy pytest hypothesis matplotlib prometheus_client)
 
 step() { printf '==> setup: %s\n' "$*"; }
 info() { printf '    %s\n' "$*"; }
@@ -144,9 +144,22 @@ if (( ${#missing[@]} > 0 || need_headers )); then
         fi
     fi
     info "apt-get install ${missing[*]}"
-    if ! apt-get install -y --no-install-recommends "${missing[@]}" >>"$apt_log" 2>&1; then
+    # Debian's prometheus package (promtool; the tests start their own server) would
+    # start and enable a Prometheus service: no service starts during the install
+    # (a policy-rc.d of our own, unless the host has one), and its unit disabled after.
+    own_policy=0
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && own_policy=1
+    fi
+    apt_rc=0
+    apt-get install -y --no-install-recommends "${missing[@]}" >>"$apt_log" 2>&1 || apt_rc=$?
+    (( own_policy )) && rm -f /usr/sbin/policy-rc.d
+    if (( apt_rc != 0 )); then
         tail -n 30 "$apt_log" >&2
         die "apt-get install failed for: ${missing[*]} (log: $apt_log)"
+    fi
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+        systemctl disable --now prometheus.service >>"$apt_log" 2>&1 || true
     fi
     rm -f "$apt_log"
 else

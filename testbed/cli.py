@@ -10,9 +10,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tb.add_argument("action", choices=["up", "down"])
     tb.add_argument("--prefix", default="xgw", help="namespace name prefix (default xgw)")
     tb.set_defaults(handler=_testbed)
-    demo = sub.add_parser("demo", help="testbed + daemon + traffic + a live VM move, then teardown")
+    demo = sub.add_parser("demo", help="the whole story on the testbed: two regions, one offloaded to dc2 while "
+                                       "heavy, a VM failing, a VM migrating, then teardown and a summary")
     demo.add_argument("--prefix", default="xgwd", help="namespace name prefix (default xgwd)")
-    demo.add_argument("--seconds", type=float, default=12.0, help="traffic duration (default 12)")
+    demo.add_argument("--seconds", type=float, default=24.0,
+                      help="quiet time around the five events, which add a few seconds (default 24, at least 12)")
     demo.set_defaults(handler=_demo)
 
 

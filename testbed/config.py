@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from control.config import Config, GatewayConfig, HealthConfig, RegionConfig, ServiceConfig, VMConfig, validate
+from control.config import AgentConfig, CenterLinkConfig, Config, GatewayConfig, HealthConfig, MonitorConfig, \
+    RegionConfig, ServiceConfig, VMConfig, validate
 from testbed import addresses as tb
 from testbed.topology import pin_dir, registry_path
 
@@ -14,13 +15,16 @@ REMOTE_PORT = 8081
 
 
 def testbed_config(prefix: str = tb.DEFAULT_PREFIX, name: str = "gw1", *, which: int = 1,
-                   health: dict[str, HealthConfig] | None = None, **gateway: object) -> Config:
+                   health: dict[str, HealthConfig] | None = None, monitor: MonitorConfig | None = None,
+                   center: CenterLinkConfig | None = None, agent: AgentConfig | None = None,
+                   **gateway: object) -> Config:
     """Regions r1/r2 (the two client subnets), services web (TCP), web6 (TCP/IPv6)
     and echo (UDP) on vm1..vm3, and remote (TCP) on vm9 behind dc2's tunnel endpoint.
 
     `which` = 2: the config of the testbed's second gateway (Testbed(gateways=2)):
     its namespace, uplink addresses and router; the VMs, services and regions are
-    the same. `health`: service name -> its health check."""
+    the same. `health`: service name -> its health check. `monitor`, `center`,
+    `agent`: region offload (testbed/offload.py has the center and agent ends)."""
     ip = ipaddress.ip_address
     net = ipaddress.ip_network
     local = tuple(v.name for v in tb.VMS)
@@ -51,4 +55,5 @@ def testbed_config(prefix: str = tb.DEFAULT_PREFIX, name: str = "gw1", *, which:
                     registry=registry_path(prefix, name),
                     flow_table_size=65536)
     settings.update(gateway)
-    return validate(Config(gateway=GatewayConfig(**settings), regions=regions, services=services, vms=vms))
+    return validate(Config(gateway=GatewayConfig(**settings), regions=regions, services=services, vms=vms,
+                           monitor=monitor, center=center, agent=agent))

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from control.config import Config
 from testbed.config import ECHO_PORT, REMOTE_PORT, WEB_PORT
@@ -116,16 +116,19 @@ def start_server(tb: Testbed, role: str, name: str, binds: Sequence[str],
 
 # --------------------------------------------------------------------------- daemon
 
-READY_RE = re.compile(r"^xdpgw: gateway \S+ up on (\S+) \((\w+) XDP\) in ([0-9.]+) s; API at (\S+)")
+# The daemon's log line (control/logs.py) once the gateway is up, on stderr.
+READY_RE = re.compile(r"^(?:ts=\S+ )?level=info event=gateway\.up gateway=(?P<gateway>\S+) interface=(?P<interface>\S+) "
+                      r"mode=(?P<mode>\w+) startup_s=(?P<startup_s>[0-9.]+) api=(?P<api>\S+)")
 
 
 class GatewayDaemon:
     """`xdpgw run --config FILE` (which enters the gw namespace itself, `gateway.netns`),
     started and stopped by pid."""
 
-    def __init__(self, tb: Testbed, config_path: str, xdpgw: str | None = None) -> None:
+    def __init__(self, tb: Testbed, config_path: str, xdpgw: str | None = None, role: str | None = None) -> None:
         self.tb = tb
         self.config_path = config_path
+        self.role = role             # set: started by `ip netns exec` in this role's namespace instead
         self.xdpgw = xdpgw or xdpgw_executable()
         self.proc: subprocess.Popen | None = None
         self.stdout: list[str] = []
@@ -154,16 +157,17 @@ class GatewayDaemon:
                 m = READY_RE.match(line)
                 if m:
                     self.ready_line = line
-                    self.mode, self.startup_s = m.group(2), float(m.group(3))
+                    self.mode, self.startup_s = m["mode"], float(m["startup_s"])
                     self._ready.set()
         self._ready.set()            # EOF: the process is gone (start() checks which)
 
     def start(self, timeout: float = 60.0) -> float:
         """Start the daemon and wait, at most `timeout` s, for its ready line."""
         t0 = time.monotonic()
-        self.proc = self.tb.spawn([self.xdpgw, "run", "--config", self.config_path],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for stream, sink, watch in ((self.proc.stdout, self.stdout, True), (self.proc.stderr, self.stderr, False)):
+        argv = [self.xdpgw, "run", "--config", self.config_path]
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        self.proc = self.tb.popen(self.role, argv, **pipes) if self.role else self.tb.spawn(argv, **pipes)
+        for stream, sink, watch in ((self.proc.stdout, self.stdout, False), (self.proc.stderr, self.stderr, True)):
             t = threading.Thread(target=self._drain, args=(stream, sink, watch), daemon=True)
             t.start()
             self._threads.append(t)
@@ -275,6 +279,17 @@ def udp_exchange(sock: socket.socket, payload: bytes, dst: tuple[str, int]) -> b
         return sock.recv(65535)
     except socket.timeout:
         return None
+
+
+def poll_until(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Any:
+    """Call `predicate` until it returns something truthy and return that, or the
+    last (falsy) value after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(step)
 
 
 def link_stats(tb: Testbed, role: str, ifname: str) -> dict[str, Any]:

@@ -9,13 +9,21 @@ VM end .2 and ::2, gateway-side MAC 02:00:00:00:(20 + k):N. Nothing is created
 outside the testbed's namespaces, whose removal removes it all.
 
 The demo, the e2e tests and the stand-in orchestrator (testbed/orchestrator.py,
-run by the daemon inside the gateway namespace) all use this one operation."""
+run by the daemon inside the gateway namespace) all use this one operation.
+
+A migrated VM then says where it is, as a guest or its hypervisor does: a
+gratuitous ARP (or RARP) sent from its namespace on the new port (`announce`);
+the frames are built here (`garp`, `rarp`) so tests can also forge them."""
 from __future__ import annotations
 
+import ipaddress
+import socket
+import struct
 import subprocess
 from dataclasses import dataclass
 
 from testbed.addresses import vm_named
+from testbed.netns import netns_socket
 
 SUFFIXES = "abcdefghijklmno"
 
@@ -56,8 +64,7 @@ def add_port(p: VmPort, gw_ns: str | None = None, gw_routes: bool = False) -> No
     """Create the port (from the gateway namespace `gw_ns`, or the caller's if None),
     with static neighbours on the VM side and GRO on the VM end (a veth drops
     XDP-redirected frames unless its peer runs NAPI). `gw_routes`: also route the
-    VM's own address via the new port (the kernel then learns its neighbour there,
-    which the daemon's netlink watcher sees)."""
+    VM's own address via the new port (`route_via`)."""
     gw = ["ip", "-n", gw_ns] if gw_ns else ["ip"]
     vm = ["ip", "-n", p.vm_ns]
     _run(gw + ["link", "add", p.port, "address", p.port_mac, "type", "veth", "peer", "name", p.vm_if,
@@ -72,8 +79,15 @@ def add_port(p: VmPort, gw_ns: str | None = None, gw_routes: bool = False) -> No
     _run(vm + ["neigh", "replace", p.gw_ip6, "lladdr", p.port_mac, "dev", p.vm_if, "nud", "permanent"])
     _run(["ip", "netns", "exec", p.vm_ns, "ethtool", "-K", p.vm_if, "gro", "on"])
     if gw_routes:
-        _run(gw + ["route", "replace", f"{p.vm_ip}/32", "dev", p.port])
-        _run(gw + ["neigh", "replace", p.vm_ip, "lladdr", p.vm_mac, "dev", p.port, "nud", "permanent"])
+        route_via(p, gw_ns)
+
+
+def route_via(p: VmPort, gw_ns: str | None = None) -> None:
+    """Route the VM's own address (health probes, VM-to-VM traffic) via its new port,
+    with a static neighbour there (which the daemon's netlink watcher sees)."""
+    gw = ["ip", "-n", gw_ns] if gw_ns else ["ip"]
+    _run(gw + ["route", "replace", f"{p.vm_ip}/32", "dev", p.port])
+    _run(gw + ["neigh", "replace", p.vm_ip, "lladdr", p.vm_mac, "dev", p.port, "nud", "permanent"])
 
 
 def switch_to(p: VmPort) -> None:
@@ -87,3 +101,35 @@ def switch_to(p: VmPort) -> None:
         name = line.split(":")[1].strip().split("@")[0]
         if name not in ("lo", p.vm_if):
             _run(vm + ["link", "set", name, "down"])
+
+
+def _mac(text: str) -> bytes:
+    return bytes(int(x, 16) for x in text.split(":"))
+
+
+def garp(mac: str, ip: str) -> bytes:
+    """A gratuitous ARP request: `mac` announces `ip` (sender and target IP both `ip`), broadcast."""
+    addr = ipaddress.ip_address(ip).packed
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, _mac(mac), addr, b"\0" * 6, addr)
+    return b"\xff" * 6 + _mac(mac) + b"\x08\x06" + arp
+
+
+def rarp(mac: str) -> bytes:
+    """A RARP request for `mac` (what QEMU sends for a guest after a live migration)."""
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 3, _mac(mac), b"\0" * 4, _mac(mac), b"\0" * 4)
+    return b"\xff" * 6 + _mac(mac) + b"\x80\x35" + arp
+
+
+def send_frame(netns: str, ifname: str, frame: bytes) -> None:
+    """Send one raw Ethernet frame out of `ifname` in namespace `netns`."""
+    s = netns_socket(netns, socket.AF_PACKET, socket.SOCK_RAW)
+    try:
+        s.bind((ifname, 0))
+        s.send(frame)
+    finally:
+        s.close()
+
+
+def announce(p: VmPort) -> None:
+    """The VM, now behind its new port, announces its address there (gratuitous ARP)."""
+    send_frame(p.vm_ns, p.vm_if, garp(p.vm_mac, p.vm_ip))

@@ -103,6 +103,7 @@ from testbed.addresses import (
     Vm,
 )
 from testbed.netns import (
+    NETNS_RUN_DIR,
     netns_exists,
     netns_socket,
     popen_in_netns,
@@ -272,6 +273,16 @@ def cleanup_prefix(prefix: str = DEFAULT_PREFIX) -> list[str]:
             db.unlink(missing_ok=True)
             removed.append(str(db))
     return removed
+
+
+def leftovers(prefix: str) -> list[str]:
+    """What of ``prefix`` still exists: namespaces named ``{prefix}-...``, pinned
+    state and VM registry files (what ``cleanup_prefix`` removes)."""
+    left = sorted(n for n in os.listdir(NETNS_RUN_DIR) if n.startswith(prefix + "-")) \
+        if os.path.isdir(NETNS_RUN_DIR) else []
+    left += [str(p) for p in PIN_ROOT.glob(f"{glob.escape(prefix)}-*")]
+    left += [str(p) for p in Path("/run/xdpgw").glob(f"{glob.escape(prefix)}-*.db*")]
+    return left
 
 
 # ------------------------------------------------------------------------ testbed

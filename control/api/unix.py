@@ -4,6 +4,7 @@ never take the daemon down."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import socketserver
@@ -15,6 +16,7 @@ from control.api.commands import Handler, dispatch, parse_json
 from control.api.errors import BadRequest, CommandError
 
 MAX_REQUEST = 64 * 1024
+log = logging.getLogger(__name__)
 
 
 class ApiError(RuntimeError):
@@ -52,6 +54,10 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.server_close()
         if os.path.exists(self.path):
             os.unlink(self.path)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A handler's bug: logged with its traceback (socketserver would print it bare)."""
+        log.exception("api request failed")
 
     def dispatch(self, line: bytes) -> dict[str, Any]:
         try:

@@ -42,6 +42,9 @@ like the gateway's (control/config/), and read by the same TOML layer.
     service = "web"
     name = "web-1"
     path = "images/web-1.json"        # relative to the config file
+
+    [metrics]                         # optional: Prometheus GET /metrics (control/metrics.py)
+    listen = "127.0.0.1:9418"
 """
 from __future__ import annotations
 
@@ -54,10 +57,11 @@ import zoneinfo
 from dataclasses import dataclass, field
 from typing import Any
 
-from control.config import ConfigError, parse_listen
+from control.config import ConfigError, MetricsConfig, parse_listen
 from control.config.schema import ENTRY_NAME
 from control.config.toml import Converter, from_array, from_table, parse_document, read_text
-from control.config.validate import check_int, check_match, check_number, check_str, check_unique_names
+from control.config.validate import (check_int, check_match, check_metrics, check_number, check_str,
+                                     check_unique_names)
 
 _URL = re.compile(r"https?://[^\s/]+/?")
 
@@ -115,6 +119,7 @@ class CenterConfig:
     gateways: tuple[GatewayEntry, ...] = ()
     regions: tuple[RegionEntry, ...] = ()
     images: tuple[ImageEntry, ...] = ()
+    metrics: MetricsConfig | None = None
 
 
 def load_center_config(path: str) -> CenterConfig:
@@ -147,12 +152,12 @@ def _array(document: dict, section: str, cls: type) -> tuple:
 
 def parse_center_document(document: dict, base: str = ".") -> CenterConfig:
     for key in document:
-        if key not in ("center", "weights", "datacenter", "gateway", "region", "image"):
+        if key not in ("center", "weights", "datacenter", "gateway", "region", "image", "metrics"):
             raise ConfigError(key, "unknown key")
     if "center" not in document:
         raise ConfigError("center", "missing required table [center]")
     center = from_table(document["center"], "center", CenterConfig, _typed(CenterConfig),
-                        skip=("weights", "datacenters", "gateways", "regions", "images"))
+                        skip=("weights", "datacenters", "gateways", "regions", "images", "metrics"))
     parse_listen(center.listen, "center.listen")
     if not center.token:
         raise ConfigError("center.token", "must not be empty")
@@ -176,6 +181,8 @@ def parse_center_document(document: dict, base: str = ".") -> CenterConfig:
     gateways = _array(document, "gateway", GatewayEntry)
     regions = _array(document, "region", RegionEntry)
     images = _array(document, "image", ImageEntry)
+    metrics = None if "metrics" not in document else \
+        check_metrics(from_table(document["metrics"], "metrics", MetricsConfig, {}))
     for entries, section in ((dcs, "datacenter"), (gateways, "gateway"), (regions, "region")):
         for i, e in enumerate(entries):
             check_match(e.name, f"{section}[{i}].name", ENTRY_NAME, "name")
@@ -212,7 +219,7 @@ def parse_center_document(document: dict, base: str = ".") -> CenterConfig:
             raise ConfigError(f"image[{i}].path", f"{img.path!r} is not a file")
         resolved.append(dataclasses.replace(img, path=path))
     return dataclasses.replace(center, weights={k: float(v) for k, v in weights.items()}, datacenters=dcs,
-                               gateways=gateways, regions=regions, images=tuple(resolved))
+                               gateways=gateways, regions=regions, images=tuple(resolved), metrics=metrics)
 
 
 def _latlon(lat: float, lon: float, here: str) -> None:

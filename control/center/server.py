@@ -23,7 +23,6 @@ import base64
 import binascii
 import logging
 import signal
-import sys
 import time
 
 from aiohttp import web
@@ -35,6 +34,8 @@ from control.center.client import AgentClient
 from control.center.config import CenterConfig
 from control.center.store import Store
 from control.center.workflow import NoTarget, Workflow
+from control.deploy import notify
+from control.logs import event
 
 log = logging.getLogger(__name__)
 MAX_BODY = 16 * 1024 * 1024
@@ -132,11 +133,8 @@ class Center:
 
     # ---- handlers ----------------------------------------------------------
     async def status(self, request: web.Request) -> web.Response:
-        counts: dict[str, int] = {}
-        for r in self.store.requests():
-            counts[r["state"]] = counts.get(r["state"], 0) + 1
-        return web.json_response({"requests": counts, "datacenters": len(self.store.datacenters()),
-                                  "calls": self.calls})
+        return web.json_response({"requests": self.store.state_counts(),
+                                  "datacenters": len(self.store.datacenters()), "calls": self.calls})
 
     async def datacenters(self, request: web.Request) -> web.Response:
         return web.json_response([{k: v for k, v in dc.items() if k != "agent_token"}
@@ -232,6 +230,12 @@ def serve(config: CenterConfig) -> int:
 
     host, port = parse_listen(config.listen, "center.listen")
     center = Center(config)
+    metrics = None
+    if config.metrics is not None:
+        from control.center.metrics import CenterCollector
+        from control.metrics import MetricsServer
+
+        metrics = MetricsServer(config.metrics.listen, CenterCollector(center.store, center.workflow.events))
 
     async def main() -> None:
         runner = web.AppRunner(center.app(), access_log=None)
@@ -243,12 +247,17 @@ def serve(config: CenterConfig) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, done.set)
         open_requests = len(center.store.requests(open_only=True))
-        print(f"xdpgw: center up on {config.listen} ({'https' if config.tls_cert else 'http'}), "
-              f"db {config.db}, {open_requests} open requests", flush=True)
+        event(log, "center.up", listen=config.listen, scheme="https" if config.tls_cert else "http", db=config.db,
+              open_requests=open_requests)
+        notify("READY=1")
         await done.wait()
         await runner.cleanup()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        if metrics is not None:
+            metrics.close()
     center.store.close()
-    print("xdpgw: center stopped", file=sys.stderr, flush=True)
+    event(log, "center.stopped")
     return 0

@@ -157,6 +157,12 @@ class Store:
         with self.lock:
             return [self._request(r) for r in self.db.execute(q + " ORDER BY id", args)]
 
+    def state_counts(self) -> dict[str, int]:
+        """Requests per state (only states some request is in)."""
+        with self.lock:
+            return {r["state"]: r["n"] for r in
+                    self.db.execute("SELECT state, COUNT(*) AS n FROM requests GROUP BY state ORDER BY state")}
+
     def transition(self, rid: int, state: str, note: str | None = None, **fields: Any) -> dict:
         """Move a request to `state` (resetting attempts and error), with other columns
         (target, data: merged) set in the same transaction, and log it."""

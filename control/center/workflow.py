@@ -29,6 +29,7 @@ from typing import Any, Callable, Protocol
 
 from control.center import scoring
 from control.center.store import TERMINAL, Store
+from control.events import CenterEvents
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class Workflow:
         self.now = now
         self.wakeup = asyncio.Event()
         self.inflight: set[int] = set()
+        self.events = CenterEvents()          # step latencies, for the metrics
 
     # ---- target search -----------------------------------------------------
     def context(self, gateway: str, region: str) -> scoring.Context:
@@ -150,9 +152,12 @@ class Workflow:
                     return
                 if req["next_try_at"] > time.time():
                     return
+                t0 = time.perf_counter()
                 try:
                     after = await self.step(req)
+                    self.events.steps.observe(time.perf_counter() - t0, req["state"], "ok")
                 except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried
+                    self.events.steps.observe(time.perf_counter() - t0, req["state"], "error")
                     attempts = req["attempts"] + 1
                     msg = f"{req['state']}: {exc}"
                     if attempts >= self.max_attempts:

@@ -127,6 +127,12 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint, GET /metrics (control/metrics.py); the center's config has one too."""
+    listen: str                   # "ADDR:PORT" or "[ADDR6]:PORT"
+
+
+@dataclass(frozen=True)
 class HealthConfig:
     """A service's health check of its VMs, probed at each VM's `ip` (see control/health.py).
 
@@ -185,6 +191,7 @@ class Config:
     center: CenterLinkConfig | None = None
     agent: AgentConfig | None = None
     hosts: tuple[HostConfig, ...] = ()
+    metrics: MetricsConfig | None = None
 
     def region(self, name: str) -> RegionConfig:
         """The region called `name`; KeyError if there is none."""

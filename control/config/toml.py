@@ -14,7 +14,8 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
 
 from control.config.schema import (AgentConfig, CenterLinkConfig, Config, ConfigError, GatewayConfig, HealthConfig,
-                                   HostConfig, IPNetwork, MonitorConfig, RegionConfig, ServiceConfig, VMConfig)
+                                   HostConfig, IPNetwork, MetricsConfig, MonitorConfig, RegionConfig, ServiceConfig,
+                                   VMConfig)
 from control.config.validate import describe, parse_address, parse_prefix, quote, validate
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -62,7 +63,7 @@ def parse_document(text: str, file: str | None) -> dict[str, Any]:
         raise ConfigError(where, problem, file) from e
 
 
-_SECTIONS = ("gateway", "region", "service", "vm", "monitor", "center", "agent", "host")
+_SECTIONS = ("gateway", "region", "service", "vm", "monitor", "center", "agent", "host", "metrics")
 
 
 def _from_document(document: dict[str, Any]) -> Config:
@@ -84,6 +85,7 @@ def _from_document(document: dict[str, Any]) -> Config:
         center=table("center", CenterLinkConfig),
         agent=table("agent", AgentConfig),
         hosts=from_array(document, "host", HostConfig, _CONVERTERS),
+        metrics=table("metrics", MetricsConfig),
     )
 
 
@@ -156,7 +158,7 @@ def to_toml(config: Config) -> str:
     tables += [_toml_table("[[region]]", r) for r in config.regions]
     tables += [_toml_table("[[service]]", s) for s in config.services]
     tables += [_toml_table("[[vm]]", v) for v in config.vms]
-    tables += [_toml_table(f"[{name}]", getattr(config, name)) for name in ("monitor", "center", "agent")
+    tables += [_toml_table(f"[{name}]", getattr(config, name)) for name in ("monitor", "center", "agent", "metrics")
                if getattr(config, name) is not None]
     tables += [_toml_table("[[host]]", h) for h in config.hosts]
     return "\n".join(tables)

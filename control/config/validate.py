@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 
 from control.config.schema import (ENTRY_NAME, GATEWAY_NAME, HEALTH_KINDS, PROTOCOLS, XDP_MODES, AgentConfig,
                                    CenterLinkConfig, Config, ConfigError, GatewayConfig, HealthConfig, HostConfig,
-                                   IPAddress, IPNetwork, MonitorConfig, RegionConfig, ServiceConfig, VMConfig)
+                                   IPAddress, IPNetwork, MetricsConfig, MonitorConfig, RegionConfig, ServiceConfig,
+                                   VMConfig)
 from control.maglev import is_prime
 
 _MAC = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
@@ -56,7 +57,8 @@ def validate(config: Config) -> Config:
     center = None if config.center is None else _check_center(_instance(config.center, "center", CenterLinkConfig))
     agent = None if config.agent is None else _check_agent(_instance(config.agent, "agent", AgentConfig))
     gateway, hosts = _check_hosts(config.hosts, gateway, vms)
-    return Config(gateway, regions, services, vms, monitor, center, agent, hosts=hosts)
+    metrics = None if config.metrics is None else check_metrics(_instance(config.metrics, "metrics", MetricsConfig))
+    return Config(gateway, regions, services, vms, monitor, center, agent, hosts=hosts, metrics=metrics)
 
 
 def _check_hosts(hosts: Any, gateway: GatewayConfig,
@@ -163,6 +165,12 @@ def _check_agent(a: AgentConfig) -> AgentConfig:
         if value is not None and not os.path.isfile(check_str(value, f"agent.{key}")):
             raise ConfigError(f"agent.{key}", f"{quote(value)} is not a file")
     return a
+
+
+def check_metrics(m: MetricsConfig) -> MetricsConfig:
+    """[metrics] of the gateway's config and of the center's."""
+    parse_listen(check_str(m.listen, "metrics.listen"), "metrics.listen")
+    return m
 
 
 def _check_gateway(g: GatewayConfig) -> GatewayConfig:

@@ -26,13 +26,18 @@ acknowledgement."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from control.events import GatewayEvents
+from control.logs import event
 from control.migration.registry import InvalidTransition, Registry, RegistryError
+
+log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 KINDS = ("garp", "rarp", "na", "netlink", "explicit", "peer", "defrag")
@@ -94,13 +99,15 @@ class MigrationManager:
     """Thread-safe; one per gateway daemon.
 
     `move_local(name, port=, mac=, tunnel=)` re-points the VM on this gateway
-    (Gateway.move_vm). `peers`: control sockets of the other gateways."""
+    (Gateway.move_vm). `peers`: control sockets of the other gateways. Each
+    applied migration's convergence time goes to `events` (the metrics), if given."""
 
     def __init__(self, registry: Registry, gateway_name: str, move_local: Callable[..., dict],
                  peers: tuple[str, ...] | list[str] = (), hold_down: float = 2.0, conflict_window: float = 0.5,
                  rate: float = 20.0, burst: float = 10.0, global_rate: float = 1000.0,
                  peer_timeout: float = 2.0, clock: Callable[[], int] = time.monotonic_ns,
-                 peer_call: PeerCall = _default_peer_call, max_tracked: int = 4096) -> None:
+                 peer_call: PeerCall = _default_peer_call, max_tracked: int = 4096,
+                 events: GatewayEvents | None = None) -> None:
         self.registry = registry
         self.gateway_name = gateway_name
         self.move_local = move_local
@@ -112,6 +119,7 @@ class MigrationManager:
         self.clock = clock
         self.peer_call = peer_call
         self.max_tracked = max_tracked
+        self.events = events
         self.lock = threading.RLock()
         self.buckets: dict[str, TokenBucket] = {}
         self.global_bucket = TokenBucket(global_rate, global_rate, self._now())
@@ -215,11 +223,15 @@ class MigrationManager:
             raise
         t1_ns = self.clock()
         convergence_ms = round((t1_ns - t0_ns) / 1e6, 3)
+        if self.events is not None:
+            self.events.convergence.observe((t1_ns - t0_ns) / 1e9)
         reg.set_location(name, *new, mac=mac)
         reg.set_holders(name, [g for g, r in gateways.items() if r == "ok"])
         reg.transition(name, "running")
         status = "ok" if all(r == "ok" for r in gateways.values()) else "partial"
         mid = reg.record_migration(name, old, new, detected_by, convergence_ms, gateways, status=status)
+        event(log, "vm.moved", vm=name, **{"from": old[1], "to": new[1]}, by=detected_by, ms=convergence_ms,
+              status=status)
         now = t1_ns / 1e9
         track = self.track.setdefault(name, _VmTrack())
         track.moved_at, track.left_port = t0_ns / 1e9, old[1] if old[0] == "port" else None

@@ -9,7 +9,7 @@ from control.api.commands import CommandTable, arg, int_arg
 from control.config import Config
 from control.gateway import Gateway, GatewayError
 from control.migration.manager import MigrationError, MigrationManager, convergence_summary
-from control.migration.registry import InvalidTransition, Registry, RegistryError
+from control.migration.registry import InvalidTransition, Registry, RegistryError, VmRecord
 
 log = logging.getLogger(__name__)
 
@@ -28,22 +28,40 @@ class MigrationService:
         self.registry = reg = Registry(g.registry)
         gw = self.gateway
         for name, vm in gw.vms.items():
-            kind, where = ("port", vm.port) if vm.port else ("tunnel", str(vm.tunnel))
-            rec = reg.sync_vm(name, vm.vm_id, str(vm.config.ip) if vm.config.ip else None, vm.mac,
-                              vm.config.tenant, kind, where)
-            if (rec.kind, rec.location) != (kind, where):
+            rec = self._sync(name)
+            if (rec.kind, rec.location) != self._where(name):
                 self._restore(name, rec.kind, rec.location, rec.mac)
             if rec.state == "migrating":           # a move was cut short by a restart
                 reg.transition(name, "running")
             reg.set_holders(name, [g.name])
         # two ports claiming a VM within the conflict window is a conflict; it never outlasts the hold-down
         self.manager = MigrationManager(reg, g.name, self._move_local, peers=g.peers, hold_down=g.migration_hold_down,
-                                        conflict_window=min(0.5, g.migration_hold_down))
+                                        conflict_window=min(0.5, g.migration_hold_down), events=gw.events)
         if g.vm_ports:
             from control.migration.watcher import PortWatcher
 
             self.watcher = PortWatcher(g.vm_ports, self.manager.announce, on_link_gone=self._link_gone)
             self.watcher.start()
+
+    def _where(self, name: str) -> tuple[str, str]:
+        vm = self.gateway.vm(name)
+        return ("port", vm.port) if vm.port else ("tunnel", str(vm.tunnel))
+
+    def _sync(self, name: str) -> VmRecord:
+        """Register the gateway's VM `name` (identity from its config; a VM the
+        registry knows keeps its registered location)."""
+        vm = self.gateway.vm(name)
+        return self.registry.sync_vm(name, vm.vm_id, str(vm.config.ip) if vm.config.ip else None, vm.mac,
+                                     vm.config.tenant, *self._where(name))
+
+    def reloaded(self, config: Config, vms: dict[str, list[str]]) -> None:
+        """After a config reload (`vms`: the names added, removed, changed): register
+        the new and changed VMs where the gateway now has them."""
+        self.config = config
+        for name in vms["added"] + vms["changed"]:
+            self._sync(name)
+            self.registry.set_location(name, *self._where(name), mac=self.gateway.vm(name).mac)
+            self.registry.set_holders(name, [config.gateway.name])
 
     def _restore(self, name: str, kind: str, location: str, mac: str | None) -> None:
         """The registry remembers a move from before the restart: point the VM there again."""

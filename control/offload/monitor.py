@@ -150,6 +150,15 @@ class Monitor:
                 return Event("calm", r.name, r.pps, r.bps, None, wall)
         return None
 
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config's regions: kept regions keep their rates and state (with
+        their thresholds as the config now says), new ones start normal, removed ones go."""
+        with self._lock:
+            old, self.regions = self.regions, {}
+            for name, t in thresholds_of(config).items():
+                self.regions[name] = old.get(name) or RegionState(name, t)
+                self.regions[name].thresholds = t
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             return {name: r.as_dict() for name, r in self.regions.items()}

@@ -12,13 +12,11 @@ import os
 import secrets
 import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 from control.config import Config
-from dataplane.pinning import PIN_ROOT
 from testbed.kit import GatewayDaemon
-from testbed.topology import Testbed
+from testbed.topology import Testbed, leftovers
 
 
 def unique_prefix(stem: str) -> str:
@@ -29,14 +27,6 @@ def unique_prefix(stem: str) -> str:
 def netns_list() -> list[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10, check=True).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def leftovers(prefix: str) -> list[str]:
-    """Namespaces, pinned state and registry files of `prefix` that still exist."""
-    left = [n for n in netns_list() if n.startswith(prefix + "-")]
-    left += [str(p) for p in PIN_ROOT.glob(f"{prefix}-*")]
-    left += [str(p) for p in Path("/run/xdpgw").glob(f"{prefix}-*.db*")]
-    return left
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("per_packet", "scaling", "e2e", "control", "breakdown")
+SECTIONS = ("per_packet", "scaling", "e2e", "control", "breakdown", "metrics")
 PLOTS = ("per_packet.png", "scaling_flows.png", "scaling_vms.png", "e2e.png", "maglev.png", "breakdown.png")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (BPF, network namespaces)")

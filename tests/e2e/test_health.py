@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from tests.sockets import free_port
 from tests.waiting import wait_for
 from hypothesis import given
 from hypothesis import strategies as st
@@ -166,13 +167,6 @@ def thread_cpu(native_id: int) -> float:
     with open(f"/proc/self/task/{native_id}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check(kind: str, port: int, address=LO, **kw) -> Check:

@@ -361,7 +361,7 @@ def test_daemon_stop_detaches_and_removes_its_socket(env):
     assert os.path.exists(env.sock)
     rc = env.daemon.stop()
     assert rc == 0, env.daemon.stderr[-5:]
-    assert any("stopped, XDP detached" in line for line in env.daemon.stderr)
+    assert any("event=gateway.stopped" in line and "xdp=detached" in line for line in env.daemon.stderr)
     assert tb.run("gw", attached_program_id, UPLINK) is None
     assert _xdp_on(tb, "gw") == []
     assert not os.path.exists(env.sock)

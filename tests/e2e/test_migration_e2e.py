@@ -11,9 +11,7 @@ left the VMs). Times are measured and printed, never asserted."""
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import socket
-import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from testbed.kit import GatewayDaemon, LineConn, link_stats, start_server, vm_bi
 from control.migration.manager import convergence_summary
 from testbed.config import WEB_PORT
 from testbed.config import testbed_config as make_config
-from testbed.ports import add_port, port_for, switch_to
+from testbed.ports import add_port, announce, garp, port_for, rarp, send_frame, switch_to
 from testbed.addresses import VIP4
 from testbed.topology import Testbed
 from tests.e2e.conftest import running_testbed, unique_prefix
@@ -73,31 +71,6 @@ def env(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ helpers
-
-def _mac(text: str) -> bytes:
-    return bytes(int(x, 16) for x in text.split(":"))
-
-
-def garp(mac: str, ip: str) -> bytes:
-    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, _mac(mac), ipaddress.ip_address(ip).packed,
-                      b"\0" * 6, ipaddress.ip_address(ip).packed)
-    return b"\xff" * 6 + _mac(mac) + b"\x08\x06" + arp
-
-
-def rarp(mac: str) -> bytes:
-    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 3, _mac(mac), b"\0" * 4, _mac(mac), b"\0" * 4)
-    return b"\xff" * 6 + _mac(mac) + b"\x80\x35" + arp
-
-
-def send_frame(env: Env, vm: str, ifname: str, frame: bytes) -> None:
-    s = env.tb.socket(vm, socket.AF_PACKET, socket.SOCK_RAW)
-    try:
-        s.bind((ifname, 0))
-        s.send(frame)
-    finally:
-        s.close()
-
-
 
 def new_port(env: Env, vm: str, suffix: str):
     p = port_for(PREFIX, vm, suffix)
@@ -144,7 +117,7 @@ def test_garp_on_a_new_port_moves_the_vm_and_tcp_survives(env):
     p = new_port(env, "vm1", "m")
     before = link_stats(env.tb, "vm1", p.vm_if)["rx_packets"]
     switch_to(p)                                  # the VM now lives behind gwv1m ...
-    send_frame(env, "vm1", p.vm_if, garp(p.vm_mac, p.vm_ip))      # ... and says so
+    announce(p)                                   # ... and says so
     assert wait_for(lambda: env.location("vm1") == "gwv1m", timeout=3)
     for i, c in enumerate(conns):
         for j in range(3):
@@ -168,7 +141,7 @@ def test_convergence_over_repeated_moves(env):
     for i in range(moves):
         p = (n, m)[i % 2]
         time.sleep(HOLD_DOWN + 0.05)
-        send_frame(env, "vm1", p.vm_if, garp(p.vm_mac, p.vm_ip))
+        send_frame(env.tb.ns("vm1"), p.vm_if, garp(p.vm_mac, p.vm_ip))
         assert wait_for(lambda: env.location("vm1") == p.port, timeout=3), \
             f"move {i} to {p.port}: {env.call('migration.status')} {env.call('vm.events')[-3:]}"
         assert conns[0].ask(f"move {i}") == "vm1"
@@ -187,7 +160,7 @@ def test_spoofed_announcement_is_ignored_and_reported(env):
     other = port_for(PREFIX, "vm1", "n" if here == "gwv1m" else "m")
     time.sleep(HOLD_DOWN + 0.05)
     vm2_ip = env.tb.vm("vm2").ip
-    send_frame(env, "vm1", other.vm_if, garp(other.vm_mac, vm2_ip))     # vm1's MAC, vm2's address
+    send_frame(env.tb.ns("vm1"), other.vm_if, garp(other.vm_mac, vm2_ip))     # vm1's MAC, vm2's address
     ev = wait_for(lambda: [e for e in env.call("vm.events", kind="spoofed")
                            if e["detail"]["port"] == other.port], timeout=3)
     assert ev and ev[-1]["vm"] == "vm1" and ev[-1]["detail"]["ip"] == vm2_ip
@@ -200,8 +173,8 @@ def test_flapping_is_held_down(env):
     there = port_for(PREFIX, "vm1", "n" if here == "gwv1m" else "m")
     back = port_for(PREFIX, "vm1", here[-1])
     time.sleep(HOLD_DOWN + 0.05)
-    send_frame(env, "vm1", there.vm_if, garp(there.vm_mac, there.vm_ip))
-    send_frame(env, "vm1", back.vm_if, garp(back.vm_mac, back.vm_ip))      # straight back: a flap
+    send_frame(env.tb.ns("vm1"), there.vm_if, garp(there.vm_mac, there.vm_ip))
+    send_frame(env.tb.ns("vm1"), back.vm_if, garp(back.vm_mac, back.vm_ip))      # straight back: a flap
     assert wait_for(lambda: [e for e in env.call("vm.events", kind="flap") if e["detail"]["port"] == back.port],
                     timeout=3)
     time.sleep(0.1)
@@ -215,7 +188,7 @@ def test_rarp_moves_a_vm(env):
     conns = open_conns(env, "vm2", want=1)
     p = new_port(env, "vm2", "a")
     switch_to(p)
-    send_frame(env, "vm2", p.vm_if, rarp(p.vm_mac))
+    send_frame(env.tb.ns("vm2"), p.vm_if, rarp(p.vm_mac))
     assert wait_for(lambda: env.location("vm2") == "gwv2a", timeout=3)
     assert conns[0].ask("after rarp") == "vm2"
     assert last_migration(env, "vm2")["detected_by"] == "rarp"

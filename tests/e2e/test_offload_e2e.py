@@ -15,14 +15,9 @@ offloaded meanwhile finish at dc2. Times are printed (README "Region offload"), 
 Prefix "xgo" + 3 hex; every namespace and pin goes at the end, also on failure."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import secrets
-import socket
 import subprocess
-import sys
-import threading
 import time
 
 import pytest
@@ -30,100 +25,20 @@ import pytest
 from tests.waiting import wait_for
 
 from control.api import unix as api
-from control.config import AgentConfig, CenterLinkConfig, MonitorConfig, validate
+from control.config import MonitorConfig
 from testbed.kit import LineConn, start_server, vm_binds
 from testbed.config import WEB_PORT
 from testbed.config import testbed_config as make_config
-from testbed.addresses import DC2_ENDPOINT, ROUTER_IP, UPLINK_IP, VIP4
-from testbed.topology import Testbed
+from testbed.addresses import DC2_ENDPOINT, VIP4
+from testbed.offload import OffloadLab, Ramp
 from tests.e2e.conftest import running_testbed, unique_prefix
 
 PREFIX = unique_prefix("xgo")
-CENTER_TOKEN, GW_TOKEN, DC_TOKEN = (secrets.token_hex(8) for _ in range(3))
-CENTER_PORT, GW_AGENT_PORT, DC_AGENT_PORT = 7300, 7301, 7302
+LAB = OffloadLab()
 INTERVAL = 0.5
 HEAVY_PPS = 300.0
 RAMP_PPS = 1500
 RAMP_MAX_S = 30.0
-
-
-def center_toml(db: str, image: str) -> str:
-    return f"""
-[center]
-listen = "{ROUTER_IP}:{CENTER_PORT}"
-token = "{CENTER_TOKEN}"
-db = "{db}"
-vms = 2
-retry_s = 0.2
-
-[weights]
-location = 1.0
-latency = 1.0
-
-[[region]]
-name = "r1"
-lat = 50.1
-lon = 8.7
-
-[[region]]
-name = "r2"
-lat = 52.5
-lon = 13.4
-
-[[datacenter]]
-name = "dc1"
-lat = 50.1
-lon = 8.7
-timezone = "Europe/Berlin"
-capacity = 8
-load = 3
-tunnel_endpoint = "{UPLINK_IP}"
-
-[[datacenter]]
-name = "dc2"
-lat = 48.1
-lon = 11.6
-timezone = "Europe/Berlin"
-capacity = 8
-load = 0
-latency_ms = 5.0
-transmit_mbps = 10000
-tunnel_endpoint = "{DC2_ENDPOINT}"
-agent = "http://{DC2_ENDPOINT}:{DC_AGENT_PORT}"
-agent_token = "{DC_TOKEN}"
-
-[[gateway]]
-name = "gw1"
-datacenter = "dc1"
-agent = "http://{UPLINK_IP}:{GW_AGENT_PORT}"
-agent_token = "{GW_TOKEN}"
-
-[[image]]
-service = "web"
-name = "web-1"
-path = "{image}"
-"""
-
-
-class Proc:
-    """A process whose stdout is read line by line on a thread; waits for a ready line (bounded)."""
-
-    def __init__(self, proc: subprocess.Popen, ready: str, timeout: float = 30.0) -> None:
-        self.proc, self.lines = proc, []
-        ok = threading.Event()
-
-        def drain():
-            for raw in iter(proc.stdout.readline, b""):
-                line = raw.decode(errors="replace").rstrip()
-                self.lines.append(line)
-                if line.startswith(ready):
-                    ok.set()
-            ok.set()
-        threading.Thread(target=drain, daemon=True).start()
-        ok.wait(timeout)
-        if not any(line.startswith(ready) for line in self.lines):
-            err = proc.stderr.read().decode(errors="replace")[-800:] if proc.poll() is not None else ""
-            raise RuntimeError(f"no {ready!r} line: {self.lines[-5:]} {err}")
 
 
 @pytest.fixture(scope="module")
@@ -132,35 +47,20 @@ def env(tmp_path_factory):
     # the testbed's teardown stops the center and the dc agent (which stops its VMs' servers) by pid
     with running_testbed(PREFIX, dc2_vip=False) as bed:
         tb = bed.tb
-        base = make_config(PREFIX)
-        config = validate(dataclasses.replace(
-            base,
-            monitor=MonitorConfig(interval=INTERVAL, heavy_pps=HEAVY_PPS, intervals=2, smoothing=0.7,
-                                  services=("web",)),
-            center=CenterLinkConfig(url=f"http://{ROUTER_IP}:{CENTER_PORT}", token=CENTER_TOKEN, timeout=5.0),
-            agent=AgentConfig(listen=f"{UPLINK_IP}:{GW_AGENT_PORT}", token=GW_TOKEN)))
+        config = make_config(PREFIX, monitor=MonitorConfig(interval=INTERVAL, heavy_pps=HEAVY_PPS, intervals=2,
+                                                           smoothing=0.7, services=("web",)),
+                             center=LAB.center_link(), agent=LAB.agent())
         gw_path = tmp / "gw1.toml"
         gw_path.write_text(config.to_toml())
-        image = tmp / "web-1.json"
-        image.write_text(json.dumps({"binds": [f"tcp:{VIP4}:{WEB_PORT}"]}))
-        center_path = tmp / "center.toml"
-        center_path.write_text(center_toml(str(tmp / "center.db"), str(image)))
+        center_path = LAB.write_center_config(tmp)
 
         daemon = bed.daemon(gw_path)
         xdpgw = daemon.xdpgw
         e = {"tb": tb, "daemon": daemon, "sock": config.gateway.api_socket, "xdpgw": xdpgw,
              "center_path": str(center_path), "tmp": tmp}
-
-        def start_center():
-            p = tb.popen("rt", [xdpgw, "center", "--config", str(center_path)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            return Proc(p, "xdpgw: center up")
-        e["start_center"] = start_center
-        e["center"] = start_center()
-        dc = tb.spawn([sys.executable, "-m", "testbed.dcagent", "--netns", tb.ns("dc2"), "--prefix", PREFIX,
-                       "--listen", f"{DC2_ENDPOINT}:{DC_AGENT_PORT}", "--token", DC_TOKEN],
-                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        e["dcagent"] = Proc(dc, "xdpgw: dc agent up")
+        e["start_center"] = lambda: LAB.start_center(tb, xdpgw, center_path)
+        e["center"] = e["start_center"]()
+        e["dcagent"] = LAB.start_dc_agent(tb)
         daemon.start(timeout=60)
         for vm in tb.vms:
             start_server(tb, vm.name, vm.name, vm_binds())
@@ -170,41 +70,8 @@ def env(tmp_path_factory):
 
 
 def center_cli(env, *args: str) -> subprocess.CompletedProcess:
-    return env["tb"].cmd("rt", [env["xdpgw"], "center", *args, "--config", env["center_path"]], check=False)
+    return LAB.center_cli(env["tb"], env["xdpgw"], env["center_path"], *args)
 
-
-
-class Ramp:
-    """UDP from c1 (region r1) to the gateway's own address (no service: counted, then passed),
-    at ~RAMP_PPS, until stopped or RAMP_MAX_S (bounded)."""
-
-    def __init__(self, tb: Testbed) -> None:
-        self.sock = tb.socket("c1", socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((tb.client("c1").ip, 0))
-        self.stop = threading.Event()
-        self.sent = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        t0 = time.monotonic()
-        batch = max(1, RAMP_PPS // 100)
-        while not self.stop.is_set() and time.monotonic() - t0 < RAMP_MAX_S:
-            for _ in range(batch):
-                try:
-                    self.sock.sendto(b"r" * 64, (UPLINK_IP, 9))
-                    self.sent += 1
-                except OSError:
-                    pass
-            self.stop.wait(0.01)
-
-    def start(self):
-        self.thread.start()
-        return self
-
-    def end(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-        self.sock.close()
 
 
 def test_offload_lifecycle(env):
@@ -223,7 +90,7 @@ def test_offload_lifecycle(env):
     assert offloads() == []
 
     # ---- ramp r1 past its threshold
-    ramp = Ramp(tb).start()
+    ramp = Ramp(tb, "c1", RAMP_PPS, RAMP_MAX_S).start()
     t_ramp = time.time()
     try:
         active = wait_for(lambda: [o for o in offloads() if o["region"] == "r1"], 30, 0.05, what="the offload of r1/web")
@@ -259,7 +126,7 @@ def test_offload_lifecycle(env):
         # ---- the center restarts while the offload is active: nothing is lost
         tb.stop(env["center"].proc)
         env["center"] = env["start_center"]()
-        assert any("1 open requests" in line for line in env["center"].lines), env["center"].lines
+        assert any("open_requests=1" in line for line in env["center"].lines), env["center"].lines
         again = json.loads(center_cli(env, "show", rid).stdout)
         assert again["state"] == "active" and again["history"] == shown["history"]
     finally:

@@ -106,3 +106,17 @@ def test_installed_program_runs(venv):
     assert result["dataplane"].startswith(str(venv)) and result["ebpf"].startswith(str(venv)), result
     assert result["pass"] == ["PASS", True]
     assert result["drop"] == ["DROP", 1]
+
+
+def test_installed_cli_writes_its_systemd_units(venv, tmp_path):
+    """The wheel carries the unit files; the installed xdpgw writes them naming itself."""
+    xdpgw = str(venv / "bin" / "xdpgw")
+    for extra, unit in (([], "xdpgw@.service"), (["--center"], "xdpgw-center@.service")):
+        out = _run([xdpgw, "install-service", "--root", str(tmp_path), *extra], timeout=120, **_outside(venv))
+        assert out.returncode == 0, out.stderr
+        text = (tmp_path / "etc/systemd/system" / unit).read_text()
+        assert f"ExecStart={xdpgw} " in text and "@XDPGW@" not in text
+    if shutil.which("systemd-analyze"):
+        verify = _run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "etc/systemd/system/xdpgw@gw1.service")],
+                      timeout=120)
+        assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify.stdout + verify.stderr

@@ -34,6 +34,16 @@ async def post(client, path, payload, headers=AUTH):
 REQ = {"gateway": "gw1", "region": "r1", "service": "web", "pps": 5000.0}
 
 
+async def wait_state(client, rid: int, state: str, tries: int = 200) -> dict:
+    """The request once it is in `state`, or as it is after `tries` polls (bounded)."""
+    for _ in range(tries):
+        r = await (await client.get(f"/v1/requests/{rid}", headers=AUTH)).json()
+        if r["state"] == state:
+            break
+        await asyncio.sleep(0.02)
+    return r
+
+
 def test_create_then_active_then_clear(tmp_path):
     agents = FakeAgents()
 
@@ -42,21 +52,13 @@ def test_create_then_active_then_clear(tmp_path):
         assert status == 201 and req["state"] == "requested"
         status, again = await post(client, "/v1/requests", REQ)
         assert status == 200 and again["id"] == req["id"]
-        for _ in range(200):
-            r = await (await client.get(f"/v1/requests/{req['id']}", headers=AUTH)).json()
-            if r["state"] == "active":
-                break
-            await asyncio.sleep(0.02)
+        r = await wait_state(client, req["id"], "active")
         assert r["state"] == "active" and r["target"] == "dc2"
         ex = await (await client.get(f"/v1/requests/{req['id']}/explain", headers=AUTH)).json()
         assert ex["target"] == "dc2" and ex["chosen"][0]["name"] == "dc2" and "location" in ex["chosen"][0]["factors"]
         status, cleared = await post(client, "/v1/requests/clear", {"gateway": "gw1", "region": "r1"})
         assert status == 200 and [c["id"] for c in cleared] == [req["id"]]
-        for _ in range(200):
-            r = await (await client.get(f"/v1/requests/{req['id']}", headers=AUTH)).json()
-            if r["state"] == "cleared":
-                break
-            await asyncio.sleep(0.02)
+        r = await wait_state(client, req["id"], "cleared")
         assert r["state"] == "cleared"
 
     with_center(tmp_path, body, agents)
