@@ -2,7 +2,7 @@
 #   make setup      install everything (Debian packages, kernel headers, .venv, bpffs)
 #   make demo       run the demo
 #   make test       run the test suite
-#   make bench      run the benchmarks
+#   make bench      run the benchmarks (KATRAN_SRC=DIR: a Katran checkout to time beside xdpgw)
 #   make install    install into a venv under $(PREFIX), xdpgw on PATH, the systemd units
 #   make fuzz       long fuzz run (XDPGW_FUZZ_EXAMPLES examples)
 #   make clean      remove build artefacts (keeps .venv)
@@ -30,7 +30,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
-	$(PY) -m bench
+	$(PY) -m bench $(if $(KATRAN_SRC),--katran-src $(KATRAN_SRC))
 
 fuzz: setup
 	XDPGW_FUZZ_EXAMPLES=$(XDPGW_FUZZ_EXAMPLES) $(PY) -m pytest -q tests/xdp/test_fuzz.py
@@ -51,7 +51,7 @@ install: setup
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
-	rm -f cython/*.c control/*.so dataplane/*.so
+	rm -f cython/*.c control/*.so dataplane/*.so dataplane/*.bpf.o
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 	rm -f $(VENV)/.xdpgw-install-stamp
 

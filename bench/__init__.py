@@ -3,6 +3,7 @@
 Sections (run in this order; `--only NAME` picks some):
 
   per_packet  ns/packet per packet class through xdpgw (BPF_PROG_RUN)
+  katran      xdpgw beside Katran's balancer (--katran-src DIR), fresh and steady
   scaling     flow-hit / new-flow cost vs flow-table size and VMs per service
   e2e         delivered Mpps over veth namespaces, xdpgw vs a minimal gateway
   control     Maglev build, table swap, counter folding, flow reads, startup
@@ -13,9 +14,9 @@ Every figure is reported with a baseline measured in the same run and the
 ratio to it."""
 from __future__ import annotations
 
-SECTIONS = ("per_packet", "scaling", "e2e", "control", "breakdown", "metrics")
-MODULES = {"per_packet": "perpacket", "scaling": "scaling", "e2e": "e2e", "control": "controlplane",
-           "breakdown": "breakdown", "metrics": "metrics"}
+SECTIONS = ("per_packet", "katran", "scaling", "e2e", "control", "breakdown", "metrics")
+MODULES = {"per_packet": "perpacket", "katran": "katran", "scaling": "scaling", "e2e": "e2e",
+           "control": "controlplane", "breakdown": "breakdown", "metrics": "metrics"}
 
 
 def run(sections=SECTIONS, quick: bool = False, out_dir: str = "bench/results", **options):

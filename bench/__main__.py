@@ -34,11 +34,12 @@ def _on_sigterm(signum, frame):
 
 def run_sections(sections: list[str], quick: bool = False, out_dir: str = "bench/results", vms: int = 2,
                  cpu: int = -1, perf: bool = True, progress: bool = True, argv: list[str] | None = None,
-                 print_table: bool = False) -> dict:
+                 print_table: bool = False, katran_src: str | None = None) -> dict:
     from . import plots, report
 
     started = time.time()
-    ctx = Context(quick=quick, out_dir=out_dir, progress=Progress(progress), cpu=cpu, vms=vms, perf=perf)
+    ctx = Context(quick=quick, out_dir=out_dir, progress=Progress(progress), cpu=cpu, vms=vms, perf=perf,
+                  katran_src=katran_src)
     results: dict = {}
     for name in sections:
         ctx.progress.section = name
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu", type=int, default=-1, help="CPU to measure on (default: the last one)")
     ap.add_argument("--no-perf", action="store_true", help="do not sample a perf profile in the breakdown")
     ap.add_argument("--no-progress", action="store_true", help="no progress line")
+    ap.add_argument("--katran-src", metavar="DIR",
+                    help="a facebookincubator/katran checkout: build its balancer and time it beside xdpgw "
+                         "(section katran; needs clang and llc)")
     ap.add_argument("--list", action="store_true", help="list the sections and exit")
     ap.add_argument("--cleanup", metavar="PREFIX", help="remove the namespaces of a crashed run (e.g. xgb3f2) and exit")
     args = ap.parse_args(argv)
@@ -108,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         removed = cleanup(args.cleanup)
         print("removed:", " ".join(removed) or "nothing")
         return 0
+    if args.katran_src is not None:
+        from .katran import checkout_problem
+
+        problem = checkout_problem(args.katran_src)
+        if problem:
+            print(f"bench: {problem}", file=sys.stderr)
+            return 2
     if os.geteuid() != 0:
         print("bench: must run as root (BPF programs, network namespaces)", file=sys.stderr)
         return 2
@@ -117,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     sections = [s for s in SECTIONS if s in (args.only or SECTIONS)]
     try:
         doc = run_sections(sections, quick=args.quick, out_dir=args.out, vms=args.vms, cpu=args.cpu,
-                           perf=not args.no_perf, progress=not args.no_progress, argv=argv, print_table=True)
+                           perf=not args.no_perf, progress=not args.no_progress, argv=argv, print_table=True,
+                           katran_src=args.katran_src)
     except (KeyboardInterrupt, Terminated) as exc:
         print(f"\nbench: interrupted ({exc or 'Ctrl-C'}); everything it built was removed", file=sys.stderr)
         return 130

@@ -128,6 +128,7 @@ class Context:
     cpu: int = -1                 # CPU the measurements run on (-1: the last one)
     vms: int = 2                  # VM namespaces of the end-to-end topology
     perf: bool = True             # sample a profile with perf when it is installed
+    katran_src: str | None = None # a Katran checkout to build and time beside xdpgw
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:

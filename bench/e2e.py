@@ -36,6 +36,8 @@ from .worker import NsWorker
 SECTION = "e2e"
 CLIENTS = "198.18.128.0/17"       # the generator's sources: region "clients"
 BATCH = 64
+CPU_STRIDE = 256                  # addresses between two CPUs' flows (256 x 50000 flows each)
+TWO_CPU_FLOWS = 1000
 
 
 # ---- functions run by the worker inside the gateway namespace ------------------
@@ -95,14 +97,20 @@ GW_FUNCTIONS = {"setup_baseline": _gw_setup_baseline, "start": _gw_start, "attac
                 "counters": _gw_counters, "flow_count": _gw_flow_count, "stop": _gw_stop}
 
 
-# ---- the generator, run in a child inside the client namespace ------------------
-def _gen_run(fd: int, frame: bytes, repeat: int, batch: int, cpu: int) -> dict:
+# ---- the generators: one worker per CPU inside the client namespace ---------------
+def _gen_run(fd: int, frame: bytes, repeat: int, batch: int, cpu: int, start_at: float) -> dict:
+    """Send `repeat` frames from `cpu`, starting at `start_at` (CLOCK_MONOTONIC is
+    system-wide: generators on several CPUs start together)."""
     os.sched_setaffinity(0, {cpu})
     ifindex = socket.if_nametoindex(T.CLIENT_IF)
-    t0 = time.perf_counter()
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    t0 = time.monotonic()
     retval, _, ns = libbpf.prog_test_run(fd, frame, repeat=repeat, flags=libbpf.BPF_F_TEST_XDP_LIVE_FRAMES,
                                          batch_size=batch, ingress_ifindex=ifindex)
-    return {"elapsed_s": time.perf_counter() - t0, "kernel_ns_per_frame": ns, "retval": retval}
+    return {"start": t0, "end": time.monotonic(), "kernel_ns_per_frame": ns, "retval": retval}
+
+
+GEN_FUNCTIONS = {"generate": _gen_run}
 
 
 def pin_dir(prefix: str, role: str) -> str:
@@ -146,8 +154,10 @@ def _veth_losses(stats_delta: dict[str, dict[str, int]]) -> dict[str, int]:
 
 
 class _Run:
-    def __init__(self, ctx: Context, topo: T.Topology, gen, base, worker: NsWorker) -> None:
+    def __init__(self, ctx: Context, topo: T.Topology, gen, base, worker: NsWorker,
+                 generators: dict[int, NsWorker]) -> None:
         self.ctx, self.topo, self.gen, self.base, self.worker = ctx, topo, gen, base, worker
+        self.generators = generators
         self.frame = F.template("udp4", payload=18)
         self.ncpus = len(possible_cpus())
 
@@ -158,15 +168,20 @@ class _Run:
             snap["veth"] = self.topo.all_veth_stats()
         return snap
 
-    def generate(self, repeat: int) -> dict:
-        from testbed.netns import run_in_netns
+    def generate(self, repeat: int, cpus: tuple[int, ...] | None = None) -> dict:
+        """`repeat` frames from each CPU of `cpus` (default: the measuring CPU), side by side."""
+        cpus = cpus or (self.ctx.cpu,)
+        start_at = time.monotonic() + 0.05
+        for c in cpus:
+            self.generators[c].submit("generate", self.gen.fd, self.frame, repeat, BATCH, c, start_at)
+        res = [self.generators[c].result("generate", timeout=120 + repeat / 1e5) for c in cpus]
+        return {"elapsed_s": max(r["end"] for r in res) - min(r["start"] for r in res),
+                "kernel_ns_per_frame": res[0]["kernel_ns_per_frame"] if len(res) == 1 else
+                [r["kernel_ns_per_frame"] for r in res]}
 
-        return run_in_netns(self.topo.client_ns, _gen_run, self.gen.fd, self.frame, repeat, BATCH, self.ctx.cpu,
-                            timeout=120 + repeat / 1e5)
-
-    def trial(self, repeat: int, which: str) -> dict:
+    def trial(self, repeat: int, which: str, cpus: tuple[int, ...] | None = None) -> dict:
         before = self.snapshot(full=True)
-        res = self.generate(repeat)
+        res = self.generate(repeat, cpus)
         time.sleep(0.05)                      # let any deferred softirq work finish
         after = self.snapshot(full=True)
         k = self.topo.n_vms
@@ -207,6 +222,51 @@ def _profile(run_: "_Run", worker: NsWorker, reps: int) -> dict:
     return out
 
 
+def _two_cpus(cpu: int) -> tuple[int, int] | None:
+    """The measuring CPU and one more it may run on."""
+    others = sorted(c for c in os.sched_getaffinity(0) if c != cpu)
+    return (others[-1], cpu) if others else None
+
+
+def _two_cpu(run_: "_Run", n: int, reps: int, trials: int, one_x: float, one_b: float, table: int, info: dict,
+             p) -> list[Measurement]:
+    """Both gateways with a generator on each of two CPUs (each its own n flows,
+    its own veth queues), in alternating trials, against their one-CPU Mpps."""
+    cpus = tuple(info["two_cpus"])
+    run_.worker.call("attach", "xdpgw")
+    p(f"{n} flows, 2 CPUs: warming up (xdpgw records every CPU's flows)")
+    run_.generate(n + 10_000, cpus)
+    got = {"xdpgw": [], "baseline": []}
+    for t in range(trials):
+        for which in (("xdpgw", "baseline") if t % 2 == 0 else ("baseline", "xdpgw")):
+            p(f"{n} flows, 2 CPUs: trial {t + 1}/{trials}, {which}, {reps} frames per CPU")
+            run_.worker.call("attach", which)
+            tr = run_.trial(reps, which, cpus)
+            tr.update({"flows": n, "trial": t, "cpus": list(cpus)})
+            got[which].append(tr)
+            info["trials_detail"].append(tr)
+    run_.worker.call("attach", "xdpgw")
+    out = []
+    for which, one, label in (("xdpgw", one_x, "xdpgw"), ("baseline", one_b, "minimal redirect gateway")):
+        trs = got[which]
+        two = median(t["mpps"] for t in trs)
+        checks = {"lossless": all(t["lossless"] for t in trs), "accounted": all(t["accounted"] for t in trs),
+                  "generated": sum(t["generated"] for t in trs), "delivered": sum(t["delivered"] for t in trs)}
+        checks["ok"] = checks["lossless"] and checks["accounted"]
+        if which == "xdpgw":
+            checks["new_flows_during_trials"] = sum(t["gateway_counters"].get("stat_flow_misses", 0) for t in trs)
+        key = "mpps_2cpu" if which == "xdpgw" else "mpps_2cpu_baseline"
+        out.append(Measurement(
+            SECTION, f"{key}@flows={n}", f"delivered Mpps, 2 CPUs, {n} flows per CPU, {label}", two, "Mpps",
+            f"{label}, one CPU (same run)", one,
+            f"a live-frames generator per CPU, {reps} frames each per trial, median of {trials} alternating trials",
+            params={"flows_per_cpu": n, "cpus": list(cpus), "flow_table_size": table,
+                    "mpps": [t["mpps"] for t in trs]}, checks=checks))
+    x2, b2 = out[0].value, out[1].value
+    out[0].params["vs_redirect_2cpu"] = x2 / b2 if b2 else None
+    return out
+
+
 def run(ctx: Context) -> dict:
     p = ctx.progress
     flow_counts = ctx.size([1, 1000, 100_000, 1_000_000], [1, 1000])
@@ -231,7 +291,10 @@ def run(ctx: Context) -> dict:
     base = load_baselines(k)
     gen = None
     worker = None
-    topo = T.Topology(ctx.prefix, k)
+    generators: dict[int, NsWorker] = {}
+    gen_cpus = _two_cpus(ctx.cpu)
+    info["two_cpus"] = list(gen_cpus) if gen_cpus else "skipped: fewer than 2 CPUs to run on"
+    topo = T.Topology(ctx.prefix, k, queues=max(2, len(gen_cpus or ())))
     pins = pin_dir(ctx.prefix, "e2e")
     try:
         gen = load_trafficgen()
@@ -241,7 +304,9 @@ def run(ctx: Context) -> dict:
             topo.attach_xdp(topo.vm_ns(i), T.VM_IF, base.fd("xdp_sink"))
         worker = NsWorker(topo.gw_ns, GW_FUNCTIONS)
         worker.call("setup_baseline", base, k)
-        run_ = _Run(ctx, topo, gen, base, worker)
+        for c in sorted({ctx.cpu, *(gen_cpus or ())}):
+            generators[c] = NsWorker(topo.client_ns, GEN_FUNCTIONS)
+        run_ = _Run(ctx, topo, gen, base, worker, generators)
         for j, n in enumerate(flow_counts):
             p(f"{n} flows: starting xdpgw with a {table_for(n)}-entry flow table (compile, load, program, attach)")
             info["gateway_start"][n] = worker.call("start", gateway_config(ctx.prefix, k, table_for(n), pins),
@@ -250,8 +315,8 @@ def run(ctx: Context) -> dict:
                 info["xdp_modes"] = {"gw/up0": topo.xdp_mode(topo.gw_ns, T.UPLINK),
                                      **{f"vm{i}/eth0": topo.xdp_mode(topo.vm_ns(i), T.VM_IF)
                                         for i in range(1, k + 1)}}
-            src_base = str(ipaddress.ip_address("198.18.128.0") + 256 * j)
-            gen.configure(n, src_base)
+            src_base = str(ipaddress.ip_address("198.18.128.0") + CPU_STRIDE * ncpus * j)
+            gen.configure(n, src_base, cpu_stride=CPU_STRIDE)
             reps = max(per_trial, 2 * n) if not ctx.quick else per_trial
             worker.call("attach", "xdpgw")
             p(f"{n} flows: warming up (xdpgw records every flow)")
@@ -287,9 +352,13 @@ def run(ctx: Context) -> dict:
                 params={"flows": n, "flow_table_size": table_for(n), "xdpgw_mpps": [t["mpps"] for t in all_x],
                         "baseline_mpps": [t["mpps"] for t in trials_["baseline"]]},
                 checks=checks))
+            if n == TWO_CPU_FLOWS and gen_cpus:
+                results += _two_cpu(run_, n, reps, trials, x, b, table_for(n), info, p)
             if ctx.perf and not ctx.quick and n == 1000:
                 info["perf_1k_flows"] = _profile(run_, worker, reps)
     finally:
+        for g in generators.values():
+            g.close()
         if worker is not None:
             try:
                 worker.call("stop", timeout=30)

@@ -30,6 +30,7 @@ NON_VIP4 = "198.19.0.99"
 WEB_PORT = 8080
 REMOTE_PORT = 8081
 ECHO_PORT = 5353
+ECHO_REMOTE_PORT = 5354
 
 # Source ranges (inside region r1 = 198.18.64.0/18 unless noted); one per use,
 # so flows of different measurements never collide.
@@ -40,6 +41,7 @@ SRC = {
     "misc": "198.18.112.0",
     "offload": "198.18.2.0",     # region r2, offloaded
     "fill": "198.18.120.0",      # flow-table fill (scaling)
+    "established": "198.18.88.0",  # UDP and TCP-ACK hits beside Katran (katran section)
 }
 SRC6 = "2001:db8:1::"
 
@@ -66,9 +68,11 @@ def _ipv4_csum(header: bytes | bytearray) -> int:
 def template(kind: str, payload: int = 18) -> bytes:
     """One frame of a class, before flow patching.
 
-    kind: tcp4 (to VIP4:8080), tcp4_remote (VIP4:8081, the tunnel VM's service),
-    tcp6 (VIP6:8080), udp4 (VIP4:5353), non_vip (198.19.0.99:80), bad_ihl
-    (IPv4 with IHL 4: malformed)."""
+    kind: tcp4 (a SYN to VIP4:8080), tcp4_remote (VIP4:8081, the tunnel VM's
+    service), tcp4_ack / tcp4_ack_remote (the same with ACK: a packet of an
+    established connection), tcp6 (VIP6:8080), udp4 (VIP4:5353), udp4_remote
+    (VIP4:5354, the tunnel VM's), non_vip (198.19.0.99:80), bad_ihl (IPv4 with
+    IHL 4: malformed)."""
     from scapy.all import IP, TCP, UDP, Ether, IPv6
 
     eth = Ether(dst=GW_MAC, src=CLIENT_MAC)
@@ -78,10 +82,14 @@ def template(kind: str, payload: int = 18) -> bytes:
         pkt = eth / IP(src=src4, dst=VIP4) / TCP(sport=PORT_BASE, dport=WEB_PORT, flags="S") / body
     elif kind == "tcp4_remote":
         pkt = eth / IP(src=src4, dst=VIP4) / TCP(sport=PORT_BASE, dport=REMOTE_PORT, flags="S") / body
+    elif kind in ("tcp4_ack", "tcp4_ack_remote"):
+        dport = REMOTE_PORT if kind == "tcp4_ack_remote" else WEB_PORT
+        pkt = eth / IP(src=src4, dst=VIP4) / TCP(sport=PORT_BASE, dport=dport, flags="A") / body
     elif kind == "tcp6":
         pkt = eth / IPv6(src=SRC6, dst=VIP6) / TCP(sport=PORT_BASE, dport=WEB_PORT, flags="S") / body
-    elif kind == "udp4":
-        pkt = eth / IP(src=src4, dst=VIP4) / UDP(sport=PORT_BASE, dport=ECHO_PORT) / body
+    elif kind in ("udp4", "udp4_remote"):
+        dport = ECHO_REMOTE_PORT if kind == "udp4_remote" else ECHO_PORT
+        pkt = eth / IP(src=src4, dst=VIP4) / UDP(sport=PORT_BASE, dport=dport) / body
     elif kind == "non_vip":
         pkt = eth / IP(src=src4, dst=NON_VIP4) / TCP(sport=PORT_BASE, dport=80, flags="S") / body
     elif kind == "bad_ihl":

@@ -9,6 +9,9 @@ Three methods (bench/testrun.py explains the kernel's repeat semantics):
   then tail-calls the program under test; its own cost, measured by rotating
   into XDP_DROP, is subtracted. Valid for every class: new flows are new in
   every repetition, an encap of one repetition is undone before the next.
+  Timed twice: on a fresh flow table (`@fresh`) and in steady state (the
+  table filled, emptied and filled to twice its capacity, so that its LRU
+  order no longer follows memory order; the figures the targets use).
 * repeat (same frame): the classic figure, only for classes a probe shows
   repeat-stable (hits, pass, drop); one flow, everything in cache.
 * single-shot (cold): one syscall per distinct frame, kernel-timed, net of the
@@ -23,7 +26,8 @@ from dataclasses import dataclass
 from . import frames as F
 from .common import Context, Measurement, median, pinned
 from .programs import Rotation, load_baselines, load_rotator, load_xdpgw, xlated_calls
-from .testrun import Repeat, Rotated, SingleShot, probe_repeat, run_once
+from .testrun import (STATES, FlowTables, Repeat, Rotated, SingleShot, Timed, counter_check, fresh_and_steady,
+                      probe_repeat, rotated_entry, rotated_value, run_once)
 
 SECTION = "per_packet"
 BASELINE = "minimal redirect"
@@ -31,6 +35,8 @@ NEW_PERIOD = 1 << 30              # rotation period of new flows: never wraps wi
 SINGLE_NEW_START = F.PORT_SPAN * 2048   # single-shot new flows: 198.18.72.0 on, apart from rotated ones
 PROBE_START = F.PORT_SPAN * 200         # repeat probe flows: base + 200 (inside every class's /24)
 FLOW_ENTRIES = 65536                    # the configuration's default flow table size
+BASELINES = ("xdp_drop_min", "xdp_redirect_min")
+STATE_NAMES = {"steady": "steady state", "fresh": "fresh table"}
 
 
 @dataclass(frozen=True)
@@ -76,10 +82,8 @@ CLASSES = [
 
 
 def _check(expect: dict, runs: int, seen: dict) -> dict:
-    expected = {k: v * runs for k, v in expect.items()}
-    got = {k: seen.get(k, 0) for k in expected}
-    return {"counters_expected": expected, "counters_seen": got, "ok": got == expected,
-            "flow_hits": seen.get("flow_hits", 0), "flow_misses": seen.get("flow_misses", 0)}
+    return {**counter_check(expect, runs, seen), "flow_hits": seen.get("flow_hits", 0),
+            "flow_misses": seen.get("flow_misses", 0)}
 
 
 def run(ctx: Context) -> dict:
@@ -104,14 +108,14 @@ def run(ctx: Context) -> dict:
                       "flow_table_entries": FLOW_ENTRIES, "xlated_calls": xlated_calls(gw.fd)}
         with pinned(ctx.cpu):
             stable = _probe_repeat_stable(gw, info, p)
-            phases = _time_rotated(base, rotator, gw, repeat, trials, hit_flows, p)
+            states = _time_rotated(base, rotator, gw, repeat, trials, hit_flows, p)
             rp = _time_repeat(base, gw, stable, repeat, trials, p)
             ss = _time_single_shot(base, gw, single_per_trial, single_trials, p)
     finally:
         for obj in (gw, rotator, base):
             if obj is not None:
                 obj.close()
-    results = _measurements(phases, rp, ss, stable, info, repeat, trials, hit_flows)
+    results = _measurements(states, rp, ss, stable, info, repeat, trials, hit_flows)
     return {"results": results, "info": info}
 
 
@@ -131,30 +135,15 @@ def _probe_repeat_stable(gw, info: dict, p) -> list[PacketClass]:
     return stable
 
 
-def _time_rotated(base, rotator, gw, repeat: int, trials: int, hit_flows: int, p) -> list[Rotated]:
-    """Rotated: every class, every repetition a different flow.
-
-    Phase A: everything but new flows; phase B: new flows, after the table was
-    filled, so that every timed new flow is inserted into a full LRU table
-    (evicting), the steady state of a busy gateway, and cannot evict phase A's
-    hit flows while they are timed."""
+def _time_rotated(base, rotator, gw, repeat: int, trials: int, hit_flows: int, p) -> dict[str, list[Rotated]]:
+    """Rotated: every class, every repetition a different flow, on a fresh flow
+    table and in steady state (testrun.fresh_and_steady)."""
     base_rot = Rotation.v4("tcp4", F.SRC["hit"], hit_flows)
-    phases = []
-    for phase in ("A", "B"):
-        rt = Rotated(rotator, repeat, progress=p)
-        rt.add("xdp_drop_min", base_rot, base.fd("xdp_drop_min"))
-        rt.add("xdp_redirect_min", base_rot, base.fd("xdp_redirect_min"))
-        for pc in CLASSES:
-            if pc.new_flows == (phase == "B"):
-                rt.add(pc.key, pc.rotation(hit_flows), gw.fd, gw.counters)
-                if pc.prerecord:
-                    rt.warm(pc.key)              # one period: records every flow
-                if pc.new_flows:
-                    p("filling the flow table with new flows")
-                    rt.warm(pc.key, FLOW_ENTRIES)
-        rt.run(trials, label=f"phase {phase}: ")
-        phases.append(rt)
-    return phases
+    baselines = [Timed(name, base_rot, base.fd(name)) for name in BASELINES]
+    tables = FlowTables("xdpgw", FLOW_ENTRIES, gw.dp.clear_flows)
+    timed = [Timed(pc.key, pc.rotation(hit_flows), gw.fd, tables, pc.new_flows, pc.prerecord, gw.counters)
+             for pc in CLASSES]
+    return fresh_and_steady(rotator, repeat, trials, baselines, timed, p)
 
 
 def _time_repeat(base, gw, stable: list[PacketClass], repeat: int, trials: int, p) -> Repeat:
@@ -193,53 +182,57 @@ def _time_single_shot(base, gw, per_trial: int, trials: int, p) -> SingleShot:
     return ss
 
 
-def _measurements(phases: list[Rotated], rp: Repeat, ss: SingleShot, stable: list[PacketClass], info: dict,
-                  repeat: int, trials: int, hit_flows: int) -> list[Measurement]:
+def _measurements(states: dict[str, list[Rotated]], rp: Repeat, ss: SingleShot, stable: list[PacketClass],
+                  info: dict, repeat: int, trials: int, hit_flows: int) -> list[Measurement]:
     """The figures of the three methods, each net of its own harness cost and next to
-    the redirect baseline timed the same way (the harness costs go into `info`)."""
-    def rot_value(name: str) -> float:
-        return float(median([x for rt in phases for x in (rt.entry(name).results if _has(rt, name) else [])]))
-
-    def rot_entry(name: str):
-        return next(rt.entry(name) for rt in phases if _has(rt, name))
-
+    the redirect baseline timed the same way (the harness costs go into `info`).
+    Rotated figures come for a steady-state table (keys without suffix: the
+    targets') and a fresh one (`@fresh`), each against its own state's baselines."""
     drop_repeat = rp.value("xdp_drop_min")
-    rot_overhead = rot_value("xdp_drop_min") - drop_repeat
     ss_overhead = ss.mean("xdp_drop_min") - drop_repeat
-    info["rotator_overhead_ns"] = rot_overhead
     info["single_shot_harness_ns"] = ss_overhead
-
-    def rot_net(name: str) -> float:
-        return rot_value(name) - rot_overhead
+    info["rotator_overhead_ns"] = {}
+    net = {}
+    for state, phases in states.items():
+        overhead = rotated_value(phases, "xdp_drop_min") - drop_repeat
+        info["rotator_overhead_ns"][state] = overhead
+        net[state] = {name: rotated_value(phases, name) - overhead
+                      for name in (*BASELINES, *(pc.key for pc in CLASSES))}
 
     def ss_net(name: str) -> float:
         return ss.mean(name) - ss_overhead
 
-    redirect = {"rotated": rot_net("xdp_redirect_min"), "repeat": rp.value("xdp_redirect_min"),
-                "single": ss_net("xdp_redirect_min")}
+    redirect = {"repeat": rp.value("xdp_redirect_min"), "single": ss_net("xdp_redirect_min"),
+                **{f"rotated, {STATE_NAMES[s]}": net[s]["xdp_redirect_min"] for s in STATES}}
     methods = {
-        "rotated": f"rotated: repeat={repeat}, a different flow every repetition, net of the rotator "
-                   f"(median of {trials})",
         "repeat": f"repeat={repeat} on one frame (median of {trials})",
         "single": "single-shot: repeat=1 per distinct frame, kernel-timed, net of the harness (cold)",
+        **{f"rotated, {STATE_NAMES[s]}": f"rotated: repeat={repeat}, a different flow every repetition, net of the "
+                                        f"rotator (median of {trials}), {STATE_NAMES[s]}" for s in STATES},
     }
+    suffix = {"repeat": "@repeat", "single": "@single", "rotated, steady state": "", "rotated, fresh table": "@fresh"}
     results: list[Measurement] = []
 
     def add(key: str, name: str, value: float, method: str, params=None, checks=None) -> None:
-        results.append(Measurement(SECTION, key if method == "rotated" else f"{key}@{method}", name, value,
-                                   "ns/pkt", f"{BASELINE} ({method})", redirect[method], methods[method],
-                                   params=params or {}, checks=checks or {}))
+        results.append(Measurement(SECTION, key + suffix[method], name, value, "ns/pkt", f"{BASELINE} ({method})",
+                                   redirect[method], methods[method], params=params or {}, checks=checks or {}))
 
-    add("xdp_drop_min", "baseline: XDP_DROP", rot_net("xdp_drop_min"), "rotated",
-        {"raw_ns": [x for rt in phases for x in rt.entry("xdp_drop_min").results]})
-    add("xdp_redirect_min", "baseline: MAC rewrite + redirect", rot_net("xdp_redirect_min"), "rotated",
-        {"raw_ns": [x for rt in phases for x in rt.entry("xdp_redirect_min").results]})
-    for pc in CLASSES:
-        e = rot_entry(pc.key)
-        add(pc.key, pc.name, rot_net(pc.key), "rotated",
-            {"raw_ns": e.results, "flows": "new every repetition" if pc.new_flows else hit_flows,
-             "repetitions": e.runs},
-            _check(pc.expect, e.runs, e.counter_delta))
+    for state in ("steady", "fresh"):
+        method = f"rotated, {STATE_NAMES[state]}"
+        drop = net[state]["xdp_drop_min"]
+        phases = states[state]
+        for name, label in (("xdp_drop_min", "baseline: XDP_DROP"),
+                            ("xdp_redirect_min", "baseline: MAC rewrite + redirect")):
+            add(name, f"{label} ({STATE_NAMES[state]})", net[state][name], method,
+                {"raw_ns": [x for rt in phases for x in rt.entry(name).results]})
+        for pc in CLASSES:
+            e = rotated_entry(phases, pc.key)
+            value = net[state][pc.key]
+            add(pc.key, f"{pc.name} ({STATE_NAMES[state]})", value, method,
+                {"raw_ns": e.results, "flows": "new every repetition" if pc.new_flows else hit_flows,
+                 "repetitions": e.runs, "state": state, "xdp_drop_ns": drop,
+                 "ratio_to_xdp_drop": value / drop if drop > 0 else None},
+                _check(pc.expect, e.runs, e.counter_delta))
     add("xdp_drop_min", "baseline: XDP_DROP", drop_repeat, "repeat", {"trials_ns": rp.results["xdp_drop_min"]})
     add("xdp_redirect_min", "baseline: MAC rewrite + redirect", rp.value("xdp_redirect_min"), "repeat",
         {"trials_ns": rp.results["xdp_redirect_min"]})
@@ -257,7 +250,3 @@ def _measurements(phases: list[Rotated], rp: Repeat, ss: SingleShot, stable: lis
         chk["ok"] = chk["ok"] and e.verdicts.get(pc.verdict, 0) == e.runs
         add(pc.key, pc.name, ss_net(pc.key), "single", {"raw_mean_ns": ss.mean(pc.key), "frames": e.runs}, chk)
     return results
-
-
-def _has(rt: Rotated, name: str) -> bool:
-    return any(e.name == name for e in rt.entries)

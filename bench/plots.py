@@ -35,16 +35,60 @@ def per_packet(sections: dict, out: Path) -> Path | None:
     ax.barh(names, [m.value for m in rotated], color=["#999" if m.key.startswith("xdp_") else "#3a7"
                                                       for m in rotated])
     rep = {m.key.split("@")[0]: m.value for m in rows if m.key.endswith("@repeat")}
+    fresh = {m.key.split("@")[0]: m.value for m in _rows(sections, "per_packet") if m.key.endswith("@fresh")}
     for i, m in enumerate(rotated):
         ax.text(m.value, i, f" {m.value:.0f} ns ({m.ratio:.1f}x)", va="center", fontsize=8)
         if m.key in rep:
             ax.plot(rep[m.key], i, "k|", markersize=14)
+        if m.key in fresh:
+            ax.plot(fresh[m.key], i, "o", color="#135", markersize=4)
     ax.axvline(rotated[0].baseline_value, color="#c33", linestyle="--", linewidth=1, label="minimal redirect")
     ax.invert_yaxis()
-    ax.set_xlabel("ns per packet (rotated: a different flow each repetition; | = same frame repeated)")
+    ax.set_xlabel("ns per packet (bars: rotated, steady-state table; o = fresh table; | = same frame repeated)")
     ax.set_title("xdpgw per-packet cost by class (BPF_PROG_RUN)")
     ax.legend(loc="lower right", fontsize=8)
     return _save(plt, fig, out / "per_packet.png")
+
+
+def vs_katran(sections: dict, out: Path) -> Path | None:
+    """Per-packet cost by class: xdpgw (tunnel VM, local VM) beside Katran when it was
+    measured; steady state as bars, fresh tables as dots."""
+    rows = {m.key: m for m in _rows(sections, "katran")}
+    if not rows:
+        return None
+    import numpy as np
+
+    plt = _plt()
+    groups = (("flow hit (UDP)", "hit_udp_tunnel", "hit_udp_local", "katran_hit_udp"),
+              ("flow hit, TCP ACK", "hit_tcp_ack_tunnel", "hit_tcp_ack_local", "katran_hit_tcp_ack"),
+              ("new flow, full table", "new_udp_tunnel", "new_udp_local", "katran_new_udp"))
+    series = (("xdpgw, tunnel VM", 1, "#3a7"), ("xdpgw, local VM", 2, "#7c9"), ("Katran", 3, "#57a"))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    x = np.arange(len(groups))
+    width = 0.27
+    for j, (label, col, color) in enumerate(series):
+        steady = [rows.get(f"{g[col]}@steady") for g in groups]
+        fresh = [rows.get(f"{g[col]}@fresh") for g in groups]
+        if not any(steady):
+            continue
+        pos = x + (j - 1) * width
+        ax.bar(pos, [m.value if m else 0 for m in steady], width, color=color, label=f"{label}, steady state")
+        ax.plot(pos, [m.value if m else np.nan for m in fresh], "o", color="#222", markersize=4)
+        for px, m in zip(pos, steady):
+            if m:
+                ax.text(px, m.value, f"{m.value:.0f}", ha="center", va="bottom", fontsize=7)
+    redirect = rows.get("xdp_redirect_min@steady")
+    if redirect:
+        ax.axhline(redirect.value, color="#c33", linestyle="--", linewidth=1, label="minimal redirect")
+    ax.plot([], [], "o", color="#222", markersize=4, label="fresh table")
+    ax.set_xticks(x)
+    ax.set_xticklabels([g[0] for g in groups])
+    ax.set_ylabel("ns per packet (rotated, BPF_PROG_RUN)")
+    skipped = sections["katran"].get("info", {}).get("katran")
+    ax.set_title("xdpgw beside Katran" + (" (Katran skipped: no checkout given)" if isinstance(skipped, str)
+                                          else ""))
+    ax.legend(fontsize=8)
+    return _save(plt, fig, out / "katran.png")
 
 
 def scaling(sections: dict, out: Path) -> list[Path]:
@@ -79,7 +123,8 @@ def scaling(sections: dict, out: Path) -> list[Path]:
 
 
 def e2e(sections: dict, out: Path) -> Path | None:
-    rows = _rows(sections, "e2e")
+    rows = [m for m in _rows(sections, "e2e") if m.key.startswith("mpps@")]
+    two = {m.key.split("@")[0]: m for m in _rows(sections, "e2e") if m.key.startswith("mpps_2cpu")}
     if not rows:
         return None
     plt = _plt()
@@ -87,10 +132,16 @@ def e2e(sections: dict, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="xdpgw")
     ax.plot([p[0] for p in pts], [p[2] for p in pts], "s--", color="#c33", label="minimal redirect gateway")
-    ax.plot([p[0] for p in pts], [0.85 * p[2] for p in pts], ":", color="#c33", alpha=0.6, label="0.85 x baseline")
+    ax.plot([p[0] for p in pts], [0.75 * p[2] for p in pts], ":", color="#c33", alpha=0.6, label="0.75 x baseline")
+    for key, marker, label in (("mpps_2cpu", "^", "xdpgw, 2 CPUs"),
+                               ("mpps_2cpu_baseline", "v", "minimal redirect, 2 CPUs")):
+        if key in two:
+            m = two[key]
+            ax.plot([m.params["flows_per_cpu"]], [m.value], marker, color="#3a7" if key == "mpps_2cpu" else "#c33",
+                    label=f"{label} ({m.ratio:.2f}x one CPU)")
     ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlabel("flows")
-    ax.set_ylabel("delivered Mpps (one core)")
+    ax.set_xlabel("flows (per CPU)")
+    ax.set_ylabel("delivered Mpps")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -139,7 +190,7 @@ def draw_all(sections: dict, out_dir: str) -> list[str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for fn in (per_packet, e2e, maglev, breakdown):
+    for fn in (per_packet, vs_katran, e2e, maglev, breakdown):
         p = fn(sections, out)
         if p:
             paths.append(str(p))

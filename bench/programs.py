@@ -21,9 +21,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 LO_IFINDEX = 1
 
 REGIONS = {"198.18.64.0/18": 1, "2001:db8:1::/48": 1, "198.18.2.0/24": 2, "198.18.128.0/17": 3}
-WEB, WEB6, REMOTE = 0, 1, 2
+WEB, WEB6, REMOTE, ECHO, ECHO_REMOTE = 0, 1, 2, 3, 4
 SERVICES = [(F.VIP4, F.WEB_PORT, "tcp", WEB), (F.VIP6, F.WEB_PORT, "tcp", WEB6),
-            (F.VIP4, F.REMOTE_PORT, "tcp", REMOTE)]
+            (F.VIP4, F.REMOTE_PORT, "tcp", REMOTE), (F.VIP4, F.ECHO_PORT, "udp", ECHO),
+            (F.VIP4, F.ECHO_REMOTE_PORT, "udp", ECHO_REMOTE)]
+LOCAL_SERVICES = (WEB, WEB6, ECHO)         # on the local VMs; REMOTE and ECHO_REMOTE on the tunnel VM
 TUNNEL_ENDPOINT, TUNNEL_SOURCE = "198.18.200.2", "198.18.0.2"
 OFFLOAD_ENDPOINT = "198.18.201.2"
 NEXT_HOP_MAC, UPLINK_MAC = "02:00:00:0d:00:01", "02:00:00:0d:00:02"
@@ -43,8 +45,9 @@ class Xdpgw:
     """xdpgw loaded (not attached) with the standard setup:
 
     regions  r1 198.18.64.0/18 + 2001:db8:1::/48 (1), r2 198.18.2.0/24 (2), r3 198.18.128.0/17 (3)
-    services web tcp 198.19.0.10:8080 (0), web6 tcp [2001:db8:f::10]:8080 (1) on the local VMs;
-             remote tcp 198.19.0.10:8081 (2) on one tunnel VM (IP-in-IP to 198.18.200.2)
+    services web tcp 198.19.0.10:8080 (0), web6 tcp [2001:db8:f::10]:8080 (1), echo udp
+             198.19.0.10:5353 (3) on the local VMs; remote tcp 198.19.0.10:8081 (2) and
+             echo-remote udp 198.19.0.10:5354 (4) on one tunnel VM (IP-in-IP to 198.18.200.2)
     VMs      1..n local, devmap slot 1 + (id-1) % 200 -> lo (fine for test runs: nothing is sent)
     offload  (r2, web) -> IP-in-IP to 198.18.201.2
     """
@@ -85,7 +88,7 @@ class Xdpgw:
                 dp.clear_vm(vm_id)
         backends = [(f"vm{v}", v, 1) for v in range(1, n_vms + 1)]
         table = build_table(backends, self.sizes.maglev_m, self.sizes.hash_seed)
-        for sid in (WEB, WEB6):
+        for sid in LOCAL_SERVICES:
             dp.set_maglev_table(sid, table)
             self.maglev[sid] = table
         self.n_vms = n_vms
@@ -122,7 +125,9 @@ def load_xdpgw(flow_entries: int = 65536, n_vms: int = 3, max_vms: int = 1024, s
             dp.set_port(slot, LO_IFINDEX)
         ip = ipaddress.ip_address
         dp.set_vm(g.tunnel_vm, Tunnel(ip(TUNNEL_ENDPOINT), ip(TUNNEL_SOURCE), NEXT_HOP_MAC, UPLINK_MAC))
-        dp.set_maglev_table(REMOTE, build_table([("vmt", g.tunnel_vm, 1)], sizes.maglev_m, sizes.hash_seed))
+        tunnel_table = build_table([("vmt", g.tunnel_vm, 1)], sizes.maglev_m, sizes.hash_seed)
+        for sid in (REMOTE, ECHO_REMOTE):
+            dp.set_maglev_table(sid, tunnel_table)
         dp.set_offload(2, WEB, Tunnel(ip(OFFLOAD_ENDPOINT), ip(TUNNEL_SOURCE), NEXT_HOP_MAC, UPLINK_MAC))
         g.set_vms(n_vms)
     except BaseException:
@@ -178,7 +183,7 @@ class SinkCounter(ct.Structure):
 
 class GenConfig(ct.Structure):
     _fields_ = [("flows", ct.c_uint32), ("port_span", ct.c_uint32), ("src_base", ct.c_uint32),
-                ("port_base", ct.c_uint32)]
+                ("port_base", ct.c_uint32), ("cpu_stride", ct.c_uint32)]
 
 
 @dataclass
@@ -230,9 +235,11 @@ class TrafficGen:
     def fd(self) -> int:
         return self.fn.fd
 
-    def configure(self, flows: int, src_base: str, port_span: int = F.PORT_SPAN, port_base: int = F.PORT_BASE) -> None:
+    def configure(self, flows: int, src_base: str, port_span: int = F.PORT_SPAN, port_base: int = F.PORT_BASE,
+                  cpu_stride: int = 0) -> None:
+        """`flows` flows per CPU; CPU c's start `cpu_stride` * c addresses after src_base."""
         cfg = GenConfig(flows=max(1, flows), port_span=max(1, min(port_span, flows)),
-                        src_base=int(ipaddress.ip_address(src_base)), port_base=port_base)
+                        src_base=int(ipaddress.ip_address(src_base)), port_base=port_base, cpu_stride=cpu_stride)
         libbpf.update_elem(self.bpf.get_table(b"gen_config").map_fd, ct.c_uint32(0), cfg, "gen_config")
         # per-CPU values are exchanged with user space padded to 8 bytes each
         zeros = (ct.c_uint64 * len(_possible_cpus()))()
@@ -324,8 +331,8 @@ class Rotation:
     port_span: int = F.PORT_SPAN
 
     @classmethod
-    def v4(cls, kind: str, base: str, flows: int) -> "Rotation":
-        return cls(F.template(kind), flows, int(ipaddress.ip_address(base)))
+    def v4(cls, kind: str, base: str, flows: int, payload: int = 18) -> "Rotation":
+        return cls(F.template(kind, payload), flows, int(ipaddress.ip_address(base)))
 
     @classmethod
     def v6(cls, flows: int) -> "Rotation":

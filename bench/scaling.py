@@ -20,7 +20,7 @@ import numpy as np
 from . import frames as F
 from .common import Context, Measurement, median, pinned
 from .programs import WEB, Rotation, count_entries, fill_flows, load_baselines, load_rotator, load_xdpgw, possible_cpus
-from .testrun import Rotated
+from .testrun import Rotated, counter_check
 
 SECTION = "scaling"
 NEW_PERIOD = 1 << 30
@@ -54,12 +54,6 @@ def _net(rt: Rotated, name: str, drop_repeat_ns: float) -> float:
     return rt.value(name) - (rt.value("xdp_drop_min") - drop_repeat_ns)
 
 
-def _checks(expect: dict, e) -> dict:
-    expected = {k: v * e.runs for k, v in expect.items()}
-    got = {k: e.counter_delta.get(k, 0) for k in expected}
-    return {"counters_expected": expected, "counters_seen": got, "ok": got == expected}
-
-
 def _measurements(hits: Rotated, news: Rotated, key: str, names: tuple[str, str], what: str,
                   params: dict, drop_repeat: float, repeat: int, trials: int) -> list[Measurement]:
     """The hit and new-flow figures of one scaling point, each against the minimal redirect."""
@@ -71,7 +65,7 @@ def _measurements(hits: Rotated, news: Rotated, key: str, names: tuple[str, str]
             _net(rt, kind, drop_repeat), "ns/pkt", "minimal redirect (rotated)",
             _net(rt, "xdp_redirect_min", drop_repeat),
             f"rotated repeat={repeat}, median of {trials}, net of the rotator",
-            params={**params, "raw_ns": e.results}, checks=_checks(expect, e)))
+            params={**params, "raw_ns": e.results}, checks=counter_check(expect, e.runs, e.counter_delta)))
     return out
 
 

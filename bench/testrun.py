@@ -54,6 +54,13 @@ def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(k, 0)}
 
 
+def counter_check(expect: dict[str, int], runs: int, seen: dict[str, int]) -> dict:
+    """Did `runs` packets move the counters by `expect` each (zero included)?"""
+    expected = {k: v * runs for k, v in expect.items()}
+    got = {k: seen.get(k, 0) for k in expected}
+    return {"counters_expected": expected, "counters_seen": got, "ok": got == expected}
+
+
 def probe_repeat(fd: int, frame_a: bytes, frame_b: bytes, counters: Counters | None, reps: int = 8) -> dict:
     """Does repeat=R treat every repetition like the first? frame_a and frame_b
     are two different frames of the same class (fresh flows for a new-flow class)."""
@@ -177,6 +184,9 @@ class Repeat:
         return self.repeat * len(self.results[name])
 
 
+WARM_CHUNK = 1 << 16
+
+
 @dataclass
 class RotEntry:
     name: str
@@ -184,6 +194,7 @@ class RotEntry:
     target_fd: int
     counters: Counters | None = None
     next_index: int = 0
+    prepare: Callable[[], None] | None = None     # run before every run of this entry, untimed
     results: list[int] = field(default_factory=list)
     counter_delta: dict[str, int] = field(default_factory=dict)
     runs: int = 0
@@ -200,12 +211,17 @@ class Rotated:
         self.entries: list[RotEntry] = []
         self.progress = progress or (lambda m: None)
 
-    def add(self, name: str, rot, target_fd: int, counters: Counters | None = None) -> RotEntry:
-        e = RotEntry(name, rot, target_fd, counters)
+    def add(self, name: str, rot, target_fd: int, counters: Counters | None = None, start: int = 0,
+            prepare: Callable[[], None] | None = None) -> RotEntry:
+        """`start`: the rotation's first flow (a new-flow class continues where it
+        stopped in an earlier phase, so that its flows stay never seen)."""
+        e = RotEntry(name, rot, target_fd, counters, next_index=start, prepare=prepare)
         self.entries.append(e)
         return e
 
     def _run(self, e: RotEntry, repeat: int, record: bool) -> int:
+        if e.prepare is not None:
+            e.prepare()
         before = e.counters() if (e.counters and record) else None
         ns = self.rotator.run(e.rot, e.target_fd, repeat, e.next_index)
         e.next_index = (e.next_index + repeat) % max(1, e.rot.flows)
@@ -215,9 +231,14 @@ class Rotated:
         return ns
 
     def warm(self, name: str, repeat: int | None = None) -> None:
-        """Run an entry once, untimed: e.g. one full period records every flow of a hit class."""
+        """Run an entry, untimed: e.g. one full period records every flow of a hit
+        class. Long warm-ups go in chunks, each after the entry's `prepare`."""
         e = self.entry(name)
-        self._run(e, repeat or max(1, e.rot.flows), record=False)
+        left = repeat or max(1, e.rot.flows)
+        while left > 0:
+            n = min(left, WARM_CHUNK)
+            self._run(e, n, record=False)
+            left -= n
 
     def run(self, trials: int, label: str = "") -> None:
         n = len(self.entries)
@@ -236,3 +257,96 @@ class Rotated:
 
     def value(self, name: str) -> float:
         return float(median(self.entry(name).results))
+
+
+# ---- fresh and steady-state flow tables ------------------------------------------
+
+STATES = ("fresh", "steady")
+
+
+@dataclass
+class FlowTables:
+    """The flow tables of one program under test, as the steady-state procedure sees them."""
+    name: str
+    capacity: int                    # new flows from one CPU that fill them (at least)
+    empty: Callable[[], None]        # delete every entry
+
+
+@dataclass
+class Timed:
+    """One rotated entry of a fresh/steady comparison."""
+    key: str
+    rot: object                      # programs.Rotation
+    fd: int
+    tables: FlowTables | None = None # None: a program without flow state (baselines)
+    new_flows: bool = False          # every repetition a never-seen flow (phase B)
+    prerecord: bool = False          # its flows are recorded before timing (hits)
+    counters: Counters | None = None
+    prepare: Callable[[], None] | None = None
+
+
+def fresh_and_steady(rotator, repeat: int, trials: int, baselines: list[Timed], timed: list[Timed],
+                     progress: Callable[[str], None] | None = None) -> dict[str, list[Rotated]]:
+    """Time `timed` next to `baselines` with the rotated method, on fresh tables and
+    then in steady state. Per state: phase A (everything but new flows; hit flows
+    recorded first), then phase B (new flows into full tables, evicting; a phase of
+    their own so that they cannot evict A's hit flows while those are timed).
+
+    fresh:  never-used tables; before phase B each is filled to its capacity
+            with new flows, so the LRU order still follows memory order.
+    steady: then every table is emptied and filled to twice its capacity, so
+            its LRU order no longer follows memory order: a busy gateway's table.
+
+    Returns {state: [phase A, phase B]}; new-flow entries continue their rotation
+    across phases, so every timed new flow is one never seen."""
+    progress = progress or (lambda m: None)
+    next_index: dict[str, int] = {}
+    fillers = {}
+    for t in timed:
+        if t.new_flows and t.tables is not None:
+            fillers.setdefault(t.tables.name, t)
+
+    def fill(label: str, factor: int) -> None:
+        rt = Rotated(rotator, repeat, progress=progress)
+        for t in fillers.values():
+            rt.add(t.key, t.rot, t.fd, start=next_index.get(t.key, 0), prepare=t.prepare)
+            progress(f"{label}filling {t.tables.name}'s flow tables with {factor * t.tables.capacity} new flows")
+            rt.warm(t.key, factor * t.tables.capacity)
+            next_index[t.key] = rt.entry(t.key).next_index
+
+    out: dict[str, list[Rotated]] = {}
+    for state in STATES:
+        if state == "steady":
+            for t in fillers.values():
+                progress(f"steady: emptying {t.tables.name}'s flow tables")
+                t.tables.empty()
+            fill("steady: ", 2)
+        phases = []
+        for phase in ("A", "B"):
+            if phase == "B" and state == "fresh":
+                fill("fresh: ", 1)
+            rt = Rotated(rotator, repeat, progress=progress)
+            for b in baselines:
+                rt.add(b.key, b.rot, b.fd)
+            for t in timed:
+                if t.new_flows != (phase == "B"):
+                    continue
+                rt.add(t.key, t.rot, t.fd, t.counters, start=next_index.get(t.key, 0), prepare=t.prepare)
+                if t.prerecord:
+                    rt.warm(t.key)              # one period: records every flow
+            rt.run(trials, label=f"{state} phase {phase}: ")
+            for t in timed:
+                if t.new_flows == (phase == "B"):
+                    next_index[t.key] = rt.entry(t.key).next_index
+            phases.append(rt)
+        out[state] = phases
+    return out
+
+
+def rotated_value(phases: list[Rotated], name: str) -> float:
+    """Median over every phase that timed `name` (the baselines run in each)."""
+    return float(median([x for rt in phases for e in rt.entries if e.name == name for x in e.results]))
+
+
+def rotated_entry(phases: list[Rotated], name: str) -> RotEntry:
+    return next(e for rt in phases for e in rt.entries if e.name == name)

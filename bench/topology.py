@@ -61,6 +61,7 @@ def _disable_ipv6() -> None:
 class Topology:
     prefix: str
     n_vms: int = 2
+    queues: int = 1               # rx and tx queues of every veth (one per CPU that sends)
     _created: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -106,12 +107,15 @@ class Topology:
 
     def _links(self) -> None:
         iprs = {ns: IPRoute(netns=ns, flags=0) for ns in self.namespaces}
+        # a veth queue per sending CPU: a frame sent on CPU c goes to the peer's
+        # queue c, whose NAPI runs on c, so CPUs share no queue on the path
+        q = {"num_tx_queues": self.queues, "num_rx_queues": self.queues}
         try:
-            iprs[self.client_ns].link("add", ifname=CLIENT_IF, kind="veth", address=client_mac(),
-                                      peer={"ifname": UPLINK, "address": uplink_mac(), "net_ns_fd": self.gw_ns})
+            iprs[self.client_ns].link("add", ifname=CLIENT_IF, kind="veth", address=client_mac(), **q,
+                                      peer={"ifname": UPLINK, "address": uplink_mac(), "net_ns_fd": self.gw_ns, **q})
             for i in range(1, self.n_vms + 1):
-                iprs[self.gw_ns].link("add", ifname=port_name(i), kind="veth", address=port_mac(i),
-                                      peer={"ifname": VM_IF, "address": vm_mac(i), "net_ns_fd": self.vm_ns(i)})
+                iprs[self.gw_ns].link("add", ifname=port_name(i), kind="veth", address=port_mac(i), **q,
+                                      peer={"ifname": VM_IF, "address": vm_mac(i), "net_ns_fd": self.vm_ns(i), **q})
             for ns, ipr in iprs.items():
                 for link in ipr.get_links():
                     ipr.link("set", index=link["index"], state="up")

@@ -6,7 +6,8 @@
  * gateway's end.
  *
  * Flow i: source port port_base + i % port_span, source address
- * src_base + i / port_span. Live frames keep the bytes a program wrote when the
+ * src_base + cpu * cpu_stride + i / port_span: generators on different CPUs
+ * send different flows, as RSS would spread them. Live frames keep the bytes a program wrote when the
  * page is recycled (only the data pointers are reset), so every field written
  * here is written absolutely, never incrementally. */
 #include <uapi/linux/bpf.h>
@@ -19,6 +20,7 @@ struct gen_config {
     __u32 port_span;                  /* >= 1 */
     __u32 src_base;                   /* host byte order */
     __u32 port_base;
+    __u32 cpu_stride;                 /* addresses between two CPUs' flows */
 };
 
 BPF_ARRAY(gen_config, struct gen_config, 1);
@@ -61,7 +63,7 @@ int xdp_gen_rotate(struct xdp_md *ctx)
     *next = i + 1;
     uh->source = bpf_htons((__u16)(cfg->port_base + i % cfg->port_span));
     uh->check = 0;
-    iph->saddr = bpf_htonl(cfg->src_base + i / cfg->port_span);
+    iph->saddr = bpf_htonl(cfg->src_base + bpf_get_smp_processor_id() * cfg->cpu_stride + i / cfg->port_span);
     iph->check = 0;
     iph->check = csum_ipv4(iph);
     *sent += 1;

@@ -111,9 +111,16 @@ class NsWorker:
             raise
 
     def call(self, name: str, *args: Any, timeout: float = 120.0, **kwargs: Any) -> Any:
+        self.submit(name, *args, **kwargs)
+        return self.result(name, timeout)
+
+    def submit(self, name: str, *args: Any, **kwargs: Any) -> None:
+        """Start a call without waiting (workers run side by side); `result` collects it."""
         if self.pid is None:
             raise WorkerError("worker is closed")
         _send(self._req, (name, args, kwargs))
+
+    def result(self, name: str, timeout: float = 120.0) -> Any:
         try:
             msg = _recv(self._rep, time.monotonic() + timeout)
         except (TimeoutError, EOFError) as exc:

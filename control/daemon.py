@@ -10,7 +10,7 @@ import resource
 import signal
 import threading
 
-from control.api.commands import CommandTable, arg, merge
+from control.api.commands import CENTER, CommandTable, arg, merge, scoped
 from control.api.errors import BadRequest
 from control.api.unix import ApiServer
 from control.config import Config, ConfigError, load_config
@@ -78,7 +78,7 @@ class Daemon:
         self.health: HealthMonitor | None = None
         self.migration = MigrationService(config, self.gateway)
         self.defrag = DefragService(config, self.migration)
-        self.capture = CaptureService(self.gateway)   # unix socket only: see control/capture.py
+        self.capture = CaptureService(self.gateway)
         # region offload: heavy-region monitor, its link to the center, the agent API
         self.monitor: Monitor | None = Monitor(config) if config.monitor else None
         if self.monitor is not None:
@@ -89,25 +89,28 @@ class Daemon:
 
     def commands(self) -> CommandTable:
         """The gateway's own commands, the migration service's (vm.move among them:
-        registry, peers, history) and the defragmentation service's."""
+        registry, history), the defragmentation service's and the capture's:
+        all of them on the unix socket; on the HTTP agent only those open to the
+        CENTER scope, what the center's workflow calls."""
         gw = self.gateway
         own = {
             "stats": lambda a: {**gw.counters(), "rates": self.rates.rates(), "health": self.health_summary(),
-                                "monitor": self.monitor_summary()},
+                                "monitor": self.monitor_summary(), "store": self.migration.store_status()},
             "monitor": lambda a: self.monitor_summary(),
             "vm.list": lambda a: gw.vm_list(),
             "vm.state": lambda a: gw.set_vm_state(arg(a, "name"), arg(a, "state")),
             "flow.lookup": lambda a: gw.flow_lookup(arg(a, "service"), arg(a, "src"), arg(a, "sport", int)),
-            "offload.set": lambda a: gw.set_offload(arg(a, "region"), arg(a, "service"), arg(a, "endpoint")),
-            "offload.clear": lambda a: gw.clear_offload(arg(a, "region"), arg(a, "service"),
-                                                        now=bool(arg(a, "now", bool, required=False))),
+            "offload.set": scoped(lambda a: gw.set_offload(arg(a, "region"), arg(a, "service"), arg(a, "endpoint")),
+                                  CENTER),
+            "offload.clear": scoped(lambda a: gw.clear_offload(arg(a, "region"), arg(a, "service"),
+                                                               now=bool(arg(a, "now", bool, required=False))), CENTER),
             "offload.list": lambda a: gw.offloads(),
             "maglev.tables": lambda a: gw.maglev_tables(),
             "config.reload": lambda a: self._reload_command(),
-            "status": lambda a: {"name": self.config.gateway.name, "interface": self.config.gateway.interface,
-                                 "mode": gw.attached_mode},
+            "status": scoped(lambda a: {"name": self.config.gateway.name, "interface": self.config.gateway.interface,
+                                        "mode": gw.attached_mode, "store": self.migration.store_status()}, CENTER),
         }
-        return merge(own, self.migration.commands(), self.defrag.commands())
+        return merge(own, self.migration.commands(), self.defrag.commands(), self.capture.commands())
 
     def monitor_summary(self) -> dict:
         """Per region: smoothed rates, state (normal | heavy), thresholds; the center link's last results."""
@@ -124,7 +127,7 @@ class Daemon:
 
             a = self.config.agent
             host, port = parse_listen(a.listen, "agent.listen")
-            self.agent = AgentServer(host, port, a.token, self.commands(), a.tls_cert, a.tls_key)
+            self.agent = AgentServer(host, port, a.token, self.commands(), a.tls_cert, a.tls_key, a.tls_ca)
             self.agent.start()
         if self.monitor is not None and self.config.center is not None:
             services = list(self.config.monitor.services) or [s.name for s in self.config.services]
@@ -236,7 +239,7 @@ class Daemon:
         try:
             took = self.gateway.start(reset=reset)
             self.migration.start()
-            self.api = ApiServer(api_socket_path(self.config), merge(self.commands(), self.capture.commands()))
+            self.api = ApiServer(api_socket_path(self.config), self.commands())
             self.api.start()
             self.start_health()
             self.start_offload()

@@ -17,7 +17,7 @@ import numpy as np
 from control.config import Config, ConfigError, IPAddress
 from control.events import GatewayEvents
 from control.maglev import build_table
-from control.vms import ADMIN_STATES, HEALTH_STATES, VmRuntime
+from control.vms import ADMIN_STATES, HEALTH_STATES, Location, LocationError, VmRuntime, forwarding
 from dataplane import structs as S
 from dataplane.flowhash import maglev_slot
 from dataplane.maps import PROTOCOLS, Dataplane, LocalPort, Tunnel
@@ -82,7 +82,7 @@ class Gateway:
         self.sizes = sizes_of(config)
         self.region_ids = config.region_ids()
         self.service_ids = config.service_ids()
-        self.vms = {v.name: VmRuntime(v, i, port=v.port, mac=v.mac, tunnel=v.tunnel)
+        self.vms = {v.name: VmRuntime.placed(v, i, Location.of(v), config)
                     for v, i in zip(config.vms, (config.vm_ids()[v.name] for v in config.vms))}
         self.tables: dict[int, np.ndarray] = {}
         self.last_rebuild: dict | None = None   # the last rebuild that swapped a table: when, how long
@@ -103,7 +103,7 @@ class Gateway:
         except AttachError as exc:
             raise ConfigError("gateway.interface", str(exc)) from None
         for i, vm in enumerate(config.vms):
-            if vm.port:
+            if forwarding(Location.of(vm), config).port:
                 try:
                     ifindex(vm.port)
                 except AttachError as exc:
@@ -202,12 +202,14 @@ class Gateway:
             for v in config.vms:
                 cur = old_vms.get(v.name)
                 if cur is None:
-                    rt = VmRuntime(v, 0, port=v.port, mac=v.mac, tunnel=v.tunnel)
+                    rt = VmRuntime.placed(v, 0, Location.of(v), config)
                 else:
                     # a VM keeps where moves took it unless the file now says otherwise
                     rt = dataclasses.replace(cur, config=v)
-                    if (v.port, v.mac, v.tunnel) != (cur.config.port, cur.config.mac, cur.config.tunnel):
-                        rt.port, rt.mac, rt.tunnel = v.port, v.mac, v.tunnel
+                    if Location.of(v) != Location.of(cur.config):
+                        placed_rt = VmRuntime.placed(v, 0, Location.of(v), config)
+                        rt.location, rt.port, rt.mac, rt.tunnel = (placed_rt.location, placed_rt.port, placed_rt.mac,
+                                                                   placed_rt.tunnel)
                 if rt.health != health.get(v.name, "unknown"):
                     rt.health, rt.health_since = health.get(v.name, "unknown"), now
                 if cur is not None and rt.state != cur.state:
@@ -338,31 +340,50 @@ class Gateway:
         return self.vms[name]
 
     def move_vm(self, name: str, port: str | None = None, mac: str | None = None,
-                tunnel: str | None = None) -> dict:
-        """Re-point a VM (live migration): only its location entry changes, so its flows follow it."""
+                tunnel: str | None = None, host: str | None = None, revision: int | None = None) -> dict:
+        """Re-point a VM (live migration): only its location entry changes, so its flows follow it.
+        `revision`: the store revision the new location comes from."""
         with self.lock:
             vm = self.vm(name)
-            if (port is None) == (tunnel is None):
-                raise GatewayError("vm move: give exactly one of port or tunnel")
-            if port is not None:
-                ifindex(port)
-                new_mac = mac or vm.mac
-                if new_mac is None:
-                    raise GatewayError(f"VM {name!r} moves to port {port} but has no MAC; give --mac")
-                S.mac_bytes(new_mac)
-                candidate = VmRuntime(vm.config, vm.vm_id, vm.admin_state, port=port, mac=new_mac.lower())
-            else:
-                try:
-                    endpoint = ipaddress.ip_address(tunnel)
-                except ValueError:
-                    raise GatewayError(f"vm move: bad tunnel address {tunnel!r}") from None
-                candidate = VmRuntime(vm.config, vm.vm_id, vm.admin_state, tunnel=endpoint)
-            location = self._location(candidate)      # validates before the write
-            self._dp().set_vm(vm.vm_id, location, vm.state)
-            vm.port, vm.mac, vm.tunnel = candidate.port, candidate.mac, candidate.tunnel
+            candidate, entry = self._placement(vm, port, mac, tunnel, host)
+            self._dp().set_vm(vm.vm_id, entry, vm.state)
+            vm.location, vm.port, vm.mac, vm.tunnel = candidate.location, candidate.port, candidate.mac, \
+                candidate.tunnel
+            vm.revision = revision
             vm.moved_at = time.time()
             self._release_unused_ports()
             return vm.describe()
+
+    def check_move(self, name: str, port: str | None = None, mac: str | None = None,
+                   tunnel: str | None = None, host: str | None = None) -> Location:
+        """The location a move would give the VM, checked as move_vm checks it, without a write."""
+        with self.lock:
+            return self._placement(self.vm(name), port, mac, tunnel, host)[0].location
+
+    def _placement(self, vm: VmRuntime, port: str | None, mac: str | None, tunnel: str | None,
+                   host: str | None) -> tuple[VmRuntime, LocalPort | Tunnel]:
+        """The VM at its new location and the dataplane entry for it here; GatewayError if it cannot be."""
+        name = vm.config.name
+        if (port is None) == (tunnel is None):
+            raise GatewayError("vm move: give exactly one of port or tunnel")
+        if port is not None:
+            new_mac = mac or vm.location.mac or vm.mac
+            if new_mac is None:
+                raise GatewayError(f"VM {name!r} moves to port {port} but has no MAC; give --mac")
+            S.mac_bytes(new_mac)
+            location = Location(host=host, port=port, mac=new_mac.lower())
+        else:
+            try:
+                location = Location(tunnel=ipaddress.ip_address(tunnel))
+            except ValueError:
+                raise GatewayError(f"vm move: bad tunnel address {tunnel!r}") from None
+        try:
+            candidate = VmRuntime.placed(vm.config, vm.vm_id, location, self.config, admin_state=vm.admin_state)
+        except LocationError as exc:
+            raise GatewayError(f"VM {name!r}: {exc}") from None
+        if candidate.port is not None:
+            ifindex(candidate.port)
+        return candidate, self._location(candidate)      # validates before the write
 
     def set_vm_state(self, name: str, state: str) -> dict:
         """The operator's (admin) state: active (`vm up`, clears a drain), draining, or
@@ -533,8 +554,9 @@ class Gateway:
     def counters(self, count_flows: bool = True) -> dict:
         """Raw cumulative counters in the shape of `xdpgw stats --json`.
 
-        Counting flow entries reads the whole flow table, so the periodic
-        samplers, which only need rates, leave it out (None)."""
+        The flow entries are the kernel's count, which costs the same at any
+        table size; where the kernel keeps none, counting means walking the
+        whole table, done only with count_flows (else the entries are None)."""
         dp = self._dp()
         regions = dp.region_counters()
         services = dp.service_counters()
@@ -544,7 +566,7 @@ class Gateway:
             out = {
                 "regions": {"unknown": {"packets": int(regions[0, 0]), "bytes": int(regions[0, 1])}},
                 "services": {}, "vms": {}, "drops": dp.drop_counters(),
-                "flows": {"entries": dp.flow_count() if count_flows else None,
+                "flows": {"entries": dp.flow_count(walk=count_flows),
                           "hits": stats["flow_hits"], "misses": stats["flow_misses"]},
                 "datapath": stats,
             }

@@ -5,9 +5,8 @@ Prometheus text format written by prometheus_client.
 Collectors read at scrape time; nothing samples in the background. A gateway scrape
 is one Gateway.counters(count_flows=False): batch lookups of the per-CPU counter
 arrays (regions, services, VMs, drops, stats), folded over CPUs in Cython
-(dataplane/fold.py). It never walks the flow table: the kernel keeps no entry count
-that a scrape could read without one, so the flow table shows its capacity, hits,
-misses and recorded new flows (`xdpgw stats` counts the entries with a full read).
+(dataplane/fold.py). It never walks the flow table: its entries are the kernel's
+element count (dataplane/elemcount.py), left out where the kernel keeps none.
 Events that need observing when they happen (probe round trips, migration
 convergence, Maglev swaps) are recorded in control/events.py and read from there.
 
@@ -100,6 +99,9 @@ def gateway_metrics(counters: dict, events: GatewayEvents, flow_capacity: int,
     yield CounterMetricFamily("xdpgw_flow_table_flood_unrecorded", "New flows served but not recorded: more new "
                               "flows per CPU and second than gateway.new_flow_rate_limit",
                               value=stats["flood_unrecorded"])
+    if counters["flows"]["entries"] is not None:
+        yield GaugeMetricFamily("xdpgw_flow_table_entries", "Entries in the flow table now",
+                                value=counters["flows"]["entries"])
     yield GaugeMetricFamily("xdpgw_flow_table_capacity", "Entries the flow table holds at most (LRU)",
                             value=flow_capacity)
     yield CounterMetricFamily("xdpgw_packets_passed", "Packets handed to the kernel untouched (no service matched)",

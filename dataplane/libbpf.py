@@ -1,6 +1,7 @@
 """ctypes bindings to libbpf.so.1 for what bcc 0.26 lacks: BPF_PROG_TEST_RUN
 with options, creating inner maps for map-in-map swaps, batch map operations,
-pinning, and reading a ring buffer map opened by id (another process's)."""
+pinning, reading a ring buffer map opened by id (another process's), and
+loading a clang-built object with an iterator program (bcc cannot call kfuncs)."""
 from __future__ import annotations
 
 import ctypes as ct
@@ -77,8 +78,23 @@ _SIGNATURES = {
     "ring_buffer__poll": [ct.c_void_p, ct.c_int],
     "ring_buffer__consume": [ct.c_void_p],
     "ring_buffer__free": [ct.c_void_p],
+    "bpf_object__open_mem": [ct.c_void_p, ct.c_size_t, ct.c_void_p],
+    "bpf_object__load": [ct.c_void_p],
+    "bpf_object__find_program_by_name": [ct.c_void_p, ct.c_char_p],
+    "bpf_object__close": [ct.c_void_p],
+    "bpf_program__attach_iter": [ct.c_void_p, ct.c_void_p],
+    "bpf_link__fd": [ct.c_void_p],
+    "bpf_link__destroy": [ct.c_void_p],
+    "bpf_iter_create": [ct.c_int],
+    "btf__load_vmlinux_btf": [],
+    "btf__find_by_name_kind": [ct.c_void_p, ct.c_char_p, ct.c_uint32],
+    "btf__free": [ct.c_void_p],
+    "libbpf_strerror": [ct.c_int, ct.c_char_p, ct.c_size_t],
 }
-_RESTYPES = {"ring_buffer__new": ct.c_void_p}
+_RESTYPES = {"ring_buffer__new": ct.c_void_p, "bpf_object__open_mem": ct.c_void_p,
+             "bpf_object__find_program_by_name": ct.c_void_p, "bpf_program__attach_iter": ct.c_void_p,
+             "bpf_object__close": None, "btf__load_vmlinux_btf": ct.c_void_p, "btf__free": None}
+BTF_KIND_FUNC = 12
 
 
 @functools.cache
@@ -101,11 +117,26 @@ def _errno(rc: int) -> int:
     return -rc if rc != -1 else ct.get_errno()
 
 
+def _strerror(err: int) -> str:
+    """errno's text, or that of libbpf's own codes (4000 and up: bad ELF, relocation, ...)."""
+    buf = ct.create_string_buffer(128)
+    lib().libbpf_strerror(err, buf, len(buf))
+    return buf.value.decode(errors="replace")
+
+
 def _check(rc: int, what: str) -> int:
     if rc < 0:
         err = _errno(rc)
-        raise BpfError(err, f"{what}: {os.strerror(err)}")
+        raise BpfError(err, f"{what}: {_strerror(err)}")
     return rc
+
+
+def _pointer(ptr: int | None, what: str) -> int:
+    """libbpf's constructors return NULL on failure, with errno set."""
+    if not ptr:
+        err = ct.get_errno()
+        raise BpfError(err, f"{what}: {_strerror(err)}")
+    return ptr
 
 
 def _found(rc: int, what: str) -> bool:
@@ -218,10 +249,7 @@ class RingBuffer:
             return 0
 
         self._callback = RingBufferSample(sample)            # kept alive as long as libbpf may call it
-        self._rb = lib().ring_buffer__new(map_fd, self._callback, None, None)
-        if not self._rb:
-            err = ct.get_errno()
-            raise BpfError(err, f"opening ring buffer {what}: {os.strerror(err)}")
+        self._rb = _pointer(lib().ring_buffer__new(map_fd, self._callback, None, None), f"opening ring buffer {what}")
 
     def poll(self, timeout_ms: int) -> list[bytes]:
         """The records that arrive within `timeout_ms` (0: those waiting now); a
@@ -236,3 +264,50 @@ class RingBuffer:
         if self._rb:
             lib().ring_buffer__free(self._rb)
             self._rb = None
+
+
+def kernel_has_function(name: str) -> bool:
+    """Whether the running kernel's BTF (/sys/kernel/btf/vmlinux) has a function `name`."""
+    btf = _pointer(lib().btf__load_vmlinux_btf(), "reading the kernel's BTF")
+    try:
+        return lib().btf__find_by_name_kind(btf, name.encode(), BTF_KIND_FUNC) > 0
+    finally:
+        lib().btf__free(btf)
+
+
+class BpfIterator:
+    """A BPF iterator program from an object file's bytes, loaded and attached until
+    close(); each read() runs it once (a new iterator instance, so concurrent reads
+    are independent) and returns what it wrote."""
+
+    def __init__(self, obj: bytes, program: str, what: str) -> None:
+        self.what = what
+        self._link = None
+        self._buf = ct.create_string_buffer(obj, len(obj))   # libbpf reads it until the load
+        self._obj = _pointer(lib().bpf_object__open_mem(self._buf, len(obj), None), f"opening {what}")
+        try:
+            _check(lib().bpf_object__load(self._obj), f"loading {what}")
+            prog = _pointer(lib().bpf_object__find_program_by_name(self._obj, program.encode()),
+                            f"finding program {program} in {what}")
+            self._link = _pointer(lib().bpf_program__attach_iter(prog, None), f"attaching {what}")
+        except BpfError:
+            self.close()
+            raise
+
+    def read(self) -> bytes:
+        fd = _check(lib().bpf_iter_create(lib().bpf_link__fd(self._link)), f"running {self.what}")
+        try:
+            chunks = []
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self._link:
+            lib().bpf_link__destroy(self._link)
+            self._link = None
+        if self._obj:
+            lib().bpf_object__close(self._obj)
+            self._obj = None

@@ -7,13 +7,14 @@ import ipaddress
 import mmap
 import os
 import socket
+import struct
 from collections import deque
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
-from . import libbpf
+from . import elemcount, libbpf
 from . import structs as S
 from .fold import fold_bytes, percpu_value_size
 from .program import Sizes
@@ -36,6 +37,13 @@ def read_percpu(map_fd: int, key_size: int, value_type, max_entries: int, ncpus:
     vs = ct.sizeof(value_type)
     keys, values, n = libbpf.lookup_batch(map_fd, key_size, percpu_value_size(vs, ncpus), max_entries, what)
     return keys, fold_bytes(values, n, ncpus, vs, vs // 8)
+
+
+def vip_slot(addr16: bytes) -> int:
+    """The vip_filter slot of a 16-byte address: the XDP program's vip_slot()
+    (four native-order words xor-folded, multiplied, top bits)."""
+    w = struct.unpack("=4I", addr16)
+    return ((w[0] ^ w[1] ^ w[2] ^ w[3]) * S.VIP_FILTER_MULT & 0xFFFFFFFF) >> (32 - S.VIP_FILTER_BITS)
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,11 @@ class Dataplane:
         for net, region in prefixes.items():
             if not 1 <= region <= self.sizes.max_regions:
                 raise ValueError(f"region id {region} for {net} out of range 1..{self.sizes.max_regions}")
-        wanted = {(net.version, bytes(self._lpm_key(net))) for net in prefixes}
+        wanted = {(net.version, bytes(self._lpm_key(net))): region for net, region in prefixes.items()}
+        have = {(version, bytes(k)): v.value for version in (4, 6)
+                for k, v in self._table(f"region_prefixes_v{version}").items()}
+        if have == wanted:
+            return
         for net, region in prefixes.items():
             libbpf.update_elem(self._fd(f"region_prefixes_v{net.version}"), self._lpm_key(net),
                                ct.c_uint32(region), f"region prefix {net}")
@@ -91,6 +103,7 @@ class Dataplane:
             for key in list(table.keys()):
                 if (version, bytes(key)) not in wanted:
                     table.__delitem__(key)
+        self._next_flow_generation()
 
     def _lpm_type(self, version: int):
         return S.LpmV4Key if version == 4 else S.LpmV6Key
@@ -120,11 +133,30 @@ class Dataplane:
             entries[bytes(key)] = S.ServiceInfo(id=sid)
             entries.setdefault(bytes(frag), S.ServiceInfo(id=sid))
         table = self._table("services")
+        have = {bytes(k): bytes(v) for k, v in table.items()}
+        if have == {k: bytes(v) for k, v in entries.items()}:
+            return
+        # a VIP's filter slot is set before its services and cleared after them
+        slots = {vip_slot(raw[:16]) for raw in entries}
+        filter_fd = self._fd("vip_filter")
+        for slot in slots:
+            libbpf.update_elem(filter_fd, ct.c_uint32(slot), ct.c_uint32(1), f"vip_filter[{slot}]")
         for raw, info in entries.items():
             table[S.ServiceKey.from_buffer_copy(raw)] = info
         for key in list(table.keys()):
             if bytes(key) not in entries:
                 table.__delitem__(key)
+        for slot in {vip_slot(raw[:16]) for raw in have} - slots:
+            libbpf.update_elem(filter_fd, ct.c_uint32(slot), ct.c_uint32(0), f"vip_filter[{slot}]")
+        self._next_flow_generation()
+
+    def _next_flow_generation(self) -> None:
+        """After a change of services or region prefixes (written before this):
+        every flow entry looks its service and region up again on its next packet
+        (and keeps its VM); see struct flow_entry."""
+        fd, gen = self._fd("flow_generation"), ct.c_uint32()
+        libbpf.lookup_elem(fd, ct.c_uint32(0), gen, "flow_generation")
+        libbpf.update_elem(fd, ct.c_uint32(0), ct.c_uint32((gen.value + 1) & 0xFFFFFFFF), "flow_generation")
 
     # ---- Maglev --------------------------------------------------------
     def set_maglev_table(self, service_id: int, table: np.ndarray) -> None:
@@ -307,10 +339,19 @@ class Dataplane:
         return (np.frombuffer(keys, dtype=np.dtype(S.FlowKey), count=n),
                 np.frombuffer(values, dtype=np.dtype(S.FlowEntry), count=n))
 
-    def flow_count(self) -> int:
-        """Entries in the flow table (read in batches; builds no per-entry objects:
-        the daemon asks for it at every stats sample)."""
-        return self._read_flows()[2]
+    def flow_map_ids(self) -> list[int]:
+        """The kernel ids of the maps that hold flow entries."""
+        return [libbpf.map_info(self._fd("flow_table")).id]
+
+    def flow_count(self, walk: bool = True) -> int | None:
+        """Entries in the flow table: the sum of the kernel's element counts of the
+        flow maps, which costs the same at any size (dataplane/elemcount.py). Where the
+        kernel cannot give them, a full walk of the table (batch reads), or None
+        with walk=False."""
+        counts = elemcount.elem_counts(self.flow_map_ids())
+        if counts is not None:
+            return sum(counts.values())
+        return self._read_flows()[2] if walk else None
 
     # ---- counters ------------------------------------------------------
     def _percpu(self, name: str, n_keys: int, value_type) -> np.ndarray:

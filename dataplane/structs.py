@@ -30,6 +30,9 @@ FLOW_OFFLOADED = 0x80000000           # flow_entry.vm_id bit: offload_endpoints[
 OFFLOAD_ENDPOINTS = 64                # size of offload_endpoints
 OFFLOADS_PER_REGION = 4               # region_offload entries per region
 
+VIP_FILTER_BITS = 12                  # vip_filter has 1 << VIP_FILTER_BITS slots
+VIP_FILTER_MULT = 0x9E3779B1          # multiplier of the slot hash
+
 FLOW_F_FRAGMENT = 1                   # flow_key.flags
 
 # forward_trace.action (test builds)
@@ -115,7 +118,8 @@ class FlowKey(ct.Structure):
 
 
 class FlowEntry(ct.Structure):
-    _fields_ = [("vm_id", ct.c_uint32), ("service_id", ct.c_uint32)]
+    _fields_ = [("vm_id", ct.c_uint32), ("service_id", ct.c_uint32), ("region", ct.c_uint32),
+                ("generation", ct.c_uint32)]
 
 
 class VmLocation(ct.Structure):

@@ -41,11 +41,19 @@ struct choice {
     __u16 drop_reason;
 };
 
-/* Choose where the flow goes. `is_new` is set when the choice must be recorded. */
-static __always_inline int choose(const struct flow_key *key, __u32 service_id, __u32 region,
-                                  struct choice *c, int *is_new)
+/* The generation flow entries must carry to be current (struct flow_entry). */
+static __always_inline __u32 flow_generation_now(void)
 {
-    struct flow_entry *fe = flow_table.lookup((void *)key);
+    __u32 zero = 0;
+    __u32 *g = flow_generation.lookup(&zero);
+    return g ? *g : 0;
+}
+
+/* Choose where the flow goes, given its flow-table entry `fe` (NULL: none).
+ * `is_new` is set when the choice must be recorded. */
+static __always_inline int choose(const struct flow_key *key, const struct flow_entry *fe,
+                                  __u32 service_id, __u32 region, struct choice *c, int *is_new)
+{
     if (fe) {
         __u32 vm_id = fe->vm_id;
         if (vm_id & FLOW_OFFLOADED)
@@ -98,7 +106,7 @@ static __always_inline int under_flood(void)
     struct flood_window *w = flood_windows.lookup(&zero);
     if (!w)
         return 0;
-    __u64 now = bpf_ktime_get_ns();
+    __u64 now = bpf_ktime_get_coarse_ns();     /* a tick's precision is plenty for a one-second window */
     if (now - w->start_ns > FLOOD_WINDOW_NS) {
         w->start_ns = now;
         w->new_flows = 0;
@@ -106,13 +114,15 @@ static __always_inline int under_flood(void)
     return ++w->new_flows > XDPGW_NEW_FLOW_LIMIT;
 }
 
-static __always_inline void record_flow(const struct flow_key *key, __u32 vm_id, __u32 service_id)
+static __always_inline void record_flow(const struct flow_key *key, __u32 vm_id, __u32 service_id,
+                                        __u32 region, __u32 generation)
 {
     if (under_flood()) {
         stat_inc(STAT_FLOOD_UNRECORDED);
         return;
     }
-    struct flow_entry fe = {.vm_id = vm_id, .service_id = service_id};
+    struct flow_entry fe = {.vm_id = vm_id, .service_id = service_id, .region = region,
+                            .generation = generation};
     flow_table.update((void *)key, &fe);
 }
 

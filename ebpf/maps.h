@@ -26,6 +26,8 @@ STATE_TABLE("percpu_array", __u32, struct traffic_counter, region_counters, XDPG
 
 /* (VIP, port, proto) -> service; port 0 is the VIP's fragment service */
 BPF_HASH(services, struct service_key, struct service_info, 2 * XDPGW_MAX_SERVICES);
+/* slot of a destination address -> 1 when some VIP has that slot */
+BPF_ARRAY(vip_filter, __u32, 1 << VIP_FILTER_BITS);
 STATE_TABLE("percpu_array", __u32, struct service_counter, service_counters, XDPGW_MAX_SERVICES, 0);
 
 /* One Maglev table per service, swapped whole by replacing the inner map. */
@@ -36,6 +38,9 @@ BPF_ARRAY_OF_MAPS(maglev_tables, "maglev_inner", XDPGW_MAX_SERVICES);
 /* 5-tuple -> VM id. LRU lists per CPU (no common LRU) so CPUs do not contend. */
 STATE_TABLE("lru_hash", struct flow_key, struct flow_entry, flow_table, XDPGW_FLOW_ENTRIES,
             BPF_F_NO_COMMON_LRU);
+/* [0]: the generation of services and region prefixes (struct flow_entry);
+ * pinned with the flows, so entries of an earlier daemon are never taken for current */
+STATE_TABLE("array", __u32, __u32, flow_generation, 1, 0);
 
 /* VM id -> where it is now; a live migration rewrites only this */
 BPF_ARRAY(vm_location, struct vm_location, XDPGW_MAX_VMS + 1);

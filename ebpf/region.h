@@ -28,10 +28,17 @@ static __always_inline __u32 region_of(const struct pkt *p)
     return region ? *region : XDPGW_REGION_UNKNOWN;
 }
 
-static __always_inline __u32 region_account(const struct pkt *p)
+static __always_inline void region_count(__u32 region, const struct pkt *p)
+{
+    traffic_add(region_counters.lookup(&region), p->len);
+}
+
+/* Look the source's region up, count the packet there and note it in `p`. */
+static __always_inline __u32 region_account(struct pkt *p)
 {
     __u32 region = region_of(p);
-    traffic_add(region_counters.lookup(&region), p->len);
+    region_count(region, p);
+    p->region = region;
     return region;
 }
 

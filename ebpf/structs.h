@@ -25,6 +25,11 @@
 #define OFFLOAD_ENDPOINTS 64          /* size of offload_endpoints */
 #define OFFLOADS_PER_REGION 4         /* region_offload holds this many (region, service) per region */
 
+/* vip_filter: one slot per hash of a destination address (xdpgw.c vip_slot,
+ * dataplane/maps.py); set for every VIP, so most other packets skip the flow table */
+#define VIP_FILTER_BITS 12
+#define VIP_FILTER_MULT 0x9e3779b1u
+
 /* flow_key.flags */
 #define FLOW_F_FRAGMENT 1             /* ports zeroed: fragments select on addresses+proto */
 
@@ -55,9 +60,16 @@ struct flow_key {
     __u16 pad;
 };
 
+/* A flow's choice and what its key resolved to when it was recorded (or last
+ * checked), so a hit needs neither the service lookup nor the region LPM. The
+ * control plane bumps flow_generation[0] when services or region prefixes
+ * change; an entry of another generation has its service and region looked up
+ * again (and rewritten) but keeps its VM. */
 struct flow_entry {
     __u32 vm_id;
     __u32 service_id;
+    __u32 region;
+    __u32 generation;
 };
 
 struct vm_location {

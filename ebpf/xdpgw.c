@@ -1,6 +1,6 @@
-/* xdpgw XDP program: parse -> region account -> service -> flow table ->
- * region offload -> Maglev -> forward by VM location; a capture, when armed,
- * sees the outcome. */
+/* xdpgw XDP program: parse -> flow table (a current entry: region and service
+ * from it) else region account -> service -> region offload -> Maglev; then
+ * forward by VM location; a capture, when armed, sees the outcome. */
 #include <uapi/linux/bpf.h>
 #include "addr.h"
 #include "structs.h"
@@ -35,12 +35,28 @@ static __always_inline int deliver(struct xdp_md *ctx, struct pkt *p, const stru
                       loc->src_mac);
 }
 
-/* VIPs are keyed IPv4-mapped, so an IPv6 packet to ::ffff:a.b.c.d must not
- * match the IPv4 VIP a.b.c.d (it would share that VIP's flows and services). */
-static __always_inline struct service_info *find_service(const struct flow_key *flow, __u8 family)
+/* The vip_filter slot of an address (dataplane/maps.py vip_slot is the same). */
+static __always_inline __u32 vip_slot(const __u8 *addr)
+{
+    __u32 w[4];
+    __builtin_memcpy(w, addr, 16);
+    return ((w[0] ^ w[1] ^ w[2] ^ w[3]) * VIP_FILTER_MULT) >> (32 - VIP_FILTER_BITS);
+}
+
+/* False for most packets to no VIP: they skip the flow table and the service
+ * lookup. VIPs are keyed IPv4-mapped, so an IPv6 packet to ::ffff:a.b.c.d must
+ * not match the IPv4 VIP a.b.c.d (it would share that VIP's flows and services). */
+static __always_inline int may_be_vip(const struct flow_key *flow, __u8 family)
 {
     if (family == 6 && is_ipv4_mapped(flow->dst))
-        return NULL;
+        return 0;
+    __u32 slot = vip_slot(flow->dst);
+    __u32 *set = vip_filter.lookup(&slot);
+    return set && *set;
+}
+
+static __always_inline struct service_info *find_service(const struct flow_key *flow)
+{
     struct service_key sk = {};
     __builtin_memcpy(sk.vip, flow->dst, 16);
     sk.port = flow->dport;
@@ -59,13 +75,13 @@ static __always_inline int handle_icmp_error(struct xdp_md *ctx, void *data, voi
         return drop(p->drop_reason);
     if (rc != ICMP_FLOW_FOUND)
         goto pass;
-    struct service_info *svc = find_service(&flow, p->family);
+    struct service_info *svc = may_be_vip(&flow, p->family) ? find_service(&flow) : NULL;
     if (!svc)
         goto pass;
     p->service_id = svc->id;
     struct choice c = {};
     int is_new = 0;
-    if (choose(&flow, svc->id, region, &c, &is_new))
+    if (choose(&flow, flow_table.lookup(&flow), svc->id, region, &c, &is_new))
         return drop_pkt(p, c.drop_reason);
     stat_inc(STAT_ICMP_ERR_FWD);
     return deliver(ctx, p, &c, svc->id);
@@ -74,6 +90,8 @@ pass:
     return XDP_PASS;
 }
 
+/* Flow table first: a current entry (struct flow_entry) gives the packet's
+ * region and service, so a hit costs neither the LPM nor the service lookup. */
 static __always_inline int gateway(struct xdp_md *ctx, struct pkt *p)
 {
     void *data = (void *)(long)ctx->data;
@@ -86,20 +104,39 @@ static __always_inline int gateway(struct xdp_md *ctx, struct pkt *p)
     }
     if (rc == PARSE_DROP)
         return drop(p->drop_reason);
-    __u32 region = region_account(p);
-    p->region = region;
-
-    if (parse_transport(data, data_end, p) == PARSE_DROP)
+    if (parse_transport(data, data_end, p) == PARSE_DROP) {
+        region_account(p);
         return drop(p->drop_reason);
+    }
     if (is_icmp_error(p))
-        return handle_icmp_error(ctx, data, data_end, p, region);
+        return handle_icmp_error(ctx, data, data_end, p, region_account(p));
 
-    struct service_info *svc = find_service(&p->key, p->family);
-    if (!svc) {
+    if (!may_be_vip(&p->key, p->family)) {
+        region_account(p);
         stat_inc(STAT_PASS);
         return XDP_PASS;
     }
-    __u32 service_id = svc->id;
+    __u32 generation = flow_generation_now();
+    struct flow_entry *fe = flow_table.lookup(&p->key);
+    __u32 service_id;
+    if (fe && fe->generation == generation) {
+        p->region = fe->region;
+        region_count(p->region, p);
+        service_id = fe->service_id;
+    } else {
+        region_account(p);
+        struct service_info *svc = find_service(&p->key);
+        if (!svc) {
+            stat_inc(STAT_PASS);
+            return XDP_PASS;
+        }
+        service_id = svc->id;
+        if (fe) {                     /* recorded before a change: current again, same VM */
+            fe->region = p->region;
+            fe->service_id = service_id;
+            fe->generation = generation;
+        }
+    }
     p->service_id = service_id;
     struct service_counter *sc = service_counters.lookup(&service_id);
     if (sc) {
@@ -109,10 +146,10 @@ static __always_inline int gateway(struct xdp_md *ctx, struct pkt *p)
 
     struct choice c = {};
     int is_new = 0;
-    if (choose(&p->key, service_id, region, &c, &is_new))
+    if (choose(&p->key, fe, service_id, p->region, &c, &is_new))
         return drop_pkt(p, c.drop_reason);
     if (is_new) {
-        record_flow(&p->key, c.vm_id, service_id);
+        record_flow(&p->key, c.vm_id, service_id, p->region, generation);
         if (sc)
             sc->new_flows += 1;
     }

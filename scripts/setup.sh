@@ -2,11 +2,12 @@
 # Set up everything xdpgw needs on a Debian 12 machine, as root. Idempotent: when
 # everything is already in place it touches nothing (no apt, no pip) and takes seconds.
 #
-#   1. Debian packages (bcc, iproute2, bpftool, compiler, ...)
+#   1. Debian packages (bcc, iproute2, bpftool, compilers: gcc, clang for eBPF objects, ...)
 #   2. kernel headers for bcc at /lib/modules/$(uname -r)/{build,source}
 #   3. .venv made with the Debian python (/usr/bin/python3) and --system-site-packages,
 #      so that bcc (python3-bpfcc, in /usr/lib/python3/dist-packages) imports
-#   4. pip install -e '.[test,bench]' (builds the Cython extensions in place)
+#   4. pip install -e '.[test,bench]' (builds the Cython extensions and the clang-built
+#      eBPF objects in place)
 #   5. bpffs mounted at /sys/fs/bpf
 #
 # Overrides, for tests of this script:
@@ -29,7 +30,10 @@ VPY="$VENV/bin/python"
 STAMP="$VENV/.xdpgw-install-stamp"
 PIP_LOG="$VENV/pip-install.log"
 
-DEB_PACKAGES=(python3-bpfcc python3-venv python3-dev iproute2 ethtool bpftool libbpf1 gcc make tcpdump prometheus systemd)
+DEB_PACKAGES=(python3-bpfcc python3-venv python3-dev iproute2 ethtool bpftool libbpf1 gcc make tcpdump prometheus systemd
+              clang llvm libbpf-dev
+              etcd-server etcd-client
+              openssl)
 # Extension modules that must import after the install; read from setup.py below,
 # this is the fallback if it can't be parsed.
 EXT_MODULES_DEFAULT=(control._maglev dataplane._flowhash dataplane._fold)
@@ -144,9 +148,9 @@ if (( ${#missing[@]} > 0 || need_headers )); then
         fi
     fi
     info "apt-get install ${missing[*]}"
-    # Debian's prometheus package (promtool; the tests start their own server) would
-    # start and enable a Prometheus service: no service starts during the install
-    # (a policy-rc.d of our own, unless the host has one), and its unit disabled after.
+    # Debian's prometheus and etcd-server packages (the tests start their own servers)
+    # would start and enable a service: no service starts during the install (a
+    # policy-rc.d of our own, unless the host has one), and their units disabled after.
     own_policy=0
     if [[ ! -e /usr/sbin/policy-rc.d ]]; then
         printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && own_policy=1
@@ -158,9 +162,11 @@ if (( ${#missing[@]} > 0 || need_headers )); then
         tail -n 30 "$apt_log" >&2
         die "apt-get install failed for: ${missing[*]} (log: $apt_log)"
     fi
-    if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
-        systemctl disable --now prometheus.service >>"$apt_log" 2>&1 || true
-    fi
+    for unit in prometheus:prometheus etcd-server:etcd; do
+        if [[ " ${missing[*]} " == *" ${unit%%:*} "* ]] && command -v systemctl >/dev/null; then
+            systemctl disable --now "${unit#*:}.service" >>"$apt_log" 2>&1 || true
+        fi
+    done
     rm -f "$apt_log"
 else
     info "all present"
@@ -200,12 +206,12 @@ fi
 # ---------------------------------------------------------------------------------
 # 4. pip install -e '.[test,bench]'
 # ---------------------------------------------------------------------------------
-step "4/5 pip install -e '.[test,bench]' (Cython extensions)"
+step "4/5 pip install -e '.[test,bench]' (Cython extensions, eBPF objects)"
 
 inputs_hash() {
     local files=(pyproject.toml setup.py)
     shopt -s nullglob
-    files+=(cython/*.pyx cython/*.pxd)
+    files+=(cython/*.pyx cython/*.pxd ebpf/*.bpf.c)
     shopt -u nullglob
     sha256sum "${files[@]}" | sha256sum | cut -d' ' -f1
 }
@@ -237,8 +243,11 @@ for m in sys.argv[1:]:
         importlib.import_module(m)
     except Exception as e:
         bad.append(f"{m} ({type(e).__name__}: {e})")
+from dataplane.elemcount import OBJECT
+if not OBJECT.exists():
+    bad.append(f"{OBJECT} (built by setup.py with clang)")
 if bad:
-    print("    not importable: " + ", ".join(bad))
+    print("    missing or not importable: " + ", ".join(bad))
     sys.exit(1)
 EOF
     )
@@ -252,7 +261,7 @@ else
     if [[ -z "$have" ]]; then
         info "not installed yet (no stamp)"
     elif [[ "$want" != "$have" ]]; then
-        info "inputs changed (pyproject.toml, setup.py, cython/*.pyx)"
+        info "inputs changed (pyproject.toml, setup.py, cython/*.pyx, ebpf/*.bpf.c)"
     fi
     info "installing; log in .venv/pip-install.log (takes a minute when building from scratch)"
     rm -f "$STAMP"

@@ -1,9 +1,12 @@
 """The target data center's agent in the namespace testbed (dc2, the stand-in remote DC).
 
     python -m testbed.dcagent --netns P-dc2 --prefix P --listen 198.18.200.2:7302 --token T
+        [--tls-cert F --tls-key F [--tls-ca F] | --insecure]
 
-It serves the same agent API as a gateway daemon (control/agent.py, POST /v1/cmd/<command>
-with a token) with a data center's command table:
+It serves the same agent API as a gateway daemon (control/api/http.py, POST /v1/cmd/<command>
+with a token; the flags are those of the gateway's [agent]: on a non-loopback address TLS,
+or --insecure in so many words) with a data center's command table, all of it open to the
+center (the center's workflow calls each of these):
 
     status                         the VMs it runs, per request
     images                         the master images it holds [{service, name, sha256}]
@@ -34,8 +37,8 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Any
 
+from control.api.commands import CENTER, Scoped, scoped
 from control.api.errors import NotFound
 from control.gateway import GatewayError
 from testbed.addresses import DC2_VM_ROLES
@@ -64,10 +67,11 @@ class DcAgent:
         self.lock = threading.Lock()
         self.free = list(range(1, len(DC2_VM_ROLES) + 1))
 
-    def commands(self) -> dict[str, Any]:
-        return {"status": lambda a: {"requests": {str(k): v for k, v in self.requests.items()}},
-                "images": lambda a: [{k: v for k, v in i.items() if k != "content"} for i in self.images.values()],
-                "image.put": self.image_put, "prepare": self.prepare, "release": self.release}
+    def commands(self) -> dict[str, Scoped]:
+        own = {"status": lambda a: {"requests": {str(k): v for k, v in self.requests.items()}},
+               "images": lambda a: [{k: v for k, v in i.items() if k != "content"} for i in self.images.values()],
+               "image.put": self.image_put, "prepare": self.prepare, "release": self.release}
+        return {name: scoped(handler, CENTER) for name, handler in own.items()}
 
     def image_put(self, a: dict) -> dict:
         try:
@@ -200,11 +204,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefix", required=True)
     ap.add_argument("--listen", required=True)
     ap.add_argument("--token", required=True)
+    ap.add_argument("--tls-cert")
+    ap.add_argument("--tls-key")
+    ap.add_argument("--tls-ca", help="mutual TLS: the CA that signs the center's client certificate")
+    ap.add_argument("--insecure", action="store_true", help="plain HTTP on a non-loopback address")
     args = ap.parse_args(argv)
     from control.api.http import AgentServer
-    from control.config import parse_listen
+    from control.config import ConfigError, parse_listen
+    from control.config.validate import check_listener
     from dataplane.netns import enter_netns
 
+    if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_ca and not args.tls_cert):
+        ap.error("--tls-cert and --tls-key go together, and --tls-ca needs them")
+    try:
+        check_listener(args.listen, "--listen", args.tls_cert is not None, args.insecure, "--insecure",
+                       "give --tls-cert/--tls-key, or --insecure")
+    except ConfigError as exc:
+        ap.exit(2, f"{ap.prog}: {exc}\n")
     enter_netns(args.netns)
     # dc2 routes decapsulated packets to its VMs: forwarding on, L4 ECMP, no reverse-path check
     for key, value in (("net/ipv4/ip_forward", "1"), ("net/ipv4/fib_multipath_hash_policy", "1"),
@@ -213,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         _sysctl(key, value)
     host, port = parse_listen(args.listen, "--listen")
     agent = DcAgent(args.prefix)
-    server = AgentServer(host, port, args.token, agent.commands())
+    server = AgentServer(host, port, args.token, agent.commands(), args.tls_cert, args.tls_key, args.tls_ca)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

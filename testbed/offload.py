@@ -66,7 +66,11 @@ class ReadyProcess:
 
 @dataclass(frozen=True)
 class OffloadLab:
-    """Tokens and ports of the center, gw1's agent and dc2's agent; fresh tokens per lab."""
+    """Tokens and ports of the center, gw1's agent and dc2's agent; fresh tokens per lab.
+
+    The three listen on testbed addresses in plain HTTP, which takes `insecure = true`
+    (--insecure for dc2's agent) in so many words: a testbed is a lab of namespaces on
+    one host, with fresh tokens per run, not a network anyone else is on."""
     center_token: str = field(default_factory=lambda: secrets.token_hex(8))
     gw_token: str = field(default_factory=lambda: secrets.token_hex(8))
     dc_token: str = field(default_factory=lambda: secrets.token_hex(8))
@@ -81,7 +85,7 @@ class OffloadLab:
 
     def agent(self) -> AgentConfig:
         """gw1's [agent]: where the center reaches the gateway."""
-        return AgentConfig(listen=f"{UPLINK_IP}:{self.gw_agent_port}", token=self.gw_token)
+        return AgentConfig(listen=f"{UPLINK_IP}:{self.gw_agent_port}", token=self.gw_token, insecure=True)
 
     def write_center_config(self, directory: str | Path, vms: int = 2, retry_s: float = 0.2) -> Path:
         """center.toml, its SQLite db and the web service's master image (what dc2's
@@ -97,6 +101,7 @@ class OffloadLab:
         return f"""
 [center]
 listen = "{ROUTER_IP}:{self.center_port}"
+insecure = true
 token = "{self.center_token}"
 db = "{db}"
 vms = {vms}
@@ -160,7 +165,7 @@ path = "{image}"
     def start_dc_agent(self, tb: Testbed) -> ReadyProcess:
         """dc2's agent (it enters dc2's namespace itself, to create VM namespaces)."""
         p = tb.spawn([sys.executable, "-m", "testbed.dcagent", "--netns", tb.ns("dc2"), "--prefix", tb.prefix,
-                      "--listen", f"{DC2_ENDPOINT}:{self.dc_agent_port}", "--token", self.dc_token],
+                      "--listen", f"{DC2_ENDPOINT}:{self.dc_agent_port}", "--token", self.dc_token, "--insecure"],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         return ReadyProcess(tb, p, DC_AGENT_READY)
 

@@ -13,6 +13,12 @@ class BadRequest(CommandError):
     status = 400
 
 
+class Forbidden(CommandError):
+    """The caller's scope may not call this command (control/api/commands.py)."""
+
+    status = 403
+
+
 class NotFound(CommandError):
     status = 404
 

@@ -1,10 +1,12 @@
 """HTTP/JSON with a bearer token: what the control center's API and the agent API
 share (token check, JSON body, TLS), and the agent API itself: a command table (the
-daemon's, the same one the local unix-socket API serves) for the control center.
+daemon's, the same one the local unix-socket API serves) for the control center,
+which may call only the commands open to the CENTER scope (control/api/commands.py).
 
     POST /v1/cmd/<command>   body: the command's arguments (a JSON object)
       200 {"ok": true, "result": ...}
-      400 malformed JSON / bad arguments, 401 token, 404 unknown command or name, 409 refused
+      400 malformed JSON / bad arguments, 401 token, 403 a command outside the center's scope,
+      404 unknown command or name, 409 refused
 
 It runs its own asyncio loop on a thread of the daemon; handlers (which touch the
 maps) run in that loop's thread pool, so one slow call does not block others."""
@@ -19,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from control.api.commands import Handler, dispatch, handler_of, parse_json
+from control.api.commands import CENTER, Handler, dispatch, handler_of, parse_json
 from control.api.errors import BadRequest, CommandError
 
 
@@ -37,12 +39,25 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
-    """A server-side TLS context from a certificate chain and key; None (plain HTTP) without a certificate."""
+def ssl_context(cert: str | None, key: str | None, ca: str | None = None) -> ssl.SSLContext | None:
+    """A server-side TLS context from a certificate chain and key; None (plain HTTP) without a
+    certificate. With `ca` (mutual TLS), a client must present a certificate that `ca` signed."""
     if not cert:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
+    if ca:
+        ctx.load_verify_locations(ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_ssl_context(ca: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """A client-side TLS context: the server is verified against `ca` (the system's CAs without);
+    `cert` and `key` are the client certificate a mutual-TLS server asks for."""
+    ctx = ssl.create_default_context(cafile=ca)
+    if cert:
+        ctx.load_cert_chain(cert, key)
     return ctx
 
 
@@ -52,9 +67,9 @@ def make_app(commands: Mapping[str, Handler], token: str) -> web.Application:
             return web.json_response({"ok": False, "error": "missing or wrong token"}, status=401)
         name = request.match_info["cmd"]
         try:
-            handler_of(commands, name)           # an unknown command is 404 whatever the body
+            handler_of(commands, name, CENTER)   # unknown (404) or out of scope (403) whatever the body
             args = await json_body(request)
-            result = await asyncio.get_running_loop().run_in_executor(None, dispatch, commands, name, args)
+            result = await asyncio.get_running_loop().run_in_executor(None, dispatch, commands, name, args, CENTER)
         except CommandError as exc:
             return web.json_response({"ok": False, "error": str(exc)}, status=exc.status)
         return web.json_response({"ok": True, "result": result})
@@ -65,12 +80,13 @@ def make_app(commands: Mapping[str, Handler], token: str) -> web.Application:
 
 
 class AgentServer:
-    """Serves `commands` on host:port (optionally TLS) from a thread; start() returns once listening."""
+    """Serves the CENTER scope of `commands` on host:port (optionally TLS, optionally requiring
+    client certificates signed by `tls_ca`) from a thread; start() returns once listening."""
 
     def __init__(self, host: str, port: int, token: str, commands: Mapping[str, Handler],
-                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
+                 tls_cert: str | None = None, tls_key: str | None = None, tls_ca: str | None = None) -> None:
         self.host, self.port, self.token, self.commands = host, port, token, commands
-        self.tls = (tls_cert, tls_key)
+        self.tls = (tls_cert, tls_key, tls_ca)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.runner: web.AppRunner | None = None
         self.thread = threading.Thread(target=self._run, name="xdpgw-agent", daemon=True)

@@ -11,6 +11,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from control.api.http import client_ssl_context
+
 
 class CenterError(RuntimeError):
     """A call failed: `status` is the HTTP status (None: no answer), str() the server's message."""
@@ -25,7 +27,7 @@ class CenterClient:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
-        self.context = ssl.create_default_context(cafile=cafile) if self.url.startswith("https:") else None
+        self.context = client_ssl_context(cafile) if self.url.startswith("https:") else None
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -46,20 +48,23 @@ class CenterClient:
 
 
 class AgentClient:
-    """Calls one agent's command table: `await call("offload.set", region=..., ...)`."""
+    """Calls one agent's command table: `await call("offload.set", region=..., ...)`; an https
+    agent is verified with `tls` (the system's CAs without), which may carry a client certificate."""
 
-    def __init__(self, session, url: str, token: str, timeout: float = 30.0) -> None:
+    def __init__(self, session, url: str, token: str, timeout: float = 30.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.session = session
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.tls = tls
 
     async def call(self, command: str, **args: Any) -> Any:
         import aiohttp
 
         try:
             async with self.session.post(f"{self.url}/v1/cmd/{command}", json=args,
-                                         headers={"Authorization": f"Bearer {self.token}"},
+                                         headers={"Authorization": f"Bearer {self.token}"}, ssl=self.tls or True,
                                          timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
                 try:
                     reply = await resp.json(content_type=None)

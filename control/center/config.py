@@ -4,8 +4,11 @@ like the gateway's (control/config/), and read by the same TOML layer.
     [center]
     listen = "198.18.0.1:7300"        # ADDR:PORT
     token = "secret"                  # every call needs "Authorization: Bearer <token>"
-    db = "/var/lib/xdpgw/center.db"   # SQLite (WAL)
-    # tls_cert = "...", tls_key = "..."   # serve https
+    db = "/var/lib/xdpgw/center.db"   # SQLite (WAL); the default, when there is no [store]
+    # name = "center-a"               # this replica's name (default: the host name)
+    # leader_ttl_s = 5                # with [store]: the leader's lease; a standby takes over this long after it died
+    # tls_cert = "...", tls_key = "..."   # serve https (required on a non-loopback address,
+    # insecure = true                     # unless this says plain HTTP in so many words)
     vms = 2                           # VMs to prepare per request
     max_attempts = 5                  # per step, before the request fails
     retry_s = 0.5                     # first retry delay (doubles per attempt, capped at 10 s)
@@ -29,14 +32,16 @@ like the gateway's (control/config/), and read by the same TOML layer.
     latency_ms = 5.0
     transmit_mbps = 10000
     tunnel_endpoint = "198.18.200.2"
-    agent = "http://198.18.200.2:7302"
+    agent = "https://198.18.200.2:7302"
     agent_token = "..."
+    # tls_ca = "...", tls_cert = "...", tls_key = "..."   # https agent: its CA; our client certificate
 
     [[gateway]]                       # gateways that may ask for offloads, and their agents
     name = "gw1"
     datacenter = "dc1"
-    agent = "http://198.18.0.2:7301"
+    agent = "https://198.18.0.2:7301"
     agent_token = "..."
+    # tls_ca, tls_cert, tls_key as for a data center
 
     [[image]]                         # a service's master image
     service = "web"
@@ -45,6 +50,9 @@ like the gateway's (control/config/), and read by the same TOML layer.
 
     [metrics]                         # optional: Prometheus GET /metrics (control/metrics.py)
     listen = "127.0.0.1:9418"
+
+    [store]                           # optional: the shared store; replicas on it elect a leader
+    url = "etcd://198.18.0.1:2379,198.18.0.2:2379,198.18.0.3:2379"
 """
 from __future__ import annotations
 
@@ -53,17 +61,19 @@ import ipaddress
 import math
 import os
 import re
+import socket
 import zoneinfo
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from control.config import ConfigError, MetricsConfig, parse_listen
+from control.config import ConfigError, MetricsConfig, StoreConfig
 from control.config.schema import ENTRY_NAME
 from control.config.toml import Converter, from_array, from_table, parse_document, read_text
-from control.config.validate import (check_int, check_match, check_metrics, check_number, check_str,
-                                     check_unique_names)
+from control.config.validate import (check_int, check_listener, check_match, check_metrics, check_number,
+                                     check_store, check_str, check_unique_names)
 
 _URL = re.compile(r"https?://[^\s/]+/?")
+_E = TypeVar("_E", "DataCenter", "GatewayEntry")
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,9 @@ class DataCenter:
     transmit_mbps: float = 1000.0
     agent: str | None = None
     agent_token: str | None = None
+    tls_ca: str | None = None       # verifies an https agent (the system's CAs without)
+    tls_cert: str | None = None     # the center's client certificate, for an agent that asks (mutual TLS)
+    tls_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,9 @@ class GatewayEntry:
     datacenter: str
     agent: str
     agent_token: str
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,9 +124,12 @@ class ImageEntry:
 class CenterConfig:
     listen: str
     token: str
-    db: str
+    db: str = "/var/lib/xdpgw/center.db"
+    name: str = ""
+    leader_ttl_s: float = 5.0
     tls_cert: str | None = None
     tls_key: str | None = None
+    insecure: bool = False
     vms: int = 2
     max_attempts: int = 5
     retry_s: float = 0.5
@@ -120,6 +139,7 @@ class CenterConfig:
     regions: tuple[RegionEntry, ...] = ()
     images: tuple[ImageEntry, ...] = ()
     metrics: MetricsConfig | None = None
+    store: StoreConfig | None = None    # [store]: the shared store (replicas elect a leader); None: db
 
 
 def load_center_config(path: str) -> CenterConfig:
@@ -152,17 +172,21 @@ def _array(document: dict, section: str, cls: type) -> tuple:
 
 def parse_center_document(document: dict, base: str = ".") -> CenterConfig:
     for key in document:
-        if key not in ("center", "weights", "datacenter", "gateway", "region", "image", "metrics"):
+        if key not in ("center", "weights", "datacenter", "gateway", "region", "image", "metrics", "store"):
             raise ConfigError(key, "unknown key")
     if "center" not in document:
         raise ConfigError("center", "missing required table [center]")
     center = from_table(document["center"], "center", CenterConfig, _typed(CenterConfig),
-                        skip=("weights", "datacenters", "gateways", "regions", "images", "metrics"))
-    parse_listen(center.listen, "center.listen")
+                        skip=("weights", "datacenters", "gateways", "regions", "images", "metrics", "store"))
     if not center.token:
         raise ConfigError("center.token", "must not be empty")
     if (center.tls_cert is None) != (center.tls_key is None):
         raise ConfigError("center.tls_cert", "tls_cert and tls_key go together")
+    check_listener(center.listen, "center.listen", center.tls_cert is not None, center.insecure, "center.insecure",
+                   "set center.tls_cert/tls_key, or insecure = true")
+    check_match(center.name or socket.gethostname(), "center.name", ENTRY_NAME, "name")
+    if not 1 <= center.leader_ttl_s <= 60:
+        raise ConfigError("center.leader_ttl_s", f"{center.leader_ttl_s} is not in [1, 60]")
     check_int(center.vms, "center.vms", 1, 64)
     check_int(center.max_attempts, "center.max_attempts", 1, 100)
     if not 0 < center.retry_s <= 60:
@@ -183,6 +207,8 @@ def parse_center_document(document: dict, base: str = ".") -> CenterConfig:
     images = _array(document, "image", ImageEntry)
     metrics = None if "metrics" not in document else \
         check_metrics(from_table(document["metrics"], "metrics", MetricsConfig, {}))
+    store = None if "store" not in document else \
+        check_store(from_table(document["store"], "store", StoreConfig, {}), base)
     for entries, section in ((dcs, "datacenter"), (gateways, "gateway"), (regions, "region")):
         for i, e in enumerate(entries):
             check_match(e.name, f"{section}[{i}].name", ENTRY_NAME, "name")
@@ -212,14 +238,37 @@ def parse_center_document(document: dict, base: str = ".") -> CenterConfig:
             raise ConfigError(f"gateway[{i}].agent", f"{g.agent!r} is not an http(s) URL")
     for i, r in enumerate(regions):
         _latlon(r.lat, r.lon, f"region[{i}]")
+    dcs = tuple(_agent_tls(dc, f"datacenter[{i}]", base) for i, dc in enumerate(dcs))
+    gateways = tuple(_agent_tls(g, f"gateway[{i}]", base) for i, g in enumerate(gateways))
     resolved = []
     for i, img in enumerate(images):
         path = img.path if os.path.isabs(img.path) else os.path.join(base, img.path)
         if not os.path.isfile(path):
             raise ConfigError(f"image[{i}].path", f"{img.path!r} is not a file")
         resolved.append(dataclasses.replace(img, path=path))
-    return dataclasses.replace(center, weights={k: float(v) for k, v in weights.items()}, datacenters=dcs,
-                               gateways=gateways, regions=regions, images=tuple(resolved), metrics=metrics)
+    return dataclasses.replace(center, name=center.name or socket.gethostname(),
+                               weights={k: float(v) for k, v in weights.items()}, datacenters=dcs,
+                               gateways=gateways, regions=regions, images=tuple(resolved), metrics=metrics,
+                               store=store)
+
+
+def _agent_tls(entry: _E, here: str, base: str) -> _E:
+    """`entry` with its tls_ca/tls_cert/tls_key resolved (relative to the config file): files,
+    for an https agent; cert and key together."""
+    if (entry.tls_cert is None) != (entry.tls_key is None):
+        raise ConfigError(f"{here}.tls_cert" if entry.tls_cert is None else f"{here}.tls_key",
+                          "tls_cert and tls_key go together")
+    paths = {}
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        value = getattr(entry, key)
+        if value is None:
+            continue
+        if not (entry.agent or "").startswith("https://"):
+            raise ConfigError(f"{here}.{key}", f"set, but agent {entry.agent!r} is not an https:// URL")
+        paths[key] = os.path.join(base, value)
+        if not os.path.isfile(paths[key]):
+            raise ConfigError(f"{here}.{key}", f"{value!r} is not a file")
+    return dataclasses.replace(entry, **paths)
 
 
 def _latlon(lat: float, lon: float, here: str) -> None:

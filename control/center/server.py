@@ -1,6 +1,6 @@
 """The center's HTTP/JSON API (aiohttp). Every call needs ``Authorization: Bearer <token>``.
 
-    GET  /v1/status                      counts of requests by state
+    GET  /v1/status                      counts of requests by state; this replica's name and role (leader, standby)
     GET  /v1/datacenters                 the data centers (with load)
     PUT  /v1/datacenters/{name}/load     {"load": N}
     GET  /v1/images                      master images (no content)
@@ -13,9 +13,15 @@
     POST /v1/requests/{id}/retry         a failed request resumes where it failed
     POST /v1/requests/clear              {"gateway", "region"[, "service"]}: clear the region's open requests
 
+Every replica serves every call (with a [store], several replicas share one state): reads
+and writes go to the store, whose compare-and-swaps keep replicas writing at once apart;
+only the leader drives the requests (control/center/leader.py). So a gateway or a load
+balancer may call any replica, and a standby needs no way to reach the leader.
+
 Errors are ``{"error": "..."}`` with 400 (malformed JSON, missing or bad fields),
 401 (token), 404 (unknown gateway, region, service, request), 409 (no data center
-can take the request, or the request is in a state that does not allow it)."""
+can take the request, or the request is in a state that does not allow it), 503 (the
+shared store cannot be reached now: retry, or ask another replica)."""
 from __future__ import annotations
 
 import asyncio
@@ -29,13 +35,16 @@ from aiohttp import web
 
 from control.api.commands import arg
 from control.api.errors import BadRequest, CommandError, NotFound, Refused
-from control.api.http import check_bearer, json_body, ssl_context
+from control.api.http import check_bearer, client_ssl_context, json_body, ssl_context
 from control.center.client import AgentClient
 from control.center.config import CenterConfig
+from control.center.kvstore import KvStore
+from control.center.leader import Replica
 from control.center.store import Store
 from control.center.workflow import NoTarget, Workflow
 from control.deploy import notify
 from control.logs import event
+from control.store import StoreError
 
 log = logging.getLogger(__name__)
 MAX_BODY = 16 * 1024 * 1024
@@ -58,20 +67,42 @@ def seed(store: Store, config: CenterConfig) -> None:
             store.put_image(img.service, img.name, content)
 
 
+def open_center_store(config: CenterConfig) -> Store | KvStore:
+    """Without [store]: the center's own SQLite file (one replica). With it: the shared
+    store, on which several replicas elect a leader."""
+    if config.store is None:
+        return Store(config.db)
+    from control.store import open_configured
+
+    return KvStore(open_configured(config.store))
+
+
 class Center:
-    def __init__(self, config: CenterConfig, store: Store | None = None, agent_factory=None) -> None:
+    def __init__(self, config: CenterConfig, store: Store | KvStore | None = None, agent_factory=None) -> None:
         self.config = config
-        self.store = store or Store(config.db)
+        self.store = store or open_center_store(config)
         seed(self.store, config)
         self.session = None
+        # the agents' TLS, by URL (what the workflow's factory is given): this replica's files
+        self.agent_tls = {e.agent.rstrip("/"): client_ssl_context(e.tls_ca, e.tls_cert, e.tls_key)
+                          for e in (*config.datacenters, *config.gateways)
+                          if e.tls_ca or e.tls_cert}
         self.workflow = Workflow(self.store, config.weights, agent_factory or self._agent, vms=config.vms,
                                  max_attempts=config.max_attempts, retry_s=config.retry_s)
-        self.workflow.resume()
+        # one SQLite file has one center, the leader; on a shared store the replicas campaign
+        self.replica = Replica(self.store.kv, config.name, config.leader_ttl_s, self.workflow) \
+            if isinstance(self.store, KvStore) else None
+        if self.replica is None:
+            self.workflow.resume()
         self.stop_event = asyncio.Event()
         self.calls = 0
 
+    @property
+    def role(self) -> str:
+        return "leader" if self.replica is None else self.replica.role
+
     def _agent(self, url: str, token: str) -> AgentClient:
-        return AgentClient(self.session, url, token)
+        return AgentClient(self.session, url, token, tls=self.agent_tls.get(url.rstrip("/")))
 
     # ---- app ---------------------------------------------------------------
     def app(self) -> web.Application:
@@ -99,7 +130,8 @@ class Center:
         self.session = aiohttp.ClientSession()
         self.stop_event = asyncio.Event()
         self.workflow.wakeup = asyncio.Event()
-        app[WORKFLOW_TASK] = asyncio.get_running_loop().create_task(self.workflow.run(self.stop_event))
+        run = self.workflow.run(self.stop_event) if self.replica is None else self.replica.run(self.stop_event)
+        app[WORKFLOW_TASK] = asyncio.get_running_loop().create_task(run)
 
     async def _cleanup(self, app: web.Application) -> None:
         self.stop_event.set()
@@ -120,6 +152,8 @@ class Center:
         except web.HTTPException as exc:
             return web.json_response({"error": f"{exc.status} {exc.reason}: {request.method} {request.path}"},
                                      status=exc.status)
+        except StoreError as exc:      # the shared store unreachable: the caller retries (another replica)
+            return web.json_response({"error": f"store: {exc}"}, status=503)
 
     # ---- helpers -----------------------------------------------------------
     def _request(self, request: web.Request) -> dict:
@@ -134,7 +168,8 @@ class Center:
     # ---- handlers ----------------------------------------------------------
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": self.store.state_counts(),
-                                  "datacenters": len(self.store.datacenters()), "calls": self.calls})
+                                  "datacenters": len(self.store.datacenters()), "calls": self.calls,
+                                  "name": self.config.name, "role": self.role})
 
     async def datacenters(self, request: web.Request) -> web.Response:
         return web.json_response([{k: v for k, v in dc.items() if k != "agent_token"}
@@ -149,7 +184,7 @@ class Center:
         if not 0 <= load <= dc["capacity"]:
             raise BadRequest(f"load {load} is out of range 0..{dc['capacity']}")
         dc["load"] = load
-        self.store._put("datacenters", name, dc)
+        self.store.set_datacenter(dc)
         return web.json_response({k: v for k, v in dc.items() if k != "agent_token"})
 
     async def images(self, request: web.Request) -> web.Response:
@@ -230,6 +265,7 @@ def serve(config: CenterConfig) -> int:
 
     host, port = parse_listen(config.listen, "center.listen")
     center = Center(config)
+    open_requests = len(center.store.requests(open_only=True))   # the store answers before we listen
     metrics = None
     if config.metrics is not None:
         from control.center.metrics import CenterCollector
@@ -246,8 +282,8 @@ def serve(config: CenterConfig) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, done.set)
-        open_requests = len(center.store.requests(open_only=True))
-        event(log, "center.up", listen=config.listen, scheme="https" if config.tls_cert else "http", db=config.db,
+        event(log, "center.up", listen=config.listen, scheme="https" if config.tls_cert else "http",
+              store=config.db if config.store is None else config.store.url, replica=config.name, role=center.role,
               open_requests=open_requests)
         notify("READY=1")
         await done.wait()

@@ -72,6 +72,10 @@ class Store:
     def datacenters(self) -> list[dict]:
         return self._all("datacenters")
 
+    def set_datacenter(self, dc: dict) -> None:
+        """Replace a data center's record as given (an operator's load)."""
+        self._put("datacenters", dc["name"], dc)
+
     def add_load(self, name: str, vms: int) -> None:
         with self.lock:
             dc = self.datacenter(name)
@@ -199,6 +203,12 @@ class Store:
                             "(?, ?, (SELECT state FROM requests WHERE id = ?), 'clear requested')",
                             (rid, time.time(), rid))
         return self.request(rid)
+
+    def reset_backoffs(self) -> int:
+        """Every open request is due now (a new center forgets the backoffs of the last one)."""
+        with self.lock:
+            return self.db.execute("UPDATE requests SET next_try_at = 0 WHERE state NOT IN ('cleared', 'failed')"
+                                   ).rowcount
 
     def history(self, rid: int) -> list[dict]:
         with self.lock:

@@ -16,8 +16,10 @@
                  flows finish at the target.
 * A clear asked for before `active` ends the request at the next step, without distributing.
 
-Every transition is one SQLite transaction; the engine only ever acts on what is in the
-store, so a center restarted at any point resumes each open request at its state.
+Every transition is one write to the store (one SQLite transaction, or one compare-and-swap
+of the request's key on the store interface); the engine only ever acts on what is in the
+store, so a center restarted at any point, or a standby that became the leader, resumes
+each open request at its state.
 A failed step is retried after retry_s * 2^(attempt-1) (capped at 10 s)."""
 from __future__ import annotations
 
@@ -64,6 +66,8 @@ class Workflow:
         self.now = now
         self.wakeup = asyncio.Event()
         self.inflight: set[int] = set()
+        self.tasks: set[asyncio.Task] = set()
+        self.may_act: Callable[[], bool] = lambda: True   # False once this replica is no longer the leader
         self.events = CenterEvents()          # step latencies, for the metrics
 
     # ---- target search -----------------------------------------------------
@@ -150,7 +154,7 @@ class Workflow:
                 if req is None or req["state"] in TERMINAL or (req["state"] == "active" and
                                                                not req["clear_requested"]):
                     return
-                if req["next_try_at"] > time.time():
+                if req["next_try_at"] > time.time() or not self.may_act():
                     return
                 t0 = time.perf_counter()
                 try:
@@ -191,24 +195,31 @@ class Workflow:
             if req["state"] == "active" and not req["clear_requested"]:
                 continue
             self.inflight.add(rid)
-            asyncio.get_running_loop().create_task(self.drive(rid))
+            task = asyncio.get_running_loop().create_task(self.drive(rid))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
     async def run(self, stop: asyncio.Event, tick: float = 0.2) -> None:
         """Until `stop`: drive what is due; wake at once on news (a new request, a clear)."""
-        while not stop.is_set():
-            self.kick()
-            self.wakeup.clear()
-            try:
-                await asyncio.wait_for(self.wakeup.wait(), tick)
-            except asyncio.TimeoutError:
-                pass
+        try:
+            while not stop.is_set():
+                self.kick()
+                self.wakeup.clear()
+                try:
+                    await asyncio.wait_for(self.wakeup.wait(), tick)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            # a deposed leader must not finish a step its successor is taking over
+            tasks = [t for t in self.tasks if not t.done()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def resume(self) -> int:
-        """At start: every open request is due now (backoffs of a previous run are forgotten)."""
-        with self.store.lock:
-            n = self.store.db.execute("UPDATE requests SET next_try_at = 0 WHERE state NOT IN ('cleared', 'failed')"
-                                      ).rowcount
-        return n
+        """At start, or when this replica becomes the leader: every open request is due now
+        (backoffs of a previous run are forgotten)."""
+        return self.store.reset_backoffs()
 
     async def settle(self, timeout: float = 10.0) -> None:
         """For tests: drive until every open request waits (active, not clearing) or the time is up."""

@@ -2,10 +2,10 @@
 typed values and back (toml), and what must hold across entries (validate)."""
 from control.config.schema import (AgentConfig, CenterLinkConfig, Config, ConfigError, GatewayConfig, HealthConfig,
                                    HostConfig, IPAddress, MetricsConfig, MonitorConfig, RegionConfig, ServiceConfig,
-                                   VMConfig)
+                                   StoreConfig, VMConfig)
 from control.config.toml import load_config, parse_config
 from control.config.validate import parse_listen, split_addr_port, validate
 
 __all__ = ["AgentConfig", "CenterLinkConfig", "Config", "ConfigError", "GatewayConfig", "HealthConfig", "HostConfig",
-           "IPAddress", "MetricsConfig", "MonitorConfig", "RegionConfig", "ServiceConfig", "VMConfig", "load_config",
-           "parse_config", "parse_listen", "split_addr_port", "validate"]
+           "IPAddress", "MetricsConfig", "MonitorConfig", "RegionConfig", "ServiceConfig", "StoreConfig", "VMConfig",
+           "load_config", "parse_config", "parse_listen", "split_addr_port", "validate"]

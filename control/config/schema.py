@@ -64,7 +64,7 @@ class GatewayConfig:
     stats_interval: float = 1.0
     # migration-aware forwarding (control/migration/)
     vm_ports: tuple[str, ...] = ()   # glob patterns of the host ports VMs sit behind (watched for announcements)
-    peers: tuple[str, ...] = ()      # control sockets of the other gateways to re-program on a move
+    hosts: tuple[str, ...] = ()      # the [[host]] names whose ports are this gateway's own (local ports)
     registry: str = ""  # "" means the default, /var/lib/xdpgw/<name>.db (the VM registry, SQLite)
     migration_hold_down: float = 2.0  # s after a move in which announcements moving the VM again are refused
     orchestrator: tuple[str, ...] = ()  # argv + [vm, host] live-migrates a VM (defrag apply); prints the new port
@@ -124,6 +124,20 @@ class AgentConfig:
     token: str
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_ca: str | None = None     # mutual TLS: the center must present a certificate this CA signed
+    insecure: bool = False        # plain HTTP on a non-loopback address: the token and calls in clear
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """[store]: where the shared state lives (control/store/); the center's config has one too.
+    Without it, a gateway keeps it in the SQLite file gateway.registry (one machine)."""
+    url: str                      # "sqlite:///PATH" or "etcd://HOST:PORT[,HOST:PORT...]"
+    ca: str | None = None         # etcd over TLS: the CA of the members' certificates
+    cert: str | None = None       # mutual TLS: this client's certificate and key
+    key: str | None = None
+    user: str | None = None       # etcd auth: the user, and a file holding its password
+    password_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -170,15 +184,19 @@ class VMConfig:
     tunnel: IPAddress | None = None
     weight: int = 1
     tenant: str | None = None         # for defragmentation (control/defrag/)
+    host: str | None = None           # the [[host]] the VM's port is on: (host, port) is its location
 
 
 @dataclass(frozen=True)
 class HostConfig:
-    """A hypervisor host: the gateway ports (glob patterns) of its VMs, and how
-    many VMs it takes (the defragmentation planner's capacity)."""
+    """A hypervisor host: the gateway ports (glob patterns) of its VMs, how many
+    VMs it takes (the defragmentation planner's capacity), and its tunnel
+    endpoint, by which gateways that do not own it (gateway.hosts) reach its VMs."""
     name: str
     ports: tuple[str, ...]
     capacity: int = 16
+    endpoint: ipaddress.IPv4Address | None = None
+    endpoint6: ipaddress.IPv6Address | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +210,7 @@ class Config:
     agent: AgentConfig | None = None
     hosts: tuple[HostConfig, ...] = ()
     metrics: MetricsConfig | None = None
+    store: StoreConfig | None = None  # None: the SQLite file gateway.registry
 
     def region(self, name: str) -> RegionConfig:
         """The region called `name`; KeyError if there is none."""

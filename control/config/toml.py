@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from control.config.schema import (AgentConfig, CenterLinkConfig, Config, ConfigError, GatewayConfig, HealthConfig,
                                    HostConfig, IPNetwork, MetricsConfig, MonitorConfig, RegionConfig, ServiceConfig,
-                                   VMConfig)
+                                   StoreConfig, VMConfig)
 from control.config.validate import describe, parse_address, parse_prefix, quote, validate
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -63,7 +63,7 @@ def parse_document(text: str, file: str | None) -> dict[str, Any]:
         raise ConfigError(where, problem, file) from e
 
 
-_SECTIONS = ("gateway", "region", "service", "vm", "monitor", "center", "agent", "host", "metrics")
+_SECTIONS = ("gateway", "region", "service", "vm", "monitor", "center", "agent", "host", "metrics", "store")
 
 
 def _from_document(document: dict[str, Any]) -> Config:
@@ -86,6 +86,7 @@ def _from_document(document: dict[str, Any]) -> Config:
         agent=table("agent", AgentConfig),
         hosts=from_array(document, "host", HostConfig, _CONVERTERS),
         metrics=table("metrics", MetricsConfig),
+        store=table("store", StoreConfig),
     )
 
 
@@ -138,12 +139,14 @@ _CONVERTERS: dict[str, Converter] = {
     "vip": parse_address,
     "ip": parse_address,
     "tunnel": parse_address,
+    "endpoint": parse_address,
+    "endpoint6": parse_address,
     "prefixes": _parse_prefixes,
     "vms": _parse_array,
     "health": _parse_health,
     "services": _parse_array,
     "vm_ports": _parse_array,
-    "peers": _parse_array,
+    "hosts": _parse_array,
     "ports": _parse_array,
     "orchestrator": _parse_array,
 }
@@ -158,7 +161,7 @@ def to_toml(config: Config) -> str:
     tables += [_toml_table("[[region]]", r) for r in config.regions]
     tables += [_toml_table("[[service]]", s) for s in config.services]
     tables += [_toml_table("[[vm]]", v) for v in config.vms]
-    tables += [_toml_table(f"[{name}]", getattr(config, name)) for name in ("monitor", "center", "agent", "metrics")
+    tables += [_toml_table(f"[{name}]", getattr(config, name)) for name in ("monitor", "center", "agent", "metrics", "store")
                if getattr(config, name) is not None]
     tables += [_toml_table("[[host]]", h) for h in config.hosts]
     return "\n".join(tables)
@@ -178,6 +181,8 @@ def _toml_table(header: str, entry: Any) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if dataclasses.is_dataclass(value):  # a nested table (service.health), written inline

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from control.config.schema import (ENTRY_NAME, GATEWAY_NAME, HEALTH_KINDS, PROTOCOLS, XDP_MODES, AgentConfig,
                                    CenterLinkConfig, Config, ConfigError, GatewayConfig, HealthConfig, HostConfig,
                                    IPAddress, IPNetwork, MetricsConfig, MonitorConfig, RegionConfig, ServiceConfig,
-                                   VMConfig)
+                                   StoreConfig, VMConfig)
 from control.maglev import is_prime
 
 _MAC = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
@@ -58,14 +58,15 @@ def validate(config: Config) -> Config:
     agent = None if config.agent is None else _check_agent(_instance(config.agent, "agent", AgentConfig))
     gateway, hosts = _check_hosts(config.hosts, gateway, vms)
     metrics = None if config.metrics is None else check_metrics(_instance(config.metrics, "metrics", MetricsConfig))
-    return Config(gateway, regions, services, vms, monitor, center, agent, hosts=hosts, metrics=metrics)
+    store = None if config.store is None else check_store(_instance(config.store, "store", StoreConfig))
+    return Config(gateway, regions, services, vms, monitor, center, agent, hosts=hosts, metrics=metrics, store=store)
 
 
 def _check_hosts(hosts: Any, gateway: GatewayConfig,
                  vms: tuple[VMConfig, ...]) -> tuple[GatewayConfig, tuple[HostConfig, ...]]:
     """[[host]] entries and the migration keys of [gateway] and [[vm]]."""
     lists = {}
-    for key in ("vm_ports", "peers", "orchestrator"):
+    for key in ("vm_ports", "orchestrator", "hosts"):
         lists[key] = _sequence(getattr(gateway, key), f"gateway.{key}")
         for i, value in enumerate(lists[key]):
             if not check_str(value, f"gateway.{key}[{i}]") or "\0" in value:
@@ -85,9 +86,40 @@ def _check_hosts(hosts: Any, gateway: GatewayConfig,
             if not check_str(port, f"{here}.ports[{j}]"):
                 raise ConfigError(f"{here}.ports[{j}]", "must be a non-empty string")
         check_int(h.capacity, f"{here}.capacity", 1, 1 << 20)
+        for key, version in (("endpoint", 4), ("endpoint6", 6)):
+            if getattr(h, key) is not None:
+                _address(getattr(h, key), f"{here}.{key}", version)
         checked.append(dataclasses.replace(h, ports=ports))
+    _check_locations(gateway, lists["hosts"], tuple(checked), vms)
     hold = _seconds(gateway.migration_hold_down, "gateway.migration_hold_down", 3600.0)
     return dataclasses.replace(gateway, migration_hold_down=hold, **lists), tuple(checked)
+
+
+def _check_locations(gateway: GatewayConfig, own: tuple[str, ...], hosts: tuple[HostConfig, ...],
+                     vms: tuple[VMConfig, ...]) -> None:
+    """gateway.hosts names [[host]] entries; a VM on a host is at (host, port), and
+    a host this gateway does not own is reached through its endpoint."""
+    by_name = {h.name: h for h in hosts}
+    for i, name in enumerate(own):
+        if name not in by_name:
+            raise ConfigError(f"gateway.hosts[{i}]", f"{quote(name)} is not the name of a [[host]]")
+    for i, vm in enumerate(vms):
+        if vm.host is None:
+            continue
+        here = _named("vm", i, vm)
+        if check_str(vm.host, f"{here}.host") not in by_name:
+            raise ConfigError(f"{here}.host", f"{quote(vm.host)} is not the name of a [[host]]")
+        if vm.port is None:
+            raise ConfigError(f"{here}.port", "missing; a VM on a host is at (host, port)")
+        h = by_name[vm.host]
+        if vm.host not in own:
+            j = hosts.index(h)
+            if h.endpoint is None and h.endpoint6 is None:
+                raise ConfigError(f"host[{j}].endpoint", f"missing; VM {quote(vm.name)} is on host {quote(h.name)}, "
+                                  "which this gateway does not own (gateway.hosts), so it needs a tunnel endpoint")
+            needed = "tunnel_source" if h.endpoint is not None else "tunnel_source6"
+            if getattr(gateway, needed) is None:
+                raise ConfigError(f"gateway.{needed}", f"missing; host {quote(h.name)}'s endpoint needs it")
 
 
 _THRESHOLDS = ("heavy_pps", "heavy_bps", "clear_pps", "clear_bps")
@@ -154,17 +186,59 @@ def _check_center(c: CenterLinkConfig) -> CenterLinkConfig:
 
 
 def _check_agent(a: AgentConfig) -> AgentConfig:
-    parse_listen(check_str(a.listen, "agent.listen"), "agent.listen")
+    check_str(a.listen, "agent.listen")
     if not check_str(a.token, "agent.token"):
         raise ConfigError("agent.token", "must not be empty")
     if (a.tls_cert is None) != (a.tls_key is None):
         raise ConfigError("agent.tls_cert" if a.tls_cert is None else "agent.tls_key",
                           "tls_cert and tls_key go together")
-    for key in ("tls_cert", "tls_key"):
+    if a.tls_ca is not None and a.tls_cert is None:
+        raise ConfigError("agent.tls_ca", "needs tls_cert and tls_key: client certificates are checked over TLS")
+    for key in ("tls_cert", "tls_key", "tls_ca"):
         value = getattr(a, key)
         if value is not None and not os.path.isfile(check_str(value, f"agent.{key}")):
             raise ConfigError(f"agent.{key}", f"{quote(value)} is not a file")
+    check_listener(a.listen, "agent.listen", a.tls_cert is not None, a.insecure, "agent.insecure",
+                   "set agent.tls_cert/tls_key, or insecure = true")
     return a
+
+
+def check_listener(listen: str, key: str, tls: bool, insecure: Any, insecure_key: str, remedy: str) -> None:
+    """A listener that others call with a token (an agent, the center): on a non-loopback
+    address it serves TLS, unless `insecure` is true in so many words. `remedy` says how."""
+    if not isinstance(insecure, bool):
+        raise ConfigError(insecure_key, f"must be true or false, got {describe(insecure)}")
+    host, _ = parse_listen(listen, key)
+    if not tls and not insecure and not ipaddress.ip_address(host).is_loopback:
+        raise ConfigError(key, f"{listen} is not a loopback address: {remedy}")
+
+
+def check_store(s: StoreConfig, base: str | None = None) -> StoreConfig:
+    """[store] of the gateway's config and of the center's; file paths relative to `base`
+    (the config file's directory) when given."""
+    from control.store import parse_url  # the store package reads its own URLs
+
+    try:
+        kind, _ = parse_url(check_str(s.url, "store.url"))
+    except ValueError as exc:
+        raise ConfigError("store.url", str(exc)) from None
+    paths = {}
+    for key in ("ca", "cert", "key", "user", "password_file"):
+        value = getattr(s, key)
+        if value is None:
+            continue
+        if kind != "etcd":
+            raise ConfigError(f"store.{key}", "only for an etcd:// url")
+        if not check_str(value, f"store.{key}"):
+            raise ConfigError(f"store.{key}", "must not be empty")
+        if key != "user":
+            paths[key] = os.path.join(base, value) if base is not None else value
+            if not os.path.isfile(paths[key]):
+                raise ConfigError(f"store.{key}", f"{quote(value)} is not a file")
+    for one, other in (("cert", "key"), ("key", "cert"), ("user", "password_file"), ("password_file", "user")):
+        if getattr(s, one) is not None and getattr(s, other) is None:
+            raise ConfigError(f"store.{other}", f"missing; store.{one} needs it")
+    return dataclasses.replace(s, **paths)
 
 
 def check_metrics(m: MetricsConfig) -> MetricsConfig:

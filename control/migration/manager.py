@@ -16,31 +16,35 @@ conflict if another port claimed the same VM within `conflict_window`; refused
 (held down) if the VM moved less than `hold_down` ago. Refusals are recorded in
 the registry's event table (`xdpgw vm events`), never applied.
 
-Applying: registry running -> migrating, the local gateway re-points the VM
-(Gateway.move_vm: only the location entry changes, so flows pinned to the VM id
-follow it), every peer gateway gets `migration.peer_apply` over its control
-socket, in parallel; then the registry gets the new location, holders, state
-running, and a history row with the convergence time: from the announcement
-(the kernel's timestamp of the frame, CLOCK_MONOTONIC) to the last gateway's
-acknowledgement."""
+Applying: one compare-and-swap write of the VM's record in the store (its new
+location, state running, the gateways live now, how and when it was detected),
+checked first against this gateway's own forwarding so a location that cannot
+be served here is refused before anyone sees it. Every gateway, this one
+included, applies the write from its watch (control/migration/follow.py);
+the call returns once this gateway has, with the convergence time from the
+announcement (the kernel's timestamp of the frame, CLOCK_MONOTONIC) to its own
+map update. Two gateways writing one VM at once: the second write loses its
+compare-and-swap and is reported as a conflict, like two ports claiming it."""
 from __future__ import annotations
 
 import ipaddress
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from control.events import GatewayEvents
 from control.logs import event
-from control.migration.registry import InvalidTransition, Registry, RegistryError
+from control.migration.follow import Follower, Membership
+from control.migration.registry import Registry, RegistryError, VmRecord
+from control.store.base import Conflict, StoreError
+from control.vms import Location
 
 log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-KINDS = ("garp", "rarp", "na", "netlink", "explicit", "peer", "defrag")
+KINDS = ("garp", "rarp", "na", "netlink", "explicit", "defrag")
 
 
 class MigrationError(RuntimeError):
@@ -86,54 +90,59 @@ class _VmTrack:
     left_port: str | None = None
 
 
-PeerCall = Callable[..., Any]
+class _Lost(Exception):
+    """Another writer changed the VM's location first (the compare-and-swap lost)."""
 
-
-def _default_peer_call(path: str, cmd: str, timeout: float, **args: Any) -> Any:
-    from control.api import unix as api
-
-    return api.call(path, cmd, timeout=timeout, **args)
+    def __init__(self, rec: VmRecord) -> None:
+        super().__init__(f"{rec.name} was moved to {rec.where()} by {(rec.move or {}).get('by', 'another writer')} "
+                         "first; not applied")
+        self.rec = rec
 
 
 class MigrationManager:
     """Thread-safe; one per gateway daemon.
 
-    `move_local(name, port=, mac=, tunnel=)` re-points the VM on this gateway
-    (Gateway.move_vm). `peers`: control sockets of the other gateways. Each
-    applied migration's convergence time goes to `events` (the metrics), if given."""
+    `move_local(name, port=, mac=, tunnel=, host=, revision=)` re-points the VM on
+    this gateway (Gateway.move_vm); its watch of the registry calls it for every
+    location change. `check_local` (same arguments, no revision) checks a new
+    location against this gateway and returns it as a Location, before the write.
+    `known`: where the gateway has each VM now (default: where the registry says).
+    `membership`: this gateway's live key; the live gateways are recorded with each move. `host_of(port)`: the
+    own host a port is on. Each migration's convergence time goes to `events`."""
 
     def __init__(self, registry: Registry, gateway_name: str, move_local: Callable[..., dict],
-                 peers: tuple[str, ...] | list[str] = (), hold_down: float = 2.0, conflict_window: float = 0.5,
-                 rate: float = 20.0, burst: float = 10.0, global_rate: float = 1000.0,
-                 peer_timeout: float = 2.0, clock: Callable[[], int] = time.monotonic_ns,
-                 peer_call: PeerCall = _default_peer_call, max_tracked: int = 4096,
-                 events: GatewayEvents | None = None) -> None:
+                 check_local: Callable[..., Location] | None = None, known: dict[str, Location] | None = None,
+                 hold_down: float = 2.0, conflict_window: float = 0.5, rate: float = 20.0, burst: float = 10.0,
+                 global_rate: float = 1000.0, apply_timeout: float = 5.0,
+                 clock: Callable[[], int] = time.monotonic_ns, max_tracked: int = 4096,
+                 events: GatewayEvents | None = None, membership: Membership | None = None,
+                 host_of: Callable[[str], str | None] = lambda port: None, store_url: str = "") -> None:
         self.registry = registry
         self.gateway_name = gateway_name
         self.move_local = move_local
-        self.peers = tuple(peers)
+        self.check_local = check_local
         self.hold_down = hold_down
         self.conflict_window = conflict_window
         self.rate, self.burst = rate, burst
-        self.peer_timeout = peer_timeout
+        self.apply_timeout = apply_timeout
         self.clock = clock
-        self.peer_call = peer_call
         self.max_tracked = max_tracked
         self.events = events
+        self.members = membership.members if membership is not None else lambda: [gateway_name]
+        self.host_of = host_of
         self.lock = threading.RLock()
         self.buckets: dict[str, TokenBucket] = {}
         self.global_bucket = TokenBucket(global_rate, global_rate, self._now())
         self.track: dict[str, _VmTrack] = {}
         self.counts: dict[str, int] = {}
-        self.pool = ThreadPoolExecutor(max_workers=max(1, len(self.peers)), thread_name_prefix="xdpgw-peer") \
-            if self.peers else None
+        self.follower = Follower(registry, self._apply_records, known, url=store_url, membership=membership)
+        self.follower.start()
 
     def _now(self) -> float:
         return self.clock() / 1e9
 
     def close(self) -> None:
-        if self.pool:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+        self.follower.stop()
 
     # ---- announcements -------------------------------------------------
     def announce(self, a: Announcement) -> Outcome:
@@ -172,9 +181,11 @@ class MigrationManager:
         track = self.track.setdefault(rec.name, _VmTrack())
         others = {p: t for p, t in track.claims.items() if p != a.port and now - t <= self.conflict_window}
         track.claims[a.port] = now
-        if rec.kind == "port" and rec.location == a.port:
+        if rec.kind == "port" and rec.location == a.port and rec.host == self.host_of(a.port):
             return Outcome("current", rec.name)
-        recently_moved = track.moved_at is not None and now - track.moved_at < self.hold_down
+        # hold_down 0 holds nothing down, also when another gateway's move was applied here
+        # after this announcement was seen (a moved_at later than `now`)
+        recently_moved = self.hold_down > 0 and track.moved_at is not None and now - track.moved_at < self.hold_down
         if recently_moved and a.port == track.left_port:
             return Outcome("flap", rec.name, {"reason": f"{rec.name} left {a.port} "
                                                         f"{(now - track.moved_at) * 1000:.0f} ms ago; held down "
@@ -188,99 +199,105 @@ class MigrationManager:
                                                              f"{(now - track.moved_at) * 1000:.0f} ms ago",
                                                    "at": rec.location})
         try:
-            result = self._apply(rec.name, port=a.port, mac=mac, tunnel=None, detected_by=a.kind, t0_ns=a.ts_ns)
-        except (MigrationError, RegistryError) as exc:
+            result = self._apply(rec.name, port=a.port, mac=mac, tunnel=None, detected_by=a.kind, t0_ns=a.ts_ns,
+                                 host=self.host_of(a.port))
+        except _Lost as lost:
+            return Outcome("conflict", rec.name, {"reason": str(lost), "at": lost.rec.location,
+                                                  "claims": sorted({lost.rec.location, a.port})})
+        except (MigrationError, RegistryError, StoreError) as exc:
             return Outcome("failed", rec.name, {"reason": str(exc)})
         return Outcome("applied", rec.name, result)
 
     # ---- explicit moves (CLI / API / defrag) ---------------------------
     def move(self, name: str, port: str | None = None, mac: str | None = None, tunnel: str | None = None,
-             source: str = "explicit") -> dict[str, Any]:
+             source: str = "explicit", host: str | None = None) -> dict[str, Any]:
         if (port is None) == (tunnel is None):
             raise MigrationError("vm move: give exactly one of port or tunnel")
         with self.lock:
-            return self._apply(name, port=port, mac=mac, tunnel=tunnel, detected_by=source, t0_ns=self.clock())
+            try:
+                return self._apply(name, port=port, mac=mac, tunnel=tunnel, detected_by=source, t0_ns=self.clock(),
+                                   host=host if host is not None or port is None else self.host_of(port))
+            except _Lost as lost:
+                raise MigrationError(str(lost)) from None
+            except StoreError as exc:
+                raise MigrationError(f"the store: {exc}") from None
 
     # ---- the one apply path --------------------------------------------
     def _apply(self, name: str, port: str | None, mac: str | None, tunnel: str | None, detected_by: str,
-               t0_ns: int) -> dict[str, Any]:
+               t0_ns: int, host: str | None = None) -> dict[str, Any]:
         reg = self.registry
         before = reg.vm(name)
         old = (before.kind, before.location)
         new = ("port", port) if port is not None else ("tunnel", str(tunnel))
-        reg.transition(name, "migrating")
-        gateways: dict[str, Any] = {}
         try:
+            to = self._check(name, port, mac or before.mac, tunnel, host)
+        except Exception as exc:   # noqa: BLE001 - reported, the VM stays where it was
+            reg.record_migration(name, old, new, detected_by, None, {self.gateway_name: f"error: {exc}"},
+                                 status="failed", detail=str(exc))
+            raise MigrationError(f"{self.gateway_name}: {exc}") from None
+        move = {"by": self.gateway_name, "detected_by": detected_by, "t0_ns": t0_ns, "at": time.time(),
+                "from": before.where().as_dict()}
+        members = sorted(set(self.members()) | {self.gateway_name})
+        for _ in range(3):
             try:
-                self.move_local(name, port=port, mac=mac, tunnel=tunnel)
-            except Exception as exc:   # noqa: BLE001 - reported, the VM stays where it was
-                raise MigrationError(f"{self.gateway_name}: {exc}") from None
-            gateways[self.gateway_name] = "ok"
-            gateways.update(self._notify_peers(name, port, mac or before.mac, tunnel, detected_by))
-        except BaseException as exc:
-            reg.transition(name, "running")
-            reg.record_migration(name, old, new, detected_by, None, gateways, status="failed", detail=str(exc))
-            raise
+                revision = reg.move(before, to, move, members)
+                break
+            except Conflict:
+                latest = reg.vm(name)
+                if latest.where() != before.where():
+                    raise _Lost(latest) from None
+                before = latest          # a write that did not move it (identity, state): try again
+        else:
+            raise MigrationError(f"{name}: its record kept changing; not applied")
+        applied = self.follower.wait_applied(revision, self.apply_timeout)
         t1_ns = self.clock()
         convergence_ms = round((t1_ns - t0_ns) / 1e6, 3)
         if self.events is not None:
             self.events.convergence.observe((t1_ns - t0_ns) / 1e9)
-        reg.set_location(name, *new, mac=mac)
-        reg.set_holders(name, [g for g, r in gateways.items() if r == "ok"])
-        reg.transition(name, "running")
-        status = "ok" if all(r == "ok" for r in gateways.values()) else "partial"
-        mid = reg.record_migration(name, old, new, detected_by, convergence_ms, gateways, status=status)
+        gateways = {g: ("ok" if applied else "pending") if g == self.gateway_name else "watching" for g in members}
+        status = "ok" if applied else "partial"
+        mid_ = reg.record_migration(name, old, new, detected_by, convergence_ms, gateways, status=status)
         event(log, "vm.moved", vm=name, **{"from": old[1], "to": new[1]}, by=detected_by, ms=convergence_ms,
-              status=status)
-        now = t1_ns / 1e9
+              status=status, revision=revision)
         track = self.track.setdefault(name, _VmTrack())
         track.moved_at, track.left_port = t0_ns / 1e9, old[1] if old[0] == "port" else None
         return {"vm": name, "from": old[1], "to": new[1], "detected_by": detected_by,
-                "convergence_ms": convergence_ms, "gateways": gateways, "status": status, "migration": mid,
-                "applied_at": now}
+                "convergence_ms": convergence_ms, "gateways": gateways, "status": status, "migration": mid_,
+                "revision": revision, "applied_at": t1_ns / 1e9}
 
-    def _notify_peers(self, name: str, port: str | None, mac: str | None, tunnel: str | None,
-                      detected_by: str) -> dict[str, Any]:
-        if not self.peers or self.pool is None:
-            return {}
-        args = {"name": name, "port": port, "mac": mac, "tunnel": tunnel, "origin": self.gateway_name,
-                "detected_by": detected_by}
-        futures = {p: self.pool.submit(self.peer_call, p, "migration.peer_apply", self.peer_timeout, **args)
-                   for p in self.peers}
-        out: dict[str, Any] = {}
-        for p, f in futures.items():
-            try:
-                reply = f.result(timeout=self.peer_timeout + 1.0)
-                out[reply.get("gateway", p) if isinstance(reply, dict) else p] = "ok"
-            except Exception as exc:   # noqa: BLE001 - one peer's failure is reported, not fatal
-                out[p] = f"error: {exc}"
-        return out
+    def _check(self, name: str, port: str | None, mac: str | None, tunnel: str | None,
+               host: str | None) -> Location:
+        if self.check_local is not None:
+            return self.check_local(name, port=port, mac=mac, tunnel=tunnel, host=host)
+        return Location(host, port, mac.lower() if mac else None,
+                        ipaddress.ip_address(tunnel) if tunnel is not None else None)
 
-    def peer_apply(self, name: str, port: str | None, mac: str | None, tunnel: str | None, origin: str,
-                   detected_by: str) -> dict[str, Any]:
-        """Another gateway moved `name`: re-point it here (no peers are called from here)."""
-        t0 = self.clock()
-        with self.lock:
-            before = self.registry.vm(name)
-            self.move_local(name, port=port, mac=mac, tunnel=tunnel)
-            new = ("port", port) if port is not None else ("tunnel", str(tunnel))
+    def _apply_records(self, records: list[VmRecord]) -> set[str]:
+        """The watch's batch: re-point each VM here; the names that could not be."""
+        failed = set()
+        now = self._now()
+        for rec in records:
+            where = rec.where()
             try:
-                self.registry.transition(name, "migrating")
-                self.registry.set_location(name, *new, mac=mac)
-                self.registry.transition(name, "running")
-            except InvalidTransition:
-                self.registry.set_location(name, *new, mac=mac)
-            ms = round((self.clock() - t0) / 1e6, 3)
-            self.registry.record_migration(name, (before.kind, before.location), new, f"peer:{origin}/{detected_by}",
-                                           ms, {self.gateway_name: "ok"})
-            track = self.track.setdefault(name, _VmTrack())
-            track.moved_at = t0 / 1e9
-            track.left_port = before.location if before.kind == "port" else None
-        return {"gateway": self.gateway_name, "vm": name, "took_ms": ms}
+                self.move_local(rec.name, port=where.port, mac=where.mac,
+                                tunnel=str(where.tunnel) if where.tunnel is not None else None,
+                                host=where.host, revision=rec.revision)
+            except Exception as exc:   # noqa: BLE001 - one VM's failure must not stop the others
+                failed.add(rec.name)
+                event(log, "vm.apply_failed", logging.WARNING, vm=rec.name, to=str(where), revision=rec.revision,
+                      error=str(exc))
+                continue
+            if (rec.move or {}).get("by") != self.gateway_name:
+                # another gateway's move holds announcements down here too (attribute stores only:
+                # this runs in the watch's thread while an announcement may hold self.lock)
+                track = self.track.setdefault(rec.name, _VmTrack())
+                frm = (rec.move or {}).get("from") or {}
+                track.moved_at, track.left_port = now, frm.get("port") if frm.get("tunnel") is None else None
+        return failed
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
-            return {"outcomes": dict(self.counts), "peers": list(self.peers), "hold_down_s": self.hold_down,
+            return {"outcomes": dict(self.counts), "store": self.follower.status(), "hold_down_s": self.hold_down,
                     "conflict_window_s": self.conflict_window}
 
 

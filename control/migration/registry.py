@@ -1,22 +1,33 @@
-"""The VM registry: what the gateway knows of every VM that survives a restart.
+"""The VM registry: what the gateways know of every VM, kept in the store
+(control/store: SQLite on one machine, etcd for a fleet), so it survives a
+restart and every gateway reads the same.
 
-SQLite (control/storage.py). Per VM: id, IP, MAC, tenant, location (a host port or a
-remote endpoint), state, and which gateways hold entries for it; a history of
-every migration (when, from, to, how detected, convergence time) and of every
-announcement that was refused (spoofed, conflicting, flapping), which is how
-those are "reported".
+Per VM, one key (/xdpgw/vms/<name>): IP, MAC, tenant, location (a port on a host,
+or a tunnel endpoint), state, the gateways that held it at its last write, and
+the last move (by whom, how detected, when): a migration is one compare-and-swap
+write of that key, which every gateway applies from its watch. Beside it, a
+history of every migration (when, from, to, how detected, convergence time) and
+of every announcement that was refused (spoofed, conflicting, flapping), which is
+how those are "reported".
 
 VM states move only along TRANSITIONS; anything else raises InvalidTransition
 and changes nothing."""
 from __future__ import annotations
 
-import json
+import itertools
+import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from control.storage import journal_mode, open_db, transaction
+from control.storage import journal_mode
+from control.store.base import Conflict, Entry, Store
+from control.vms import Location
+
+VMS = "/xdpgw/vms/"
+MIGRATIONS = "/xdpgw/migrations/"
+EVENTS = "/xdpgw/events/"
 
 STATES = ("running", "migrating", "stopped", "lost")
 TRANSITIONS: frozenset[tuple[str, str]] = frozenset({
@@ -26,23 +37,6 @@ TRANSITIONS: frozenset[tuple[str, str]] = frozenset({
     ("running", "lost"), ("lost", "running"),               # its port vanished / it showed up again
     ("lost", "migrating"), ("stopped", "migrating"),
 })
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS vm (
-    name TEXT PRIMARY KEY, vm_id INTEGER, ip TEXT, mac TEXT, tenant TEXT,
-    kind TEXT NOT NULL CHECK (kind IN ('port', 'tunnel')), location TEXT NOT NULL,
-    state TEXT NOT NULL, updated_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS vm_holder (
-    vm TEXT NOT NULL REFERENCES vm(name), gateway TEXT NOT NULL, since REAL NOT NULL,
-    PRIMARY KEY (vm, gateway));
-CREATE TABLE IF NOT EXISTS migration (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, vm TEXT NOT NULL, at REAL NOT NULL,
-    from_kind TEXT, from_location TEXT, to_kind TEXT NOT NULL, to_location TEXT NOT NULL,
-    detected_by TEXT NOT NULL, convergence_ms REAL, gateways TEXT NOT NULL, status TEXT NOT NULL,
-    detail TEXT);
-CREATE TABLE IF NOT EXISTS event (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, vm TEXT, kind TEXT NOT NULL, detail TEXT NOT NULL);
-"""
 
 
 class RegistryError(RuntimeError):
@@ -68,131 +62,186 @@ class VmRecord:
     location: str        # ifname or endpoint address
     state: str
     updated_at: float
+    host: str | None = None
+    revision: int = 0                    # the store revision of the record's last write
+    holders: tuple[str, ...] = ()
+    move: dict[str, Any] | None = field(default=None, compare=False)   # the last move: by, detected_by, t0_ns
+
+    @classmethod
+    def from_entry(cls, entry: Entry) -> "VmRecord":
+        v = entry.value
+        loc = Location.from_dict(v)
+        kind, where = ("tunnel", str(loc.tunnel)) if loc.tunnel is not None else ("port", loc.port)
+        return cls(v["name"], v.get("vm_id"), v.get("ip"), loc.mac, v.get("tenant"), kind, where, v["state"],
+                   v["updated_at"], loc.host, entry.mod_revision, tuple(v.get("holders", ())), v.get("move"))
+
+    def where(self) -> Location:
+        return Location.from_dict({"host": self.host, "mac": self.mac, self.kind: self.location})
+
+    def value(self, **changes: Any) -> dict[str, Any]:
+        """The record as stored, with `changes` (location fields, state, holders, move)."""
+        v = {"name": self.name, "vm_id": self.vm_id, "ip": self.ip, "tenant": self.tenant, "state": self.state,
+             "holders": list(self.holders), "move": self.move, **self.where().as_dict()}
+        v.update(changes)
+        v["updated_at"] = time.time()
+        return v
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k not in ("holders", "move")}
+
+
+def _location_value(kind: str, location: str, mac: str | None, host: str | None) -> dict[str, Any]:
+    if kind not in ("port", "tunnel"):
+        raise RegistryError(f"location kind {kind!r} must be port or tunnel")
+    return {"host": host if kind == "port" else None, "port": location if kind == "port" else None,
+            "tunnel": location if kind == "tunnel" else None, "mac": mac.lower() if mac else None}
 
 
 class Registry:
-    """Thread-safe (one connection, one lock: writes are a few per migration)."""
+    """The VMs, history and refusals in `store` (a Store, or the path of a SQLite file
+    that becomes one); `gateway` names the writer in history and event keys.
+    Thread-safe: every write is one store operation (VM records by compare-and-swap)."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, store: Store | str, gateway: str = "") -> None:
+        if isinstance(store, str):
+            from control.store.sqlite import SqliteStore
+
+            store = SqliteStore(store)
+            self._owned = True
+        else:
+            self._owned = False
+        self.store = store
+        self.gateway = gateway
+        path = getattr(store, "path", None)
+        self.path = path or ""
+        self.journal_mode = _journal_mode(path) if path else None
+        self._seq = itertools.count()
         self.lock = threading.RLock()
-        self.db = open_db(path, SCHEMA)
-        self.journal_mode = journal_mode(self.db)
 
     def close(self) -> None:
-        with self.lock:
-            self.db.close()
+        if self._owned:
+            self.store.close()
 
     # ---- VMs
     def sync_vm(self, name: str, vm_id: int | None, ip: str | None, mac: str | None, tenant: str | None,
-                kind: str, location: str) -> VmRecord:
+                kind: str, location: str, host: str | None = None) -> VmRecord:
         """Register a configured VM. A VM already known keeps its location and state
         (it may have moved before a restart); identity fields follow the config."""
-        now = time.time()
-        with self.lock:
-            self.db.execute(
-                "INSERT INTO vm (name, vm_id, ip, mac, tenant, kind, location, state, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?) ON CONFLICT(name) DO UPDATE SET "
-                "vm_id = excluded.vm_id, ip = excluded.ip, mac = excluded.mac, tenant = excluded.tenant",
-                (name, vm_id, ip, mac, tenant, kind, location, now))
-            return self.vm(name)
+        where = _location_value(kind, location, mac, host)
+        for _ in range(8):            # another gateway may register the same VM at the same moment
+            entry = self.store.get(VMS + name)
+            try:
+                if entry is None:
+                    value = {"name": name, "vm_id": vm_id, "ip": ip, "tenant": tenant, "state": "running",
+                             "holders": [], "move": None, **where, "updated_at": time.time()}
+                    self.store.put_if(VMS + name, value, 0)
+                else:
+                    rec = VmRecord.from_entry(entry)
+                    mac = mac.lower() if mac else rec.mac
+                    if (rec.ip, rec.tenant, rec.mac) != (ip, tenant, mac):
+                        self.store.put_if(VMS + name, rec.value(ip=ip, tenant=tenant, mac=mac), entry.mod_revision)
+                return self.vm(name)
+            except Conflict:
+                continue
+        raise RegistryError(f"VM {name!r}: could not register it (the record kept changing)")
 
     def vm(self, name: str) -> VmRecord:
-        with self.lock:
-            row = self.db.execute("SELECT * FROM vm WHERE name = ?", (name,)).fetchone()
-        if row is None:
+        entry = self.store.get(VMS + name)
+        if entry is None:
             raise UnknownVm(f"unknown VM {name!r}")
-        return VmRecord(**dict(row))
+        return VmRecord.from_entry(entry)
+
+    def snapshot(self) -> tuple[list[VmRecord], int]:
+        """Every VM and the store revision they were read at."""
+        entries, revision = self.store.range(VMS)
+        return [VmRecord.from_entry(e) for e in entries], revision
 
     def vms(self) -> list[VmRecord]:
-        with self.lock:
-            rows = self.db.execute("SELECT * FROM vm ORDER BY name").fetchall()
-        return [VmRecord(**dict(r)) for r in rows]
+        return self.snapshot()[0]
 
     def by_mac(self, mac: str) -> VmRecord | None:
-        with self.lock:
-            row = self.db.execute("SELECT * FROM vm WHERE mac = ?", (mac.lower(),)).fetchone()
-        return VmRecord(**dict(row)) if row else None
+        mac = mac.lower()
+        return next((r for r in self.vms() if r.mac == mac), None)
 
     def at_location(self, kind: str, location: str) -> list[VmRecord]:
-        with self.lock:
-            rows = self.db.execute("SELECT * FROM vm WHERE kind = ? AND location = ?", (kind, location)).fetchall()
-        return [VmRecord(**dict(r)) for r in rows]
+        return [r for r in self.vms() if (r.kind, r.location) == (kind, location)]
 
     def transition(self, name: str, state: str) -> VmRecord:
         """Move a VM to `state`; InvalidTransition if the step is not in TRANSITIONS."""
         if state not in STATES:
             raise InvalidTransition(f"VM {name!r}: unknown state {state!r}; states: {list(STATES)}")
-        with self.lock:
-            old = self.vm(name).state
-            if (old, state) not in TRANSITIONS:
-                raise InvalidTransition(f"VM {name!r}: {old} -> {state} is not a valid transition")
-            self.db.execute("UPDATE vm SET state = ?, updated_at = ? WHERE name = ?", (state, time.time(), name))
-            return self.vm(name)
+        rec = self.vm(name)
+        if (rec.state, state) not in TRANSITIONS:
+            raise InvalidTransition(f"VM {name!r}: {rec.state} -> {state} is not a valid transition")
+        self.store.put_if(VMS + name, rec.value(state=state), rec.revision)
+        return self.vm(name)
 
-    def set_location(self, name: str, kind: str, location: str, mac: str | None = None) -> VmRecord:
-        if kind not in ("port", "tunnel"):
-            raise RegistryError(f"location kind {kind!r} must be port or tunnel")
-        with self.lock:
-            self.vm(name)
-            self.db.execute("UPDATE vm SET kind = ?, location = ?, mac = COALESCE(?, mac), updated_at = ? "
-                            "WHERE name = ?", (kind, location, mac.lower() if mac else None, time.time(), name))
-            return self.vm(name)
+    def set_location(self, name: str, kind: str, location: str, mac: str | None = None,
+                     host: str | None = None) -> VmRecord:
+        rec = self.vm(name)
+        self.store.put_if(VMS + name, rec.value(**_location_value(kind, location, mac or rec.mac, host)),
+                          rec.revision)
+        return self.vm(name)
+
+    def move(self, rec: VmRecord, to: Location, move: dict[str, Any], holders: list[str]) -> int:
+        """The migration: `rec`'s VM is at `to` now, state running; one compare-and-swap
+        on the revision `rec` was read at (Conflict if the VM was written since).
+        Returns the new revision."""
+        return self.store.put_if(VMS + rec.name, rec.value(state="running", holders=list(holders), move=move,
+                                                           **to.as_dict()), rec.revision)
 
     # ---- which gateways hold entries for a VM
     def set_holders(self, name: str, gateways: list[str]) -> None:
-        now = time.time()
-        with self.lock, transaction(self.db):
-            self.db.execute("DELETE FROM vm_holder WHERE vm = ? AND gateway NOT IN (%s)"
-                            % ",".join("?" * len(gateways)), (name, *gateways))
-            for g in gateways:
-                self.db.execute("INSERT OR IGNORE INTO vm_holder (vm, gateway, since) VALUES (?, ?, ?)",
-                                (name, g, now))
+        rec = self.vm(name)
+        if list(rec.holders) != sorted(gateways):
+            self.store.put_if(VMS + name, rec.value(holders=sorted(gateways)), rec.revision)
 
     def holders(self, name: str) -> list[str]:
-        with self.lock:
-            rows = self.db.execute("SELECT gateway FROM vm_holder WHERE vm = ? ORDER BY gateway", (name,)).fetchall()
-        return [r[0] for r in rows]
+        return list(self.vm(name).holders)
 
     # ---- history
+    def _key(self, prefix: str) -> str:
+        # time first: keys sort in the order they were written, across gateways
+        return f"{prefix}{time.time_ns():020d}-{self.gateway}-{next(self._seq)}"
+
     def record_migration(self, vm: str, from_loc: tuple[str, str] | None, to_loc: tuple[str, str],
                          detected_by: str, convergence_ms: float | None, gateways: dict[str, Any],
                          status: str = "ok", detail: str = "", at: float | None = None) -> int:
-        with self.lock:
-            cur = self.db.execute(
-                "INSERT INTO migration (vm, at, from_kind, from_location, to_kind, to_location, detected_by, "
-                "convergence_ms, gateways, status, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (vm, at or time.time(), *(from_loc or (None, None)), *to_loc, detected_by, convergence_ms,
-                 json.dumps(gateways), status, detail))
-            return int(cur.lastrowid)
+        row = {"vm": vm, "at": at or time.time(), "from_kind": (from_loc or (None, None))[0],
+               "from_location": (from_loc or (None, None))[1], "to_kind": to_loc[0], "to_location": to_loc[1],
+               "detected_by": detected_by, "convergence_ms": convergence_ms, "gateways": gateways,
+               "status": status, "detail": detail, "gateway": self.gateway}
+        return self.store.put(self._key(MIGRATIONS), row)
 
     def history(self, vm: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        q = "SELECT * FROM migration" + (" WHERE vm = ?" if vm else "") + " ORDER BY id DESC LIMIT ?"
-        with self.lock:
-            rows = self.db.execute(q, ((vm,) if vm else ()) + (int(limit),)).fetchall()
-        out = []
-        for r in rows:
-            d = dict(r)
-            d["gateways"] = json.loads(d["gateways"])
-            out.append(d)
-        return out[::-1]
+        return _rows(self.store.range(MIGRATIONS)[0], lambda r: vm is None or r["vm"] == vm, limit)
 
     def record_event(self, kind: str, detail: dict[str, Any], vm: str | None = None) -> int:
-        with self.lock:
-            cur = self.db.execute("INSERT INTO event (at, vm, kind, detail) VALUES (?, ?, ?, ?)",
-                                  (time.time(), vm, kind, json.dumps(detail, default=str)))
-            return int(cur.lastrowid)
+        return self.store.put(self._key(EVENTS), {"at": time.time(), "vm": vm, "kind": kind,
+                                                  "detail": _jsonable(detail), "gateway": self.gateway})
 
     def events(self, kind: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        q = "SELECT * FROM event" + (" WHERE kind = ?" if kind else "") + " ORDER BY id DESC LIMIT ?"
-        with self.lock:
-            rows = self.db.execute(q, ((kind,) if kind else ()) + (int(limit),)).fetchall()
-        out = []
-        for r in rows:
-            d = dict(r)
-            d["detail"] = json.loads(d["detail"])
-            out.append(d)
-        return out[::-1]
+        return _rows(self.store.range(EVENTS)[0], lambda r: kind is None or r["kind"] == kind, limit)
+
+
+def _rows(entries: list[Entry], keep: Any, limit: int) -> list[dict[str, Any]]:
+    """The last `limit` kept rows, oldest first, each with its id (the revision it was written at)."""
+    rows = [{"id": e.mod_revision, **e.value} for e in entries if keep(e.value)]
+    return rows[-int(limit):] if limit > 0 else []
+
+
+def _jsonable(detail: dict[str, Any]) -> dict[str, Any]:
+    return {k: v if v is None or isinstance(v, (str, int, float, bool, list, dict)) else str(v)
+            for k, v in detail.items()}
+
+
+def _journal_mode(path: str) -> str | None:
+    """The SQLite file's journal mode (WAL persists in the file, so a second connection sees it)."""
+    try:
+        db = sqlite3.connect(path)
+        try:
+            return journal_mode(db)
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None

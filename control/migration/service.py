@@ -9,50 +9,68 @@ from control.api.commands import CommandTable, arg, int_arg
 from control.config import Config
 from control.gateway import Gateway, GatewayError
 from control.migration.manager import MigrationError, MigrationManager, convergence_summary
+from control.migration.follow import Membership
 from control.migration.registry import InvalidTransition, Registry, RegistryError, VmRecord
+from control.store import Store, open_configured, open_store
+from control.vms import Location, host_of_port
 
 log = logging.getLogger(__name__)
+
+
+def open_gateway_store(config: Config) -> tuple[Store, str]:
+    """The store the registry lives in and its URL: [store], else the gateway's own SQLite file."""
+    if config.store is not None:
+        return open_configured(config.store), config.store.url
+    url = f"sqlite://{config.gateway.registry}"
+    return open_store(url), url
 
 
 class MigrationService:
     def __init__(self, config: Config, gateway: Gateway) -> None:
         self.config = config
         self.gateway = gateway
+        self.store = None
         self.registry: Registry | None = None
         self.manager: MigrationManager | None = None
+        self.membership: Membership | None = None
         self.watcher = None
 
     # ---- lifecycle
     def start(self) -> None:
+        """Register the configured VMs, join the live gateways and follow the store:
+        a VM the store has elsewhere (moved before a restart, or by another gateway)
+        is re-pointed there as the watch's first batch."""
         g = self.config.gateway
-        self.registry = reg = Registry(g.registry)
+        self.store, url = open_gateway_store(self.config)
+        self.registry = reg = Registry(self.store, g.name)
         gw = self.gateway
-        for name, vm in gw.vms.items():
+        for name in gw.vms:
             rec = self._sync(name)
-            if (rec.kind, rec.location) != self._where(name):
-                self._restore(name, rec.kind, rec.location, rec.mac)
             if rec.state == "migrating":           # a move was cut short by a restart
                 reg.transition(name, "running")
-            reg.set_holders(name, [g.name])
+        self.membership = Membership(self.store, g.name, info={"hosts": list(g.hosts)})
+        self.membership.renew()
         # two ports claiming a VM within the conflict window is a conflict; it never outlasts the hold-down
-        self.manager = MigrationManager(reg, g.name, self._move_local, peers=g.peers, hold_down=g.migration_hold_down,
-                                        conflict_window=min(0.5, g.migration_hold_down), events=gw.events)
+        self.manager = MigrationManager(reg, g.name, self._move_local, check_local=gw.check_move,
+                                        known={name: vm.location for name, vm in gw.vms.items()},
+                                        hold_down=g.migration_hold_down,
+                                        conflict_window=min(0.5, g.migration_hold_down), events=gw.events,
+                                        membership=self.membership,
+                                        host_of=lambda port: host_of_port(port, self.config), store_url=url)
         if g.vm_ports:
             from control.migration.watcher import PortWatcher
 
             self.watcher = PortWatcher(g.vm_ports, self.manager.announce, on_link_gone=self._link_gone)
             self.watcher.start()
 
-    def _where(self, name: str) -> tuple[str, str]:
-        vm = self.gateway.vm(name)
-        return ("port", vm.port) if vm.port else ("tunnel", str(vm.tunnel))
-
     def _sync(self, name: str) -> VmRecord:
         """Register the gateway's VM `name` (identity from its config; a VM the
         registry knows keeps its registered location)."""
         vm = self.gateway.vm(name)
-        return self.registry.sync_vm(name, vm.vm_id, str(vm.config.ip) if vm.config.ip else None, vm.mac,
-                                     vm.config.tenant, *self._where(name))
+        where = Location.of(vm.config)
+        kind, location = ("tunnel", str(where.tunnel)) if where.tunnel is not None else ("port", where.port)
+        return self.registry.sync_vm(name, vm.vm_id, str(vm.config.ip) if vm.config.ip else None, where.mac,
+                                     vm.config.tenant, kind, location, host=where.host)
 
     def reloaded(self, config: Config, vms: dict[str, list[str]]) -> None:
         """After a config reload (`vms`: the names added, removed, changed): register
@@ -60,20 +78,9 @@ class MigrationService:
         self.config = config
         for name in vms["added"] + vms["changed"]:
             self._sync(name)
-            self.registry.set_location(name, *self._where(name), mac=self.gateway.vm(name).mac)
-            self.registry.set_holders(name, [config.gateway.name])
-
-    def _restore(self, name: str, kind: str, location: str, mac: str | None) -> None:
-        """The registry remembers a move from before the restart: point the VM there again."""
-        try:
-            if kind == "port":
-                self.gateway.move_vm(name, port=location, mac=mac)
-            else:
-                self.gateway.move_vm(name, tunnel=location)
-        except Exception as exc:  # noqa: BLE001 - the port may be gone: keep the config's place
-            log.warning("VM %s: cannot restore its registered location %s: %s", name, location, exc)
-            vm = self.gateway.vm(name)
-            self.registry.set_location(name, "port" if vm.port else "tunnel", vm.port or str(vm.tunnel))
+            where = self.gateway.vm(name).location
+            kind, location = ("tunnel", str(where.tunnel)) if where.tunnel is not None else ("port", where.port)
+            self.registry.set_location(name, kind, location, mac=where.mac, host=where.host)
 
     def stop(self) -> None:
         if self.watcher is not None:
@@ -81,12 +88,14 @@ class MigrationService:
             self.watcher = None
         if self.manager is not None:
             self.manager.close()
-        if self.registry is not None:
-            self.registry.close()
+        if self.membership is not None:
+            self.membership.leave()
+        if self.store is not None:
+            self.store.close()
 
     def _move_local(self, name: str, port: str | None = None, mac: str | None = None,
-                    tunnel: str | None = None) -> dict:
-        return self.gateway.move_vm(name, port=port, mac=mac, tunnel=tunnel)
+                    tunnel: str | None = None, host: str | None = None, revision: int | None = None) -> dict:
+        return self.gateway.move_vm(name, port=port, mac=mac, tunnel=tunnel, host=host, revision=revision)
 
     def _link_gone(self, port: str) -> None:
         for rec in self.registry.at_location("port", port):
@@ -103,30 +112,32 @@ class MigrationService:
 
         def where(a: dict) -> dict[str, str | None]:
             return {"port": arg(a, "port", required=False), "mac": arg(a, "mac", required=False),
-                    "tunnel": arg(a, "tunnel", required=False)}
+                    "tunnel": arg(a, "tunnel", required=False), "host": arg(a, "host", required=False)}
 
         return CommandTable({
             "vm.move": lambda a: self.move(arg(a, "name"), **where(a)),
             "vm.history": lambda a: self.history(arg(a, "name", required=False), limit(a)),
             "vm.events": lambda a: self.registry.events(arg(a, "kind", required=False), limit(a)),
-            "vm.registry": lambda a: [dict(r.as_dict(), holders=self.registry.holders(r.name))
-                                      for r in self.registry.vms()],
-            "migration.peer_apply": lambda a: self.manager.peer_apply(
-                arg(a, "name"), **where(a), origin=arg(a, "origin"), detected_by=arg(a, "detected_by")),
+            "vm.registry": lambda a: [dict(r.as_dict(), holders=list(r.holders)) for r in self.registry.vms()],
             "migration.status": lambda a: {**self.manager.stats(),
                                            "watcher": self.watcher.status() if self.watcher else None,
                                            "registry": self.registry.path,
-                                           "journal_mode": self.registry.journal_mode},
+                                           "journal_mode": self.registry.journal_mode,
+                                           "gateways": self.membership.members()},
         })
 
     def move(self, name: str, port: str | None = None, mac: str | None = None, tunnel: str | None = None,
-             source: str = "explicit") -> dict:
+             source: str = "explicit", host: str | None = None) -> dict:
         self.gateway.vm(name)
         try:
-            result = self.manager.move(name, port=port, mac=mac, tunnel=tunnel, source=source)
+            result = self.manager.move(name, port=port, mac=mac, tunnel=tunnel, source=source, host=host)
         except (MigrationError, RegistryError) as exc:
             raise GatewayError(str(exc)) from None
         return {**self.gateway.vm(name).describe(), "migration": result}
+
+    def store_status(self) -> dict | None:
+        """The store as this gateway sees it: url, ok | degraded, the revision applied, since when."""
+        return self.manager.follower.status() if self.manager is not None else None
 
     def history(self, name: str | None, n: int) -> dict:
         rows = self.registry.history(name, n)

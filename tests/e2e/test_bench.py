@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("per_packet", "scaling", "e2e", "control", "breakdown", "metrics")
-PLOTS = ("per_packet.png", "scaling_flows.png", "scaling_vms.png", "e2e.png", "maglev.png", "breakdown.png")
+SECTIONS = ("per_packet", "katran", "scaling", "e2e", "control", "breakdown", "metrics")
+PLOTS = ("per_packet.png", "katran.png", "scaling_flows.png", "scaling_vms.png", "e2e.png", "maglev.png",
+         "breakdown.png")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (BPF, network namespaces)")
 
@@ -74,6 +75,7 @@ def test_self_checks_hold(quick_run, section):
         if section == "e2e":
             assert checks["accounted"], r
             assert checks["generated"] > 0
+            assert checks["lossless"] or not r["key"].startswith("mpps_2cpu"), r
         elif "ok" in checks:
             assert checks["ok"], r
 
@@ -89,6 +91,9 @@ def test_sections_cover_the_issue(quick_run):
     assert {"maglev_swap", "flows_read@api", "flows_read@raw", "startup"} <= keys["control"]
     assert any(k.startswith("maglev_build@") for k in keys["control"])
     assert any(k.startswith("fold@") for k in keys["control"])
+    # per packet: rotated figures in steady state (the targets') and on a fresh table
+    assert {"new_flow@fresh", "hit_v4@fresh", "tunnel_vm@fresh", "xdp_redirect_min@fresh"} <= keys["per_packet"]
+    assert {"mpps_2cpu@flows=1000", "mpps_2cpu_baseline@flows=1000"} <= keys["e2e"]
     probe = doc["sections"]["per_packet"]["info"]["repeat_probe"]
     # the kernel re-runs repeat=R on one unreset buffer: encap and new flows are not repeat-stable
     assert not probe["tunnel_vm"]["repeat_stable"] and not probe["new_flow"]["repeat_stable"]
@@ -99,8 +104,37 @@ def test_targets_listed_not_judged_in_quick_runs(quick_run):
     _, _, doc = quick_run
     names = {t["name"] for t in doc["targets"]}
     assert {"e2e_1k_flows", "per_packet_hit_v4", "per_packet_new_flow", "flat_hit", "flat_new", "maglev_build",
-            "read_flows", "startup"} <= names
+            "read_flows", "startup", "e2e_1m_flows", "e2e_2cpu", "katran_hit_udp_tunnel", "katran_hit_udp_local",
+            "katran_hit_tcp_ack_tunnel", "katran_hit_tcp_ack_local", "katran_new_udp_tunnel",
+            "katran_new_udp_local"} <= names
     assert all(t["met"] is None for t in doc["targets"])
+
+
+def test_katran_skipped_without_a_checkout(quick_run):
+    """No --katran-src: the section says Katran was skipped and times xdpgw's side
+    alone, fresh and steady, against the minimal redirect."""
+    proc, _, doc = quick_run
+    sec = doc["sections"]["katran"]
+    assert sec["info"]["katran"].startswith("skipped: no Katran checkout given")
+    assert "Katran skipped: no Katran checkout given" in proc.stdout
+    keys = {r["key"] for r in sec["results"]}
+    for state in ("fresh", "steady"):
+        assert {f"hit_udp_tunnel@{state}", f"hit_udp_local@{state}", f"hit_tcp_ack_tunnel@{state}",
+                f"hit_tcp_ack_local@{state}", f"new_udp_tunnel@{state}", f"new_udp_local@{state}",
+                f"xdp_drop_min@{state}", f"xdp_redirect_min@{state}"} <= keys
+    assert not any(k.startswith("katran_") for k in keys)
+    assert all(r["baseline"] == "minimal redirect" for r in sec["results"])
+    katran_targets = [t for t in doc["targets"] if t["name"].startswith("katran_")]
+    assert katran_targets and all(t["measured"] is None and "skipped" in t["detail"] for t in katran_targets)
+
+
+def test_katran_checkout_checked_before_running(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench", "--katran-src", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"bench: --katran-src {tmp_path}: no katran/lib/bpf/balancer.bpf.c (expected a facebookincubator/katran "
+        "checkout)"]
 
 
 def test_plots_written(quick_run):

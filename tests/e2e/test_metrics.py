@@ -3,8 +3,8 @@ on the gateway namespace's loopback (the daemon runs in that namespace, so its
 metrics port is there: every scrape is made from inside it).
 
 * promtool (Debian's `prometheus` package) accepts a live scrape;
-* the region and service counters grow by exactly what a client sent (UDP echo
-  datagrams and raw TCP segments);
+* the region and service counters, and the flow table's entries, grow by exactly
+  what a client sent (UDP echo datagrams and raw TCP segments);
 * a real Prometheus server, started here in the gateway's namespace with a
   temporary config and data directory (both removed, the process stopped by
   pid), scrapes the daemon while traffic flows, and its query API gives back the
@@ -173,6 +173,7 @@ def test_counters_match_what_was_sent(tb):
     vm_packets = sum(delta(after, before, "xdpgw_vm_packets_total", vm=vm) for vm in ("vm1", "vm2", "vm3"))
     assert vm_packets == udp_n + tcp_n
     assert delta(after, before, "xdpgw_flow_table_misses_total") == 3 + len(sports)
+    assert delta(after, before, "xdpgw_flow_table_entries") == 3 + len(sports)     # each new flow recorded
     assert delta(after, before, "xdpgw_flow_table_hits_total") == udp_n + tcp_n - 3 - len(sports)
     assert delta(after, before, "xdpgw_packets_forwarded_total", path="local") == udp_n + tcp_n
 

@@ -155,6 +155,7 @@ def test_throughput(tmp_path):
 # ------------------------------------------------------------------ the agent API
 
 def test_agent_api_errors():
+    from control.api.commands import CENTER, scoped
     from control.api.http import AgentServer
     from control.gateway import UnknownName
 
@@ -163,7 +164,8 @@ def test_agent_api_errors():
             raise UnknownName(f"unknown region {a.get('region')!r}")
         return a
 
-    server = AgentServer("127.0.0.1", 0, "agenttok", {"offload.set": offload_set, "status": lambda a: {"ok": 1}})
+    server = AgentServer("127.0.0.1", 0, "agenttok", {"offload.set": scoped(offload_set, CENTER),
+                                                      "status": scoped(lambda a: {"ok": 1}, CENTER)})
     server.port = 0
     # port 0: find the bound port after start
     server.start()

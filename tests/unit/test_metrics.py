@@ -22,6 +22,7 @@ from control.health import Check, HealthMonitor
 from control.metrics import MetricsServer, gateway_metrics
 from control.migration.manager import Announcement, MigrationError, MigrationManager
 from control.migration.registry import Registry
+from control.vms import Location
 from dataplane import structs as S
 from tests.configs import MINIMAL
 from tests.prom import Samples, samples, value
@@ -137,6 +138,16 @@ def test_without_monitor_no_rate_families() -> None:
     assert got[("xdpgw_offloads_active", ())] == 0
 
 
+def test_flow_table_entries_only_when_counted() -> None:
+    """The entries gauge carries the kernel's count; without one (an older kernel) it is left out."""
+    counted = counters()
+    counted["flows"]["entries"] = 1234
+    got = scrape(lambda: gateway_metrics(counted, GatewayEvents(), 1024, [], None))
+    assert got[("xdpgw_flow_table_entries", ())] == 1234
+    got = scrape(lambda: gateway_metrics(counters(), GatewayEvents(), 1024, [], None))
+    assert "xdpgw_flow_table_entries" not in {name for name, _ in got}
+
+
 def test_histogram_buckets_are_cumulative_and_bounds_inclusive() -> None:
     h = Histogram((0.1, 1.0))
     for value in (0.1, 0.5, 1.0, 7.0):
@@ -229,12 +240,15 @@ def test_migration_convergence_is_observed_when_applied(tmp_path) -> None:
     reg.sync_vm("vm1", 1, "198.18.101.2", "02:00:00:00:00:01", None, "port", "gwv1")
     now = [10**12]
 
-    def move_local(name, port=None, mac=None, tunnel=None):
+    def check_local(name, port=None, mac=None, tunnel=None, host=None):
         if port == "gone":
             raise RuntimeError("no such port")
+        return Location(host, port, mac)
+
+    def move_local(name, port=None, mac=None, tunnel=None, **_):
         now[0] += 30_000_000
 
-    m = MigrationManager(reg, "gw1", move_local, clock=lambda: now[0], events=events)
+    m = MigrationManager(reg, "gw1", move_local, check_local=check_local, clock=lambda: now[0], events=events)
     try:
         assert m.announce(Announcement("garp", "02:00:00:00:00:01", None, "gwv1b", now[0])).result == "applied"
         with pytest.raises(MigrationError, match="no such port"):

@@ -1,13 +1,14 @@
-"""MigrationManager (control/migration.py) with a fake clock and a fake
-gateway: validation, rate limit, hold-down (flapping), conflicts, peers."""
+"""MigrationManager (control/migration/manager.py) with a fake clock and a fake
+gateway on the SQLite store: validation, rate limit, hold-down (flapping),
+conflicts, and every gateway applying a move from its watch of the store."""
 import ipaddress
 import threading
 
 import pytest
 
-from control.api import unix as api
 from control.migration.manager import Announcement, MigrationManager, convergence_summary
 from control.migration.registry import Registry
+from control.store.sqlite import SqliteStore
 
 MAC1, MAC2 = "02:00:00:00:00:01", "02:00:00:00:00:02"
 IP1, IP2 = ipaddress.ip_address("198.18.101.2"), ipaddress.ip_address("198.18.102.2")
@@ -32,7 +33,7 @@ def env(tmp_path):
     clock = Clock()
     moves = []
 
-    def move_local(name, port=None, mac=None, tunnel=None):
+    def move_local(name, port=None, mac=None, tunnel=None, **_):
         moves.append((name, port, tunnel))
         return {}
 
@@ -128,44 +129,65 @@ def test_failed_local_move_changes_nothing(tmp_path):
     def broken(name, **kw):
         raise RuntimeError("interface 'gwv1b' does not exist")
 
-    m = MigrationManager(reg, "gw1", broken)
+    m = MigrationManager(reg, "gw1", broken, check_local=broken)
     out = m.announce(Announcement("garp", MAC1, IP1, "gwv1b", 0))
     assert out.result == "failed" and "does not exist" in out.detail["reason"]
     rec = reg.vm("vm1")
     assert (rec.location, rec.state) == ("gwv1", "running")
     assert reg.history()[0]["status"] == "failed"
+    m.close()
     reg.close()
 
 
-def test_peers_are_reprogrammed_over_their_control_socket(tmp_path):
-    """A second manager behind a real ApiServer plays the peer gateway."""
-    peer_reg = Registry(str(tmp_path / "peer.db"))
-    peer_reg.sync_vm("vm1", 1, str(IP1), MAC1, None, "port", "gwv1")
-    peer_moves = []
-    peer = MigrationManager(peer_reg, "gw2", lambda name, **kw: peer_moves.append((name, kw["port"])))
-    sock = str(tmp_path / "gw2.sock")
-    server = api.ApiServer(sock, {"migration.peer_apply": lambda a: peer.peer_apply(**a)})
-    server.start()
-    reg = Registry(str(tmp_path / "r.db"))
+def test_every_gateway_applies_a_move_from_its_watch(tmp_path):
+    """Two gateways on one store: gw1 sees the announcement and writes the move once;
+    gw2 (and gw1 itself) re-point the VM from their watch. gw2 then holds
+    announcements of the VM down like gw1 does."""
+    store = SqliteStore(str(tmp_path / "state.db"))
+    reg, peer_reg = Registry(store, "gw1"), Registry(store, "gw2")
     reg.sync_vm("vm1", 1, str(IP1), MAC1, None, "port", "gwv1")
-    dead = str(tmp_path / "nobody.sock")
-    m = MigrationManager(reg, "gw1", lambda name, **kw: None, peers=[sock, dead], peer_timeout=1.0)
+    peer_reg.sync_vm("vm1", 1, str(IP1), MAC1, None, "port", "gwv1")
+    moves, peer_moves = [], []
+    peer = MigrationManager(peer_reg, "gw2", lambda name, **kw: peer_moves.append((name, kw["port"])))
+    m = MigrationManager(reg, "gw1", lambda name, **kw: moves.append((name, kw["port"])))
     try:
         out = m.announce(Announcement("garp", MAC1, IP1, "gwv1b", m.clock()))
-        assert out.result == "applied"
-        assert out.detail["gateways"]["gw1"] == "ok" and out.detail["gateways"]["gw2"] == "ok"
-        assert out.detail["gateways"][dead].startswith("error")
-        assert out.detail["status"] == "partial"
+        assert out.result == "applied" and out.detail["gateways"]["gw1"] == "ok"
+        assert out.detail["status"] == "ok" and moves == [("vm1", "gwv1b")]
+        assert peer.follower.wait_applied(out.detail["revision"], 5.0)
         assert peer_moves == [("vm1", "gwv1b")]
         assert peer_reg.vm("vm1").location == "gwv1b"
-        assert peer_reg.history()[0]["detected_by"] == "peer:gw1/garp"
-        assert reg.holders("vm1") == ["gw1", "gw2"]
-        print(f"\nconvergence with one live peer and one dead one: {out.detail['convergence_ms']:.3f} ms")
+        (h,) = peer_reg.history()
+        assert h["detected_by"] == "garp" and h["gateway"] == "gw1"
+        assert peer.announce(Announcement("garp", MAC1, IP1, "gwv1", peer.clock())).result == "flap"
+        print(f"\nconvergence through the store's watch: {out.detail['convergence_ms']:.3f} ms")
     finally:
         m.close()
-        server.close()
-        reg.close()
-        peer_reg.close()
+        peer.close()
+        store.close()
+
+
+def test_two_gateways_writing_one_vm_at_once_one_wins(tmp_path):
+    """The compare-and-swap: a move written on a record another gateway has moved
+    since it was read loses, and is reported as a conflict."""
+    store = SqliteStore(str(tmp_path / "state.db"))
+    reg1, reg2 = Registry(store, "gw1"), Registry(store, "gw2")
+    reg1.sync_vm("vm1", 1, str(IP1), MAC1, None, "port", "gwv1")
+    seen_by_gw2 = reg2.vm("vm1")
+    m1 = MigrationManager(reg1, "gw1", lambda name, **kw: None)
+    m2 = MigrationManager(reg2, "gw2", lambda name, **kw: None, hold_down=0.0, conflict_window=0.0)
+    try:
+        assert m1.announce(Announcement("garp", MAC1, IP1, "gwv1b", m1.clock())).result == "applied"
+        stale = iter([seen_by_gw2])                 # gw2 decided on what it read before gw1's write
+        reg2.vm = lambda name: next(stale, None) or Registry.vm(reg2, name)
+        out = m2.announce(Announcement("garp", MAC1, IP1, "gwv1c", m2.clock()))
+        assert out.result == "conflict" and "by gw1" in out.detail["reason"]
+        assert reg1.vm("vm1").location == "gwv1b"
+        assert reg1.events("conflict")[0]["gateway"] == "gw2"
+    finally:
+        m1.close()
+        m2.close()
+        store.close()
 
 
 def test_concurrent_announcements_apply_once(env):

@@ -127,7 +127,7 @@ def test_config_errors(monitor, r1, extra, message):
 def test_config_round_trip():
     c = cfg('heavy_pps = 10\nintervals = 2', r1="heavy_bps = 1e6",
             extra='[center]\nurl = "http://198.18.0.1:7300/"\ntoken = "t"\n'
-                  '[agent]\nlisten = "[2001:db8::2]:7301"\ntoken = "a"')
+                  '[agent]\nlisten = "[2001:db8::2]:7301"\ntoken = "a"\ninsecure = true')
     assert c.center.url == "http://198.18.0.1:7300"
     assert parse_config(c.to_toml()) == c
 

@@ -300,3 +300,33 @@ def test_service_without_usable_vm_drops(gw):
     assert gw.run(gw.ingress(tcp4("198.18.1.80", 8000))).verdict == "DROP"
     assert gw.delta(before).nonzero_drops() == {"vm_location": 1}
     assert gw.dp.flows() == []
+
+
+def test_recorded_flow_follows_service_and_region_changes_keeping_its_vm(gw):
+    """A flow entry carries its service and region so a hit skips both lookups;
+    after the services or region prefixes change, the flow's next packet is
+    counted under the new service and region, keeps its VM, and its entry is
+    current again."""
+    client = "198.18.1.77"
+    first = tcp4(client, 32000, b"first", flags="S")
+    vm = gw.run(gw.ingress(first)).vm_id
+    entry = gw.dp.flow(gw.flow_key(client, VIP4, 32000, 8080, TCP_P))
+    assert (entry.vm_id, entry.service_id) == (vm, WEB)
+
+    gw.dp.set_maglev_table(9, gw.table(list(LOCAL_VMS)))
+    gw.dp.set_services([(ipaddress.ip_address(VIP4), 8080, "tcp", 9)])
+    gw.dp.set_region_prefixes({ipaddress.ip_network("198.18.1.0/24"): 5})
+    f = gw.ingress(tcp4(client, 32000, b"again"))
+    before = gw.snapshot()
+    assert gw.run(f).vm_id == vm
+    d = gw.delta(before)
+    assert d.stats["flow_hits"] == 1 and d.stats["flow_misses"] == 0
+    assert d.services[9].tolist() == [1, len(f), 0] and d.services[WEB].tolist() == [0, 0, 0]
+    assert d.regions[5].tolist() == [1, len(f)] and d.regions.sum(axis=0).tolist() == [1, len(f)]
+    entry = gw.dp.flow(gw.flow_key(client, VIP4, 32000, 8080, TCP_P))
+    assert (entry.vm_id, entry.service_id, entry.region) == (vm, 9, 5)
+
+    gw.dp.set_services([])               # the VIP is gone: its recorded flow is passed, not forwarded
+    before = gw.snapshot()
+    assert gw.run(f).verdict == "PASS"
+    assert gw.delta(before).regions[5].tolist() == [1, len(f)]

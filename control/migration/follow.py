@@ -1,0 +1,188 @@
+"""A gateway's watch of the VM records in the store: how every move, this
+gateway's own included, reaches its forwarding.
+
+It lists /xdpgw/vms/ once (a snapshot at a revision) and watches from the next
+revision. A watch resumes by itself after a lost connection (from the last
+revision it delivered); when that revision was compacted away meanwhile, the
+follower lists again and applies the difference as one batch, so the gateway
+never forwards on part of a snapshot. While the store cannot be reached the
+gateway keeps forwarding with what it has and reports itself degraded
+(`status()`: the store's URL, ok | degraded, the revision applied, since when)."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from control.logs import event
+from control.migration.registry import VMS, Registry, VmRecord
+from control.store.base import Compacted, Entry, Event, StoreError, Watch
+from control.vms import Location
+
+log = logging.getLogger(__name__)
+
+# Applies records to the gateway as one batch; returns the names it could not apply here.
+Apply = Callable[[list[VmRecord]], set[str]]
+
+
+class Follower:
+    """Keeps `apply` fed with every change of a VM's location. `known`: where the
+    gateway has each VM now (default: where the registry says, i.e. nothing to
+    apply at start). Every `probe_s` it checks the store and the watch, and
+    renews the gateway's `membership` when its lease was lost."""
+
+    def __init__(self, registry: Registry, apply: Apply, known: dict[str, Location] | None = None,
+                 url: str = "", probe_s: float = 1.0, membership: "Membership | None" = None) -> None:
+        self.registry = registry
+        self.membership = membership
+        self.apply = apply
+        self.url = url
+        self.probe_s = probe_s
+        self.known: dict[str, Location] = dict(known) if known is not None else \
+            {r.name: r.where() for r in registry.vms()}
+        self.revision = 0                    # the store revision this gateway has applied
+        self.state = "ok"
+        self.since = time.time()
+        self.relists = 0
+        self.lock = threading.RLock()        # one apply at a time: an event never interleaves a batch
+        self.applied = threading.Condition(self.lock)
+        self.watch: Watch | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """List and apply (raises StoreError if the store cannot be reached), then follow."""
+        self._relist()
+        self._thread = threading.Thread(target=self._run, name="xdpgw-follow", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10.0)
+        if self.watch is not None:
+            self.watch.cancel()
+
+    def wait_applied(self, revision: int, timeout: float) -> bool:
+        """Wait until the gateway has applied the store up to `revision`."""
+        deadline = time.monotonic() + timeout
+        with self.applied:
+            while self.revision < revision:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.applied.wait(left)
+        return True
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            return {"url": self.url, "state": self.state, "revision": self.revision, "since": self.since,
+                    "relists": self.relists}
+
+    # ---- applying
+    def _take(self, records: list[VmRecord], revision: int) -> None:
+        """Apply the records whose location differs from the gateway's, as one batch."""
+        with self.applied:
+            changed = [r for r in records if self.known.get(r.name) != r.where()]
+            failed: set[str] = set()
+            if changed:
+                try:
+                    failed = self.apply(changed)
+                except Exception:   # noqa: BLE001 - the watch must go on; a bug is logged with its traceback
+                    log.exception("applying VM locations failed")
+                    failed = {r.name for r in changed}
+            for r in changed:
+                if r.name not in failed:
+                    self.known[r.name] = r.where()
+            self.revision = max(self.revision, revision)
+            self.applied.notify_all()
+
+    def _relist(self) -> None:
+        records, revision = self.registry.snapshot()
+        with self.lock:
+            if self.watch is not None:
+                self.watch.cancel()
+            self._take(records, revision)
+            self.watch = self.registry.store.watch(VMS, revision + 1, self._on_event)
+
+    def _on_event(self, ev: Event) -> None:
+        if ev.kind == "put" and ev.value is not None:
+            self._take([VmRecord.from_entry(Entry(ev.key, ev.value, ev.revision))], ev.revision)
+        else:
+            with self.applied:
+                self.revision = max(self.revision, ev.revision)
+                self.applied.notify_all()
+
+    # ---- the store's health and the watch's
+    def _run(self) -> None:
+        while not self._stop.wait(self.probe_s):
+            try:
+                self._check()
+                self._set_state("ok")
+            except StoreError as exc:
+                self._set_state("degraded", str(exc))
+            except Exception:   # noqa: BLE001 - the loop must go on
+                log.exception("store follower check failed")
+
+    def _check(self) -> None:
+        watch = self.watch
+        if watch is not None and not watch.stopped.is_set() and not watch.connected.is_set():
+            # a request would take the store client's whole retry window to say so
+            raise StoreError("the watch lost its connection to the store and is reconnecting")
+        self.registry.store.revision()           # raises while the store is unreachable
+        if self.membership is not None:
+            self.membership.renew()
+        if watch is None or not watch.stopped.is_set():
+            return
+        if isinstance(watch.error, Compacted):
+            # the history this gateway missed is gone: the whole state, in one batch
+            with self.lock:
+                self.relists += 1
+            event(log, "store.relist", revision=self.revision, reason=str(watch.error))
+            self._relist()
+        else:
+            with self.lock:
+                self.watch = self.registry.store.watch(VMS, watch.revision, self._on_event)
+
+    def _set_state(self, state: str, reason: str = "") -> None:
+        with self.lock:
+            if state == self.state:
+                return
+            self.state, self.since = state, time.time()
+        event(log, f"store.{state}", logging.WARNING if state == "degraded" else logging.INFO, url=self.url,
+              revision=self.revision, **({"reason": reason} if reason else {}))
+
+
+GATEWAYS = "/xdpgw/gateways/"
+
+
+class Membership:
+    """This gateway's key /xdpgw/gateways/<name>, under a lease: present while the
+    gateway is alive and reaches the store; `members()` lists the live gateways."""
+
+    def __init__(self, store: Any, name: str, ttl_s: float = 5.0, info: dict[str, Any] | None = None) -> None:
+        self.store = store
+        self.name = name
+        self.ttl_s = ttl_s
+        self.info = dict(info or {})
+        self.lease = None
+
+    def renew(self) -> None:
+        """Join, or join again after the lease was lost (the store expired it while unreachable)."""
+        if self.lease is not None and not self.lease.lost.is_set():
+            return
+        lease = self.store.lease(self.ttl_s)
+        self.store.put(GATEWAYS + self.name, {"name": self.name, "since": time.time(), **self.info}, lease=lease.id)
+        self.lease = lease
+
+    def members(self) -> list[str]:
+        try:
+            return sorted(e.key[len(GATEWAYS):] for e in self.store.range(GATEWAYS)[0])
+        except StoreError:
+            return [self.name]
+
+    def leave(self) -> None:
+        if self.lease is not None:
+            self.lease.revoke()
+            self.lease = None
