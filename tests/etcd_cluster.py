@@ -138,19 +138,20 @@ class EtcdCluster:
     def compact(self, revision: int) -> None:
         """Compact the cluster's history up to `revision` (watches from before it get Compacted)."""
         if self.netns is not None:
-            self._etcdctl("compact", str(revision), "--physical")
+            done = self._etcdctl([m for m in self.members if m.process is not None], "compact", str(revision),
+                                 "--physical")
+            if done.returncode != 0:
+                raise RuntimeError(f"etcdctl compact {revision}: {done.stderr.strip()}")
             return
         self._post("/v3/kv/compaction", {"revision": str(revision), "physical": True})
 
-    def _etcdctl(self, *argv: str) -> str:
-        """etcdctl inside the members' namespace, on the running members."""
-        endpoints = ",".join(m.client_url for m in self.members if m.process is not None)
+    def _etcdctl(self, members: list[Member], *argv: str, timeout_s: int = 5) -> subprocess.CompletedProcess:
+        """etcdctl inside the members' namespace (netns mode: HTTP from this process cannot reach them)."""
         tls = [f"--cacert={self.tls[0]}", f"--cert={self.tls[1]}", f"--key={self.tls[2]}"] if self.tls else []
-        done = subprocess.run(["ip", "netns", "exec", self.netns, "etcdctl", f"--endpoints={endpoints}", *tls,
-                               "--command-timeout=5s", *argv], capture_output=True, text=True, timeout=20)
-        if done.returncode != 0:
-            raise RuntimeError(f"etcdctl {' '.join(argv)}: {done.stderr.strip()}")
-        return done.stdout
+        return subprocess.run(["ip", "netns", "exec", self.netns, "etcdctl",
+                               "--endpoints=" + ",".join(m.client_url for m in members), *tls,
+                               f"--command-timeout={timeout_s}s", *argv],
+                              capture_output=True, text=True, timeout=4 * timeout_s)
 
     def enable_auth(self, password: str) -> None:
         """Turn on etcd's auth with the user "root" (role root) and `password`; this
@@ -190,10 +191,7 @@ class EtcdCluster:
                     return json.loads(reply.read()).get("health") == "true"
             except (OSError, ValueError, urllib.error.URLError):
                 return False
-        tls = [f"--cacert={self.tls[0]}", f"--cert={self.tls[1]}", f"--key={self.tls[2]}"] if self.tls else []
-        return subprocess.run(["ip", "netns", "exec", self.netns, "etcdctl", f"--endpoints={m.client_url}", *tls,
-                               "--command-timeout=2s", "endpoint", "health"],
-                              capture_output=True, timeout=10).returncode == 0
+        return self._etcdctl([m], "endpoint", "health", timeout_s=2).returncode == 0
 
     def _spawn(self, i: int, new: bool) -> None:
         m = self.members[i]

@@ -249,6 +249,8 @@ class EtcdStore:
         while True:
             first = self._preferred
             for k in range(len(self.endpoints)):
+                if k and time.monotonic() >= deadline:
+                    break  # the window holds per attempt, not per round of the members
                 member = (first + k) % len(self.endpoints)
                 try:
                     reply = self._once(member, path, body)
