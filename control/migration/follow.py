@@ -7,7 +7,11 @@ revision it delivered); when that revision was compacted away meanwhile, the
 follower lists again and applies the difference as one batch, so the gateway
 never forwards on part of a snapshot. While the store cannot be reached the
 gateway keeps forwarding with what it has and reports itself degraded
-(`status()`: the store's URL, ok | degraded, the revision applied, since when)."""
+(`status()`: the store's URL, ok | degraded, the revision applied, since when).
+
+What it delivered is also the gateway's copy of the VM records (`record`,
+`by_mac`), which a migration reads instead of the store: a stale copy can only
+make the migration's compare-and-swap fail, never write over a newer record."""
 from __future__ import annotations
 
 import logging
@@ -42,6 +46,7 @@ class Follower:
         self.known: dict[str, Location] = dict(known) if known is not None else \
             {r.name: r.where() for r in registry.vms()}
         self.revision = 0                    # the store revision this gateway has applied
+        self.records: dict[str, VmRecord] = {}   # every VM's latest record seen here
         self.state = "ok"
         self.since = time.time()
         self.relists = 0
@@ -75,15 +80,33 @@ class Follower:
                 self.applied.wait(left)
         return True
 
+    def record(self, name: str) -> VmRecord | None:
+        with self.lock:
+            return self.records.get(name)
+
+    def by_mac(self, mac: str) -> VmRecord | None:
+        mac = mac.lower()
+        with self.lock:
+            return next((r for r in self.records.values() if r.mac == mac), None)
+
+    def apply_own(self, rec: VmRecord) -> bool:
+        """Apply this gateway's own write now, without waiting for its watch event (which
+        then finds it applied); False if it could not be applied here."""
+        return rec.name not in self._take([rec], None)
+
     def status(self) -> dict[str, Any]:
         with self.lock:
             return {"url": self.url, "state": self.state, "revision": self.revision, "since": self.since,
                     "relists": self.relists}
 
     # ---- applying
-    def _take(self, records: list[VmRecord], revision: int) -> None:
-        """Apply the records whose location differs from the gateway's, as one batch."""
+    def _take(self, records: list[VmRecord], revision: int | None) -> set[str]:
+        """Apply the records whose location differs from the gateway's, as one batch; those
+        older than the copy's (already applied) are skipped. `revision`: the store revision
+        the batch completes (None: one record, not the store up to it). Returns the failed names."""
         with self.applied:
+            records = [r for r in records if r.name not in self.records or r.revision > self.records[r.name].revision]
+            self.records.update((r.name, r) for r in records)
             changed = [r for r in records if self.known.get(r.name) != r.where()]
             failed: set[str] = set()
             if changed:
@@ -95,14 +118,18 @@ class Follower:
             for r in changed:
                 if r.name not in failed:
                     self.known[r.name] = r.where()
-            self.revision = max(self.revision, revision)
-            self.applied.notify_all()
+            if revision is not None:
+                self.revision = max(self.revision, revision)
+                self.applied.notify_all()
+            return failed
 
     def _relist(self) -> None:
         records, revision = self.registry.snapshot()
         with self.lock:
             if self.watch is not None:
                 self.watch.cancel()
+            listed = {r.name for r in records}
+            self.records = {n: r for n, r in self.records.items() if n in listed}
             self._take(records, revision)
             self.watch = self.registry.store.watch(VMS, revision + 1, self._on_event)
 
@@ -111,6 +138,7 @@ class Follower:
             self._take([VmRecord.from_entry(Entry(ev.key, ev.value, ev.revision))], ev.revision)
         else:
             with self.applied:
+                self.records.pop(ev.key[len(VMS):], None)
                 self.revision = max(self.revision, ev.revision)
                 self.applied.notify_all()
 
@@ -133,6 +161,7 @@ class Follower:
         self.registry.store.revision()           # raises while the store is unreachable
         if self.membership is not None:
             self.membership.renew()
+            self.membership.members()
         if watch is None or not watch.stopped.is_set():
             return
         if isinstance(watch.error, Compacted):
@@ -159,7 +188,8 @@ GATEWAYS = "/xdpgw/gateways/"
 
 class Membership:
     """This gateway's key /xdpgw/gateways/<name>, under a lease: present while the
-    gateway is alive and reaches the store; `members()` lists the live gateways."""
+    gateway is alive and reaches the store; `members()` lists the live gateways,
+    `last_seen()` the list as the last look found it (the follower looks every probe)."""
 
     def __init__(self, store: Any, name: str, ttl_s: float = 5.0, info: dict[str, Any] | None = None) -> None:
         self.store = store
@@ -167,6 +197,7 @@ class Membership:
         self.ttl_s = ttl_s
         self.info = dict(info or {})
         self.lease = None
+        self.seen: list[str] | None = None
 
     def renew(self) -> None:
         """Join, or join again after the lease was lost (the store expired it while unreachable)."""
@@ -178,9 +209,13 @@ class Membership:
 
     def members(self) -> list[str]:
         try:
-            return sorted(e.key[len(GATEWAYS):] for e in self.store.range(GATEWAYS)[0])
+            self.seen = sorted(e.key[len(GATEWAYS):] for e in self.store.range(GATEWAYS)[0])
+            return self.seen
         except StoreError:
             return [self.name]
+
+    def last_seen(self) -> list[str]:
+        return self.seen if self.seen is not None else self.members()
 
     def leave(self) -> None:
         if self.lease is not None:

@@ -19,12 +19,16 @@ the registry's event table (`xdpgw vm events`), never applied.
 Applying: one compare-and-swap write of the VM's record in the store (its new
 location, state running, the gateways live now, how and when it was detected),
 checked first against this gateway's own forwarding so a location that cannot
-be served here is refused before anyone sees it. Every gateway, this one
-included, applies the write from its watch (control/migration/follow.py);
-the call returns once this gateway has, with the convergence time from the
-announcement (the kernel's timestamp of the frame, CLOCK_MONOTONIC) to its own
-map update. Two gateways writing one VM at once: the second write loses its
-compare-and-swap and is reported as a conflict, like two ports claiming it."""
+be served here is refused before anyone sees it. The record and the live
+gateways come from this gateway's watched copy of the store
+(control/migration/follow.py), so the write is the announcement's one store
+round trip; a copy that is behind only makes the compare-and-swap fail, and the
+store is read then. This gateway applies its own write as soon as it succeeds
+(its watch event then finds it applied), every other gateway from its watch;
+the call returns with the convergence time from the announcement (the kernel's
+timestamp of the frame, CLOCK_MONOTONIC) to this gateway's map update. Two
+gateways writing one VM at once: the second write loses its compare-and-swap
+and is reported as a conflict, like two ports claiming it."""
 from __future__ import annotations
 
 import ipaddress
@@ -113,7 +117,7 @@ class MigrationManager:
     def __init__(self, registry: Registry, gateway_name: str, move_local: Callable[..., dict],
                  check_local: Callable[..., Location] | None = None, known: dict[str, Location] | None = None,
                  hold_down: float = 2.0, conflict_window: float = 0.5, rate: float = 20.0, burst: float = 10.0,
-                 global_rate: float = 1000.0, apply_timeout: float = 5.0,
+                 global_rate: float = 1000.0,
                  clock: Callable[[], int] = time.monotonic_ns, max_tracked: int = 4096,
                  events: GatewayEvents | None = None, membership: Membership | None = None,
                  host_of: Callable[[str], str | None] = lambda port: None, store_url: str = "") -> None:
@@ -124,11 +128,10 @@ class MigrationManager:
         self.hold_down = hold_down
         self.conflict_window = conflict_window
         self.rate, self.burst = rate, burst
-        self.apply_timeout = apply_timeout
         self.clock = clock
         self.max_tracked = max_tracked
         self.events = events
-        self.members = membership.members if membership is not None else lambda: [gateway_name]
+        self.members = membership.last_seen if membership is not None else lambda: [gateway_name]
         self.host_of = host_of
         self.lock = threading.RLock()
         self.buckets: dict[str, TokenBucket] = {}
@@ -170,7 +173,7 @@ class MigrationManager:
             bucket = self.buckets[mac] = TokenBucket(self.rate, self.burst, wall)
         if not bucket.take(wall):
             return Outcome("rate_limited", detail={"scope": "mac"})
-        rec = self.registry.by_mac(mac)
+        rec = self.follower.by_mac(mac) or self.registry.by_mac(mac)
         if rec is None:
             return Outcome("unknown", detail={"reason": f"no VM has MAC {mac}"})
         if a.ip is not None and (rec.ip is None or ipaddress.ip_address(rec.ip) != a.ip):
@@ -226,7 +229,7 @@ class MigrationManager:
     def _apply(self, name: str, port: str | None, mac: str | None, tunnel: str | None, detected_by: str,
                t0_ns: int, host: str | None = None) -> dict[str, Any]:
         reg = self.registry
-        before = reg.vm(name)
+        before = self.follower.record(name) or reg.vm(name)
         old = (before.kind, before.location)
         new = ("port", port) if port is not None else ("tunnel", str(tunnel))
         try:
@@ -240,7 +243,7 @@ class MigrationManager:
         members = sorted(set(self.members()) | {self.gateway_name})
         for _ in range(3):
             try:
-                revision = reg.move(before, to, move, members)
+                written = reg.move(before, to, move, members)
                 break
             except Conflict:
                 latest = reg.vm(name)
@@ -249,7 +252,8 @@ class MigrationManager:
                 before = latest          # a write that did not move it (identity, state): try again
         else:
             raise MigrationError(f"{name}: its record kept changing; not applied")
-        applied = self.follower.wait_applied(revision, self.apply_timeout)
+        revision = written.revision
+        applied = self.follower.apply_own(written)
         t1_ns = self.clock()
         convergence_ms = round((t1_ns - t0_ns) / 1e6, 3)
         if self.events is not None:

@@ -183,12 +183,13 @@ class Registry:
                           rec.revision)
         return self.vm(name)
 
-    def move(self, rec: VmRecord, to: Location, move: dict[str, Any], holders: list[str]) -> int:
+    def move(self, rec: VmRecord, to: Location, move: dict[str, Any], holders: list[str]) -> VmRecord:
         """The migration: `rec`'s VM is at `to` now, state running; one compare-and-swap
         on the revision `rec` was read at (Conflict if the VM was written since).
-        Returns the new revision."""
-        return self.store.put_if(VMS + rec.name, rec.value(state="running", holders=list(holders), move=move,
-                                                           **to.as_dict()), rec.revision)
+        Returns the record as written, with its new revision."""
+        value = rec.value(state="running", holders=list(holders), move=move, **to.as_dict())
+        return VmRecord.from_entry(Entry(VMS + rec.name, value, self.store.put_if(VMS + rec.name, value,
+                                                                                   rec.revision)))
 
     # ---- which gateways hold entries for a VM
     def set_holders(self, name: str, gateways: list[str]) -> None:

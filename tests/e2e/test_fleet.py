@@ -41,7 +41,7 @@ class Gw:
         self.membership = Membership(self.store, name, ttl_s=2.0)
         self.membership.renew()
         self.manager = MigrationManager(self.registry, name, self._move_local, hold_down=0.0, conflict_window=0.0,
-                                        apply_timeout=10.0, membership=self.membership, store_url=url)
+                                        membership=self.membership, store_url=url)
 
     def _move_local(self, name: str, port=None, mac=None, tunnel=None, host=None, revision=None) -> dict:
         self.at_ns[(name, revision)] = time.monotonic_ns()
