@@ -52,15 +52,6 @@ def ssl_context(cert: str | None, key: str | None, ca: str | None = None) -> ssl
     return ctx
 
 
-def client_ssl_context(ca: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
-    """A client-side TLS context: the server is verified against `ca` (the system's CAs without);
-    `cert` and `key` are the client certificate a mutual-TLS server asks for."""
-    ctx = ssl.create_default_context(cafile=ca)
-    if cert:
-        ctx.load_cert_chain(cert, key)
-    return ctx
-
-
 def make_app(commands: Mapping[str, Handler], token: str) -> web.Application:
     async def handle(request: web.Request) -> web.Response:
         if not check_bearer(request, token):

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from control.api.http import client_ssl_context
+from control.api.tls import client_ssl_context
 
 
 class CenterError(RuntimeError):

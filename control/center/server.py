@@ -35,7 +35,8 @@ from aiohttp import web
 
 from control.api.commands import arg
 from control.api.errors import BadRequest, CommandError, NotFound, Refused
-from control.api.http import check_bearer, client_ssl_context, json_body, ssl_context
+from control.api.http import check_bearer, json_body, ssl_context
+from control.api.tls import client_ssl_context
 from control.center.client import AgentClient
 from control.center.config import CenterConfig
 from control.center.kvstore import KvStore

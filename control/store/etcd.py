@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from control.api.tls import client_ssl_context
 from control.store import election
 from control.store.base import (Compacted, Conflict, Entry, Event, Held, Lease, StoreError, StoreTLS, Unavailable,
                                 Watch, encode, prefix_end)
@@ -70,7 +71,7 @@ class EtcdStore:
         if not endpoints:
             raise ValueError("an etcd store needs at least one endpoint")
         self.endpoints = endpoints
-        self._ssl = _ssl_context(tls) if tls is not None else None
+        self._ssl = client_ssl_context(tls.ca, tls.cert, tls.key) if tls is not None else None
         self._auth = auth
         self._token: str | None = None
         self._token_lock = threading.Lock()
@@ -353,13 +354,6 @@ def _raise_error(error: Any) -> None:
     if code == _UNAVAILABLE or any(s in message for s in _RETRYABLE):
         raise _Retry(message)
     raise StoreError(f"etcd: {message}")
-
-
-def _ssl_context(tls: StoreTLS) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=tls.ca)
-    if tls.cert is not None:
-        context.load_cert_chain(tls.cert, tls.key)
-    return context
 
 
 def _shutdown(conn: http.client.HTTPConnection) -> None:

@@ -22,7 +22,7 @@ import sys
 import pytest
 
 from control.api.commands import CENTER, allowed
-from control.api.http import client_ssl_context
+from control.api.tls import client_ssl_context
 from control.config import AgentConfig
 from control.daemon import Daemon
 from testbed.addresses import DC2_ENDPOINT, ROUTER_IP, UPLINK_IP

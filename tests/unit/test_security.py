@@ -22,7 +22,8 @@ import pytest
 
 from control.api.commands import CENTER, LOCAL, allowed, dispatch, scoped
 from control.api.errors import Forbidden
-from control.api.http import AgentServer, client_ssl_context
+from control.api.http import AgentServer
+from control.api.tls import client_ssl_context
 from control.api.unix import ApiServer, call
 from control.center.config import parse_center_document
 from control.config import ConfigError, parse_config
