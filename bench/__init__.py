@@ -9,14 +9,16 @@ Sections (run in this order; `--only NAME` picks some):
   control     Maglev build, table swap, counter folding, flow reads, startup
   breakdown   where xdpgw's per-packet time goes: variants, map primitives, perf
   metrics     a Prometheus scrape of a gateway with 1k regions and 1M flows
+  fleet       migrations through a 3-member etcd, applied by 8 daemons + watchers
 
 Every figure is reported with a baseline measured in the same run and the
 ratio to it."""
 from __future__ import annotations
 
-SECTIONS = ("per_packet", "katran", "scaling", "e2e", "control", "breakdown", "metrics")
+SECTIONS = ("per_packet", "katran", "scaling", "e2e", "control", "breakdown", "metrics", "fleet")
 MODULES = {"per_packet": "perpacket", "katran": "katran", "scaling": "scaling", "e2e": "e2e",
-           "control": "controlplane", "breakdown": "breakdown", "metrics": "metrics"}
+           "control": "controlplane", "breakdown": "breakdown", "metrics": "metrics",
+           "fleet": "fleet"}
 
 
 def run(sections=SECTIONS, quick: bool = False, out_dir: str = "bench/results", **options):

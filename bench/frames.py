@@ -8,7 +8,8 @@ L4 checksums are not recomputed (no XDP program here checks them).
 
 Addresses (benchmarking ranges only): clients 198.18.64.0/18 (region r1) and
 198.18.2.0/24 (region r2, offloaded), 2001:db8:1::/48; VIPs 198.19.0.10 and
-2001:db8:f::10."""
+2001:db8:f::10. Tunnel packets to the gateway (decap_*): from 198.18.0.7 to
+198.18.0.2, the client's packet inside; flows are patched into the inner one."""
 from __future__ import annotations
 
 import ipaddress
@@ -29,6 +30,10 @@ VIP6 = "2001:db8:f::10"
 NON_VIP4 = "198.19.0.99"
 WEB_PORT = 8080
 REMOTE_PORT = 8081
+GUE_REMOTE_PORT = 8082            # served by a tunnel VM reached by GUE over IPv4
+GUE6_REMOTE_PORT = 8083           # ... by GUE over IPv6
+DECAP_PEER, DECAP_ADDRESS = "198.18.0.7", "198.18.0.2"   # a trusted source gateway, this gateway's tunnel address
+GUE_PORT = 6080
 ECHO_PORT = 5353
 ECHO_REMOTE_PORT = 5354
 
@@ -42,6 +47,7 @@ SRC = {
     "offload": "198.18.2.0",     # region r2, offloaded
     "fill": "198.18.120.0",      # flow-table fill (scaling)
     "established": "198.18.88.0",  # UDP and TCP-ACK hits beside Katran (katran section)
+    "decap": "198.18.104.0",     # inner clients of tunnel packets
 }
 SRC6 = "2001:db8:1::"
 
@@ -51,6 +57,8 @@ IP4_CSUM_OFF = ETH_LEN + 10
 L4_OFF4 = ETH_LEN + 20
 IP6_SRC_OFF = ETH_LEN + 8
 L4_OFF6 = ETH_LEN + 40
+# where the (inner) IPv4 header starts in a frame of each kind: after the tunnel's headers
+L3_OFF = {"decap_ipip": ETH_LEN + 20, "decap_gue": ETH_LEN + 20 + 8}
 
 
 def flow_tuple(base: str, i: int) -> tuple[int, int]:
@@ -72,7 +80,9 @@ def template(kind: str, payload: int = 18) -> bytes:
     service), tcp4_ack / tcp4_ack_remote (the same with ACK: a packet of an
     established connection), tcp6 (VIP6:8080), udp4 (VIP4:5353), udp4_remote
     (VIP4:5354, the tunnel VM's), non_vip (198.19.0.99:80), bad_ihl (IPv4 with
-    IHL 4: malformed)."""
+    IHL 4: malformed), tcp4_gue_remote / tcp4_gue6_remote (VIP4:8082 / 8083, the
+    tunnel VMs reached by GUE over IPv4 / IPv6), decap_ipip / decap_gue (tcp4 in
+    IP-in-IP / GUE from a trusted gateway to this one's tunnel address)."""
     from scapy.all import IP, TCP, UDP, Ether, IPv6
 
     eth = Ether(dst=GW_MAC, src=CLIENT_MAC)
@@ -90,6 +100,13 @@ def template(kind: str, payload: int = 18) -> bytes:
     elif kind in ("udp4", "udp4_remote"):
         dport = ECHO_REMOTE_PORT if kind == "udp4_remote" else ECHO_PORT
         pkt = eth / IP(src=src4, dst=VIP4) / UDP(sport=PORT_BASE, dport=dport) / body
+    elif kind in ("tcp4_gue_remote", "tcp4_gue6_remote"):
+        dport = GUE_REMOTE_PORT if kind == "tcp4_gue_remote" else GUE6_REMOTE_PORT
+        pkt = eth / IP(src=src4, dst=VIP4) / TCP(sport=PORT_BASE, dport=dport, flags="S") / body
+    elif kind in L3_OFF:
+        inner = IP(src=src4, dst=VIP4) / TCP(sport=PORT_BASE, dport=WEB_PORT, flags="S") / body
+        outer = IP(src=DECAP_PEER, dst=DECAP_ADDRESS)
+        pkt = eth / (outer / inner if kind == "decap_ipip" else outer / UDP(sport=49152, dport=GUE_PORT) / inner)
     elif kind == "non_vip":
         pkt = eth / IP(src=src4, dst=NON_VIP4) / TCP(sport=PORT_BASE, dport=80, flags="S") / body
     elif kind == "bad_ihl":
@@ -103,12 +120,13 @@ def template(kind: str, payload: int = 18) -> bytes:
     return bytes(pkt)
 
 
-def patch4(tmpl: bytes, src: int, sport: int) -> bytes:
+def patch4(tmpl: bytes, src: int, sport: int, l3_off: int = ETH_LEN) -> bytes:
+    """The template with the (inner) IPv4 header at `l3_off` given flow (src, sport)."""
     f = bytearray(tmpl)
-    struct.pack_into("!I", f, IP4_SRC_OFF, src)
-    struct.pack_into("!H", f, IP4_CSUM_OFF, 0)
-    struct.pack_into("!H", f, IP4_CSUM_OFF, _ipv4_csum(f[ETH_LEN:]))
-    struct.pack_into("!H", f, L4_OFF4, sport)
+    struct.pack_into("!I", f, l3_off + 12, src)
+    struct.pack_into("!H", f, l3_off + 10, 0)
+    struct.pack_into("!H", f, l3_off + 10, _ipv4_csum(f[l3_off:]))
+    struct.pack_into("!H", f, l3_off + 20, sport)
     return bytes(f)
 
 
@@ -122,7 +140,7 @@ def patch6(tmpl: bytes, index: int, sport: int) -> bytes:
 def flows4(kind: str, base: str, start: int, count: int) -> list[bytes]:
     """`count` frames of class `kind`, flows start .. start+count-1 from `base`."""
     tmpl = template(kind)
-    return [patch4(tmpl, *flow_tuple(base, i)) for i in range(start, start + count)]
+    return [patch4(tmpl, *flow_tuple(base, i), L3_OFF.get(kind, ETH_LEN)) for i in range(start, start + count)]
 
 
 def flows6(start: int, count: int) -> list[bytes]:

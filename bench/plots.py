@@ -186,11 +186,47 @@ def breakdown(sections: dict, out: Path) -> Path | None:
     return _save(plt, fig, out / "breakdown.png")
 
 
+def fleet(sections: dict, out: Path) -> Path | None:
+    """Convergence of each migration over the run's time, p50 and p99 per time bin,
+    one pair of lines per fleet size (processes following the store)."""
+    runs = [r for r in sections.get("fleet", {}).get("info", {}).get("runs", []) if r.get("timeline")]
+    if not runs:
+        return None
+    import numpy as np
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    colors = ("#3a7", "#57a", "#c33", "#a6c", "#888")
+    for r, color in zip(runs, colors):
+        t = np.array([p[0] for p in r["timeline"]])
+        c = np.array([p[1] for p in r["timeline"]])
+        ax.plot(t, c, ".", color=color, alpha=0.15, markersize=3)
+        edges = np.linspace(0, t.max() + 1e-9, 21)
+        mids, p50, p99 = [], [], []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            sel = c[(t >= lo) & (t < hi)]
+            if sel.size:
+                mids.append((lo + hi) / 2)
+                p50.append(np.percentile(sel, 50))
+                p99.append(np.percentile(sel, 99))
+        label = f"{r['processes']} processes ({r['gateways']} gateways + {r['watchers']} watchers)"
+        ax.plot(mids, p50, "-", color=color, label=f"p50, {label}")
+        ax.plot(mids, p99, "--", color=color, label=f"p99, {label}")
+    info = sections["fleet"]["info"]
+    ax.set_xlabel(f"migration time (s since the first write; {info.get('rate_per_s', 0):.0f} migrations/s)")
+    ax.set_ylabel("convergence (ms): write start -> last process applied")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title(f"VM migrations through etcd, {info.get('vms')} VMs, {info.get('cpus')} CPUs")
+    return _save(plt, fig, out / "fleet.png")
+
+
 def draw_all(sections: dict, out_dir: str) -> list[str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for fn in (per_packet, vs_katran, e2e, maglev, breakdown):
+    for fn in (per_packet, vs_katran, e2e, maglev, breakdown, fleet):
         p = fn(sections, out)
         if p:
             paths.append(str(p))

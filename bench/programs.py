@@ -21,12 +21,16 @@ BENCH_DIR = Path(__file__).resolve().parent
 LO_IFINDEX = 1
 
 REGIONS = {"198.18.64.0/18": 1, "2001:db8:1::/48": 1, "198.18.2.0/24": 2, "198.18.128.0/17": 3}
-WEB, WEB6, REMOTE, ECHO, ECHO_REMOTE = 0, 1, 2, 3, 4
+WEB, WEB6, REMOTE, ECHO, ECHO_REMOTE, REMOTE_GUE, REMOTE_GUE6 = 0, 1, 2, 3, 4, 5, 6
 SERVICES = [(F.VIP4, F.WEB_PORT, "tcp", WEB), (F.VIP6, F.WEB_PORT, "tcp", WEB6),
             (F.VIP4, F.REMOTE_PORT, "tcp", REMOTE), (F.VIP4, F.ECHO_PORT, "udp", ECHO),
-            (F.VIP4, F.ECHO_REMOTE_PORT, "udp", ECHO_REMOTE)]
+            (F.VIP4, F.ECHO_REMOTE_PORT, "udp", ECHO_REMOTE), (F.VIP4, F.GUE_REMOTE_PORT, "tcp", REMOTE_GUE),
+            (F.VIP4, F.GUE6_REMOTE_PORT, "tcp", REMOTE_GUE6)]
 LOCAL_SERVICES = (WEB, WEB6, ECHO)         # on the local VMs; REMOTE and ECHO_REMOTE on the tunnel VM
 TUNNEL_ENDPOINT, TUNNEL_SOURCE = "198.18.200.2", "198.18.0.2"
+# tunnel VMs reached by GUE: service -> (endpoint, source); their ids sit below the IP-in-IP one
+GUE_TUNNELS = {REMOTE_GUE: ("198.18.200.3", TUNNEL_SOURCE), REMOTE_GUE6: ("2001:db8:200::3", "2001:db8::2")}
+DECAP_FROM = "198.18.0.0/24"
 OFFLOAD_ENDPOINT = "198.18.201.2"
 NEXT_HOP_MAC, UPLINK_MAC = "02:00:00:0d:00:01", "02:00:00:0d:00:02"
 PORT_SLOTS = 200
@@ -48,8 +52,11 @@ class Xdpgw:
     services web tcp 198.19.0.10:8080 (0), web6 tcp [2001:db8:f::10]:8080 (1), echo udp
              198.19.0.10:5353 (3) on the local VMs; remote tcp 198.19.0.10:8081 (2) and
              echo-remote udp 198.19.0.10:5354 (4) on one tunnel VM (IP-in-IP to 198.18.200.2)
+             remote-gue tcp 198.19.0.10:8082 and remote-gue6 tcp :8083 on tunnel VMs reached by GUE
+             (to 198.18.200.3 and 2001:db8:200::3)
     VMs      1..n local, devmap slot 1 + (id-1) % 200 -> lo (fine for test runs: nothing is sent)
     offload  (r2, web) -> IP-in-IP to 198.18.201.2
+    decap    tunnel packets to 198.18.0.2 from 198.18.0.0/24; GUE port 6080
     """
     bpf: object
     fn: object
@@ -84,7 +91,7 @@ class Xdpgw:
             slot = 1 + (vm_id - 1) % PORT_SLOTS
             dp.set_vm(vm_id, LocalPort(slot, vm_mac(vm_id), port_mac(slot)))
         for vm_id in range(n_vms + 1, self.n_vms + 1):
-            if vm_id != self.tunnel_vm:
+            if vm_id < self.tunnel_vm - len(GUE_TUNNELS):      # not a tunnel VM
                 dp.clear_vm(vm_id)
         backends = [(f"vm{v}", v, 1) for v in range(1, n_vms + 1)]
         table = build_table(backends, self.sizes.maglev_m, self.sizes.hash_seed)
@@ -128,7 +135,12 @@ def load_xdpgw(flow_entries: int = 65536, n_vms: int = 3, max_vms: int = 1024, s
         tunnel_table = build_table([("vmt", g.tunnel_vm, 1)], sizes.maglev_m, sizes.hash_seed)
         for sid in (REMOTE, ECHO_REMOTE):
             dp.set_maglev_table(sid, tunnel_table)
+        for i, (sid, (endpoint, source)) in enumerate(GUE_TUNNELS.items()):
+            vm_id = g.tunnel_vm - 1 - i
+            dp.set_vm(vm_id, Tunnel(ip(endpoint), ip(source), NEXT_HOP_MAC, UPLINK_MAC, "gue"))
+            dp.set_maglev_table(sid, build_table([(f"vmg{i}", vm_id, 1)], sizes.maglev_m, sizes.hash_seed))
         dp.set_offload(2, WEB, Tunnel(ip(OFFLOAD_ENDPOINT), ip(TUNNEL_SOURCE), NEXT_HOP_MAC, UPLINK_MAC))
+        dp.set_decap([ip(F.DECAP_ADDRESS)], [ipaddress.ip_network(DECAP_FROM)], F.GUE_PORT)
         g.set_vms(n_vms)
     except BaseException:
         g.close()
@@ -329,10 +341,12 @@ class Rotation:
     ipv6: bool = False
     port_base: int = F.PORT_BASE
     port_span: int = F.PORT_SPAN
+    l3_off: int = F.ETH_LEN        # the (inner) IP header the flows are written into
 
     @classmethod
     def v4(cls, kind: str, base: str, flows: int, payload: int = 18) -> "Rotation":
-        return cls(F.template(kind, payload), flows, int(ipaddress.ip_address(base)))
+        return cls(F.template(kind, payload), flows, int(ipaddress.ip_address(base)),
+                   l3_off=F.L3_OFF.get(kind, F.ETH_LEN))
 
     @classmethod
     def v6(cls, flows: int) -> "Rotation":
@@ -359,8 +373,8 @@ class Rotator:
             raise ValueError(f"rotated frames must be at least {ROT_HDR} bytes")
         cfg = RotConfig(frame_len=len(rot.frame), flows=max(1, rot.flows), port_span=max(1, rot.port_span),
                         port_base=rot.port_base, src_base=rot.src_base & 0xFFFFFFFF,
-                        src_off=F.IP6_SRC_OFF + 12 if rot.ipv6 else F.IP4_SRC_OFF,
-                        port_off=F.L4_OFF6 if rot.ipv6 else F.L4_OFF4)
+                        src_off=F.IP6_SRC_OFF + 12 if rot.ipv6 else rot.l3_off + 12,
+                        port_off=F.L4_OFF6 if rot.ipv6 else rot.l3_off + 20)
         ct.memmove(cfg.hdr, rot.frame[:ROT_HDR], ROT_HDR)
         libbpf.update_elem(self.bpf.get_table(b"rot_config").map_fd, ct.c_uint32(0), cfg, "rot_config")
         self.set_next(next_index)

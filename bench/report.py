@@ -142,6 +142,7 @@ def table(sections: dict, tgts: list[Target]) -> str:
         skipped = sec.get("info", {}).get("katran") if name == "katran" else None
         if isinstance(skipped, str):
             lines.append(f"{name:<10} Katran {skipped}")
+    lines.extend(_fleet_lines(sections))
     if tgts:
         lines.append("")
         lines.append("targets")
@@ -151,6 +152,20 @@ def table(sections: dict, tgts: list[Target]) -> str:
             lines.append(f"{met:<7} {t.goal}: measured {_fmt(t.measured)}{t.unit} (limit {t.comparison} "
                          f"{t.limit:g}{t.unit}) -- {t.detail}")
     return "\n".join(lines)
+
+
+def _fleet_lines(sections: dict) -> list[str]:
+    """Per fleet run, what the machine had to give: its CPU use, each kind of process's
+    CPU seconds, the write rate held, and whether every process applied every move."""
+    info = sections.get("fleet", {}).get("info", {})
+    out = []
+    for r in info.get("runs", []):
+        cpu = ", ".join(f"{k} {v:.1f} s" for k, v in r["cpu_s"].items())
+        out.append(f"{'fleet':<10} {r['processes']} processes: {r['migrations']} migrations at "
+                   f"{r['achieved_rate']:.0f}/s, {r['converged']} applied by all (missing applies: "
+                   f"{r['missing_applies']}); machine CPU {r['machine_busy'] * 100:.0f} % busy of {r['cpus']} CPUs "
+                   f"over {r['run_s']:.1f} s (CPU: {cpu})")
+    return out
 
 
 def _git_commit() -> str | None:

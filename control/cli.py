@@ -33,8 +33,8 @@ class UsageError(Exception):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xdpgw", description="XDP cloud data-center gateway")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_daemon_commands, _add_vm_commands, _add_flow_commands, _add_offload_commands,
-                _add_center_command, _add_defrag_commands, _add_capture_command):
+    for add in (_add_daemon_commands, _add_service_commands, _add_vm_commands, _add_flow_commands,
+                _add_offload_commands, _add_center_command, _add_defrag_commands, _add_capture_command):
         add(sub)
     for plugin in entry_points(group=PLUGIN_GROUP):
         plugin.load()(sub)
@@ -65,9 +65,39 @@ def _add_daemon_commands(sub: argparse._SubParsersAction) -> None:
     stats.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+_RUNTIME_NOTE = "kept across restarts and reloads; entries of the config file are changed there"
+
+
+def _add_service_commands(sub: argparse._SubParsersAction) -> None:
+    svc = sub.add_parser("service", help="services added at run time").add_subparsers(dest="service_command",
+                                                                                       required=True)
+    add = _with_config(svc.add_parser("add", help=f"serve a new service now ({_RUNTIME_NOTE})"))
+    add.add_argument("name")
+    add.add_argument("--vip", required=True)
+    add.add_argument("--port", type=int, required=True)
+    add.add_argument("--protocol", required=True, choices=["tcp", "udp"])
+    add.add_argument("--vm", dest="vms", action="append", required=True, help="a VM of the service (repeat)")
+    add.add_argument("--health", help='its health check as a TOML inline table, e.g. \'{ kind = "tcp" }\'')
+    remove = _with_config(svc.add_parser("remove", help="stop serving a service added at run time "
+                                                        "(its flows stop)"))
+    remove.add_argument("name")
+
+
 def _add_vm_commands(sub: argparse._SubParsersAction) -> None:
     vm = sub.add_parser("vm", help="VMs").add_subparsers(dest="vm_command", required=True)
     _with_config(vm.add_parser("list", help="VMs with location and state"))
+    add = _with_config(vm.add_parser("add", help=f"add a VM now ({_RUNTIME_NOTE})"))
+    add.add_argument("name")
+    add.add_argument("--port", help="local host port (ifname) the VM is behind (with --mac)")
+    add.add_argument("--mac")
+    add.add_argument("--tunnel", help="remote endpoint address the VM is behind")
+    add.add_argument("--host", help="the [[host]] its port is on")
+    add.add_argument("--ip", dest="ips", action="append", help="an address of the VM (repeat for each)")
+    add.add_argument("--weight", type=int)
+    add.add_argument("--tenant")
+    add.add_argument("--service", dest="services", action="append", help="a service it joins (repeat)")
+    remove = _with_config(vm.add_parser("remove", help="remove a VM added at run time (it leaves every service)"))
+    remove.add_argument("name")
     move = _with_config(vm.add_parser("move", help="re-point a VM after a live migration"))
     move.add_argument("name")
     where = move.add_mutually_exclusive_group(required=True)
@@ -169,10 +199,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_reload(args: argparse.Namespace) -> int:
     config = load_config(args.config)      # a file that does not validate is refused here already (exit 2)
-    changes = call(_socket(config), "config.reload", timeout=60.0)
+    _print_changes(call(_socket(config), "config.reload", timeout=60.0))
+    return 0
+
+
+def _print_changes(changes: dict) -> None:
+    """What a reload or a run-time change did, per kind: added, removed, changed names."""
     for kind, change in changes.items():
         done = [f"{what} {', '.join(names)}" for what, names in change.items() if names]
         print(f"{kind}: {'; '.join(done) if done else 'unchanged'}")
+
+
+def _cmd_service(args: argparse.Namespace) -> int:
+    path = _socket(load_config(args.config))
+    if args.service_command == "add":
+        health = None
+        if args.health is not None:
+            import tomllib
+
+            try:
+                health = tomllib.loads(f"health = {args.health}")["health"]
+            except tomllib.TOMLDecodeError as exc:
+                raise UsageError(f"--health {args.health!r}: not a TOML inline table: {exc}") from None
+        _print_changes(call(path, "service.add", timeout=60.0, name=args.name, vip=args.vip, port=args.port,
+                            protocol=args.protocol, vms=args.vms, health=health))
+    else:
+        _print_changes(call(path, "service.remove", timeout=60.0, name=args.name))
     return 0
 
 
@@ -221,6 +273,12 @@ def _cmd_vm(args: argparse.Namespace) -> int:
 
         for vm in call(path, "vm.list"):
             print(render_vm_line(vm))
+    elif args.vm_command == "add":
+        _print_changes(call(path, "vm.add", timeout=60.0, name=args.name, port=args.port, mac=args.mac,
+                            tunnel=args.tunnel, host=args.host, ips=args.ips, weight=args.weight,
+                            tenant=args.tenant, services=args.services))
+    elif args.vm_command == "remove":
+        _print_changes(call(path, "vm.remove", timeout=60.0, name=args.name))
     elif args.vm_command == "move":
         _print(call(path, "vm.move", name=args.name, port=args.port, tunnel=args.tunnel, mac=args.mac))
     elif args.vm_command == "history":
@@ -366,6 +424,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": _cmd_run, "reset": _cmd_reset, "check": _cmd_check, "stats": _cmd_stats, "vm": _cmd_vm,
+            "service": _cmd_service,
             "flow": _cmd_flow, "offload": _cmd_offload, "defrag": _cmd_defrag, "center": _cmd_center,
             "reload": _cmd_reload, "install-service": _cmd_install_service, "capture": _cmd_capture}
 

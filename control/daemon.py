@@ -9,9 +9,11 @@ import logging
 import resource
 import signal
 import threading
+from collections.abc import Callable
 
 from control.api.commands import CENTER, CommandTable, arg, merge, scoped
 from control.api.errors import BadRequest
+from control import runtime
 from control.api.unix import ApiServer
 from control.config import Config, ConfigError, load_config
 from control.capture import CaptureService
@@ -20,10 +22,12 @@ from control.deploy import notify
 from control.gateway import Gateway, GatewayError
 from control.health import HealthMonitor, checks_from_config
 from control.logs import event
-from control.migration.service import MigrationService
+from control.migration.service import MigrationService, open_gateway_store
 from control.offload.link import OffloadLink
 from control.offload.monitor import Monitor
-from control.rates import RateTracker, Sampler
+from control.rates import IdleTracker, RateTracker, Sampler
+from control.runtime import RuntimeAdditions
+from control.store import StoreError
 from dataplane.netns import enter_netns
 from dataplane.pinning import LayoutError
 
@@ -40,10 +44,11 @@ def enter_gateway_netns(name: str) -> None:
 
 log = logging.getLogger("xdpgw.gateway")
 
-# What a reload applies; every other part of the config (the [gateway] table:
-# interface, sizes, hash seed, paths; [monitor], [center], [agent], [[host]], and
-# any table added later) takes effect only on a restart.
+# What a reload applies; every other part of the config (the [gateway] table but
+# RELOADABLE_GATEWAY: interface, sizes, hash seed, paths; [monitor], [center],
+# [agent], [[host]], and any table added later) takes effect only on a restart.
 RELOADABLE = ("regions", "services", "vms")
+RELOADABLE_GATEWAY = ("decap_addresses", "decap_from", "gue_port")
 _TOML_KEYS = {"regions": "region", "services": "service", "vms": "vm", "hosts": "host"}
 
 
@@ -51,6 +56,8 @@ def check_reloadable(old: Config, new: Config, source: str | None = None) -> Non
     """ConfigError naming the first key whose change a reload cannot apply."""
     for f in dataclasses.fields(Config):
         a, b = getattr(old, f.name), getattr(new, f.name)
+        if f.name == "gateway":
+            a = dataclasses.replace(a, **{k: getattr(b, k) for k in RELOADABLE_GATEWAY})
         if f.name in RELOADABLE or a == b:
             continue
         key = _TOML_KEYS.get(f.name, f.name)
@@ -66,13 +73,17 @@ def api_socket_path(config: Config) -> str:
 
 class Daemon:
     def __init__(self, config: Config, config_path: str | None = None) -> None:
-        self.config = config
+        self.file_config = config               # what the file says
+        self.config = config                    # ... and the services and VMs added at run time (run())
         self.config_path = config_path          # what a reload re-reads
-        self._reloading = threading.Lock()
+        self.additions: RuntimeAdditions | None = None
+        self._reloading = threading.Lock()      # one change of the config at a time: reloads, additions
         self.gateway = Gateway(config)
         self.rates = RateTracker()
+        self.idle = IdleTracker("vms")
         self.sampler = Sampler(lambda: self.gateway.counters(count_flows=False))
         self.sampler.every(config.gateway.stats_interval, self.rates.sample)
+        self.sampler.every(config.gateway.stats_interval, self.idle.sample)
         self.stopping = threading.Event()
         self.api: ApiServer | None = None
         self.health: HealthMonitor | None = None
@@ -97,11 +108,11 @@ class Daemon:
             "stats": lambda a: {**gw.counters(), "rates": self.rates.rates(), "health": self.health_summary(),
                                 "monitor": self.monitor_summary(), "store": self.migration.store_status()},
             "monitor": lambda a: self.monitor_summary(),
-            "vm.list": lambda a: gw.vm_list(),
+            "vm.list": lambda a: [{**vm, "idle_s": self.idle.idle_s(vm["name"])} for vm in gw.vm_list()],
             "vm.state": lambda a: gw.set_vm_state(arg(a, "name"), arg(a, "state")),
             "flow.lookup": lambda a: gw.flow_lookup(arg(a, "service"), arg(a, "src"), arg(a, "sport", int)),
-            "offload.set": scoped(lambda a: gw.set_offload(arg(a, "region"), arg(a, "service"), arg(a, "endpoint")),
-                                  CENTER),
+            "offload.set": scoped(lambda a: gw.set_offload(arg(a, "region"), arg(a, "service"), arg(a, "endpoint"),
+                                                           arg(a, "encap", required=False) or "ipip"), CENTER),
             "offload.clear": scoped(lambda a: gw.clear_offload(arg(a, "region"), arg(a, "service"),
                                                                now=bool(arg(a, "now", bool, required=False))), CENTER),
             "offload.list": lambda a: gw.offloads(),
@@ -109,6 +120,8 @@ class Daemon:
             "config.reload": lambda a: self._reload_command(),
             "status": scoped(lambda a: {"name": self.config.gateway.name, "interface": self.config.gateway.interface,
                                         "mode": gw.attached_mode, "store": self.migration.store_status()}, CENTER),
+            **{command: (lambda a, command=command: self.change_at_run_time(command, a))
+               for command in runtime.COMMANDS},
         }
         return merge(own, self.migration.commands(), self.defrag.commands(), self.capture.commands())
 
@@ -183,46 +196,107 @@ class Daemon:
 
     def reload(self) -> dict:
         """Re-read the config file and apply what changed in its regions, services,
-        VMs, weights and health checks, as one change of the gateway's maps. A file
-        that does not parse or validate, or that changes anything else (a restart's
-        business), changes nothing: ConfigError naming the key."""
+        VMs, weights and health checks, as one change of the gateway's maps, keeping
+        the services and VMs added at run time. A file that does not parse or
+        validate (also with the additions: a name both define is an error naming
+        both), or that changes anything else (a restart's business), changes
+        nothing: ConfigError naming the key."""
         with self._reloading:
             try:
-                if self.api is None:
+                if self.api is None or self.additions is None:
                     raise GatewayError("the gateway is still starting: reload after it is up")
                 if self.config_path is None:
                     raise ConfigError(None, "the daemon was not started from a config file; nothing to re-read")
-                new = load_config(self.config_path)
-                check_reloadable(self.config, new, self.config_path)
-            except (ConfigError, GatewayError) as exc:
-                event(log, "config.reload_refused", logging.ERROR, error=str(exc))
-                raise
-            old_health = health = self.health
-            checks = checks_from_config(new)
-            if checks != (old_health.checks if old_health else []):
-                # stopped first, so that no verdict of the old checks arrives after the new ones take over
-                if old_health is not None:
-                    old_health.stop()
-                health = self._health_monitor(checks, old_health)
-            try:
-                changes = self.gateway.reload(new, {v.name: health.vm_health(v.name) if health else "unknown"
-                                                    for v in new.vms})
+                file = load_config(self.config_path)
+                check_reloadable(self.config, file, self.config_path)
+                tables = self.additions.tables
+                changes = self._apply(runtime.merged(file, tables, source=self.config_path),
+                                      runtime.locate_errors(file, tables, self.config_path))
             except Exception as exc:
                 event(log, "config.reload_refused", logging.ERROR, error=str(exc))
-                if health is not old_health:
-                    health = self._health_monitor(old_health.checks, old_health) if old_health else None
-                    self._start_health_monitor(health)
                 raise
-            if health is not old_health:
-                self._start_health_monitor(health)
-            self.config = new
-            self.migration.reloaded(new, changes["vms"])
-            if self.monitor is not None:
-                self.monitor.reconfigure(new)
-            fields = {f"{kind}_{what}": ",".join(names) for kind, c in changes.items()
-                      for what, names in c.items() if names}
-            event(log, "config.reloaded", file=self.config_path, **fields)
+            self.file_config = file
+            event(log, "config.reloaded", file=self.config_path, **_change_fields(changes))
             return changes
+
+    def change_at_run_time(self, command: str, args: dict) -> dict:
+        """service.add, service.remove, vm.add, vm.remove (control/runtime.py): the config
+        with the change is validated as the file is, applied as a reload is, then kept
+        in the store; a change that cannot be kept is undone. Returns what changed,
+        as a reload does. A refused change changes nothing: BadRequest naming the key."""
+        with self._reloading:
+            if self.api is None or self.additions is None:
+                raise GatewayError("the gateway is still starting: retry after it is up")
+            before = self.additions.tables
+            try:
+                tables, name = runtime.changed(before, self.file_config, command, args)
+                if tables == before:
+                    return {kind: {"added": [], "removed": [], "changed": []} for kind in RELOADABLE}
+                changes = self._apply(runtime.merged(self.file_config, tables, command=command, subject=name),
+                                      runtime.locate_errors(self.file_config, tables, None, command, name))
+            except (ConfigError, GatewayError) as exc:
+                event(log, "runtime.refused", logging.ERROR, command=command, error=str(exc))
+                if isinstance(exc, ConfigError):
+                    raise BadRequest(str(exc)) from None
+                raise
+            try:
+                self.additions.save(tables)
+            except (StoreError, GatewayError) as exc:
+                # what runs must be what a restart finds: back to what the store holds
+                self._apply(runtime.merged(self.file_config, before, source=self.config_path),
+                            runtime.locate_errors(self.file_config, before, self.config_path))
+                event(log, "runtime.refused", logging.ERROR, command=command, error=str(exc))
+                raise GatewayError(f"{command}: the store did not take it, so nothing was changed: {exc}") from None
+            event(log, "runtime.changed", command=command, entry=name, **_change_fields(changes))
+            return changes
+
+    def _apply(self, new: Config, locate: Callable[[ConfigError], ConfigError]) -> dict:
+        """Make `new` (validated) the running config: its health checks, the gateway's
+        maps, the registry and the monitor. The gateway's own checks of `new` (ports,
+        capacity) name entries by their place in it: `locate` says where they are."""
+        old_health = health = self.health
+        checks = checks_from_config(new)
+        if checks != (old_health.checks if old_health else []):
+            # stopped first, so that no verdict of the old checks arrives after the new ones take over
+            if old_health is not None:
+                old_health.stop()
+            health = self._health_monitor(checks, old_health)
+        try:
+            changes = self.gateway.reload(new, {v.name: health.vm_health(v.name) if health else "unknown"
+                                                for v in new.vms})
+        except Exception as exc:
+            if health is not old_health:
+                health = self._health_monitor(old_health.checks, old_health) if old_health else None
+                self._start_health_monitor(health)
+            if isinstance(exc, ConfigError):
+                raise locate(exc) from None
+            raise
+        if health is not old_health:
+            self._start_health_monitor(health)
+        self.config = new
+        self.migration.reloaded(new, changes["vms"])
+        if self.monitor is not None:
+            self.monitor.reconfigure(new)
+        return changes
+
+    def _adopt_additions(self) -> None:
+        """Before the gateway starts: read the services and VMs added at run time from
+        the store and take them with the file's config. Additions that no longer fit
+        the file (it changed while the daemon was down) are logged and not applied,
+        but kept: the daemon comes up on the file, and a reload of a file that fits
+        them (or their removal) takes them."""
+        store, _ = open_gateway_store(self.config)
+        self.additions = RuntimeAdditions(store, self.config.gateway.name)
+        tables = self.additions.load()
+        if not any(tables.values()):
+            return
+        try:
+            new = runtime.merged(self.file_config, tables, source=self.config_path)
+        except ConfigError as exc:
+            event(log, "runtime.not_applied", logging.ERROR, error=str(exc))
+            return
+        self.config = new
+        self.gateway.configure(new)
 
     def run(self, reset: bool = False) -> int:
         """Serve until SIGTERM/SIGINT (detach, exit 0) or SIGUSR2 (exit 0 leaving the
@@ -237,6 +311,7 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self._reload_on_signal, name="xdpgw-reload",
                                                                  daemon=True).start())
         try:
+            self._adopt_additions()
             took = self.gateway.start(reset=reset)
             self.migration.start()
             self.api = ApiServer(api_socket_path(self.config), self.commands())
@@ -261,6 +336,8 @@ class Daemon:
             if self.api:
                 self.api.close()
             self.migration.stop()
+            if self.additions:
+                self.additions.store.close()
             self.capture.close()                # also before an upgrade: the next program starts unarmed
             if not keep_attached.is_set():
                 self.gateway.stop()
@@ -283,3 +360,8 @@ class Daemon:
             return self.reload()
         except ConfigError as exc:
             raise BadRequest(str(exc)) from None
+
+
+def _change_fields(changes: dict) -> dict[str, str]:
+    """A reload's changes as log fields: services_added=web2,web3 ..."""
+    return {f"{kind}_{what}": ",".join(names) for kind, c in changes.items() for what, names in c.items() if names}

@@ -6,8 +6,11 @@ request changes nothing."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import ipaddress
+import socket
+import struct
 import threading
 import time
 from typing import Mapping
@@ -23,6 +26,14 @@ from dataplane.flowhash import maglev_slot
 from dataplane.maps import PROTOCOLS, Dataplane, LocalPort, Tunnel
 from dataplane.pinning import PinnedState, check_reused_maps, reach
 from dataplane.program import AttachError, Sizes, attach, detach, ifindex, load
+
+
+# struct ifreq: the name (IFNAMSIZ bytes), then a sockaddr whose sa_data holds the MAC
+_SIOCGIFHWADDR = 0x8927
+_IFHWADDR_OFF = 16 + 2
+# How long a resolved next-hop MAC is reused: a start-up or a burst of moves to VMs behind one
+# endpoint resolves it once (a netlink round trip each), and a changed neighbour is seen this soon.
+NEXT_HOP_TTL_S = 1.0
 
 
 class GatewayError(RuntimeError):
@@ -50,12 +61,16 @@ def sizes_of(config: Config) -> Sizes:
 
 
 def link_mac(name: str) -> str:
-    """MAC address of an interface of this network namespace."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        links = ipr.get_links(ifindex(name))
-    return links[0].get_attr("IFLA_ADDRESS")
+    """MAC address of an interface of this network namespace. An ioctl on a socket,
+    not netlink: it runs on every move and every VM written, and opening a netlink
+    socket each time costs milliseconds (sysfs would show the mount's namespace)."""
+    ifindex(name)  # the one "no such interface" error
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            req = fcntl.ioctl(s.fileno(), _SIOCGIFHWADDR, struct.pack("256s", name.encode()))
+        except OSError as exc:
+            raise GatewayError(f"interface {name!r}: cannot read its MAC address: {exc.strerror}") from None
+    return req[_IFHWADDR_OFF:_IFHWADDR_OFF + 6].hex(":")
 
 
 def next_hop_mac(endpoint: IPAddress) -> str:
@@ -78,20 +93,29 @@ class Gateway:
     """One gateway's dataplane and state. Methods are thread-safe."""
 
     def __init__(self, config: Config) -> None:
-        self.config = config
-        self.sizes = sizes_of(config)
-        self.region_ids = config.region_ids()
-        self.service_ids = config.service_ids()
-        self.vms = {v.name: VmRuntime.placed(v, i, Location.of(v), config)
-                    for v, i in zip(config.vms, (config.vm_ids()[v.name] for v in config.vms))}
         self.tables: dict[int, np.ndarray] = {}
         self.last_rebuild: dict | None = None   # the last rebuild that swapped a table: when, how long
         self.events = GatewayEvents()            # probes, rebuilds, migrations: for the metrics
         self.offload_targets: dict[tuple[str, str], IPAddress] = {}
+        self.next_hops: dict[IPAddress, tuple[str, float]] = {}   # endpoint -> (MAC, when resolved: monotonic s)
         self.lock = threading.RLock()
         self.dataplane: Dataplane | None = None
         self.fn = None
         self.attached_mode: str | None = None
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """Take `config` in place of the one given at construction; only before start
+        (the daemon adds the services and VMs added at run time, which it reads from
+        the store once in the gateway's network namespace). After start: reload."""
+        if self.dataplane is not None:
+            raise GatewayError("the dataplane is loaded: a new config is applied by reload")
+        self.config = config
+        self.sizes = sizes_of(config)
+        self.region_ids = config.region_ids()
+        self.service_ids = config.service_ids()
+        vm_ids = config.vm_ids()
+        self.vms = {v.name: VmRuntime.placed(v, vm_ids[v.name], Location.of(v), config) for v in config.vms}
 
     # ---- lifecycle -----------------------------------------------------
     def check_environment(self, config: Config | None = None) -> None:
@@ -173,6 +197,11 @@ class Gateway:
             for vm in self.vms.values():
                 self._write_vm(vm)
             self._rebuild_tables()
+            self._program_decap()
+
+    def _program_decap(self) -> None:
+        g = self.config.gateway
+        self._dp().set_decap(list(g.decap_addresses), list(g.decap_from), g.gue_port)
 
     def _dp(self) -> Dataplane:
         if self.dataplane is None:
@@ -208,15 +237,16 @@ class Gateway:
                     rt = dataclasses.replace(cur, config=v)
                     if Location.of(v) != Location.of(cur.config):
                         placed_rt = VmRuntime.placed(v, 0, Location.of(v), config)
-                        rt.location, rt.port, rt.mac, rt.tunnel = (placed_rt.location, placed_rt.port, placed_rt.mac,
-                                                                   placed_rt.tunnel)
+                        rt.location, rt.port, rt.mac, rt.tunnel, rt.encap = (
+                            placed_rt.location, placed_rt.port, placed_rt.mac, placed_rt.tunnel, placed_rt.encap)
                 if rt.health != health.get(v.name, "unknown"):
                     rt.health, rt.health_since = health.get(v.name, "unknown"), now
                 if cur is not None and rt.state != cur.state:
                     rt.since = now
                 vms[v.name] = rt
             placed = {n for n, rt in vms.items() if n not in old_vms
-                      or (rt.port, rt.mac, rt.tunnel) != (old_vms[n].port, old_vms[n].mac, old_vms[n].tunnel)}
+                      or (rt.port, rt.mac, rt.tunnel, rt.encap) != (old_vms[n].port, old_vms[n].mac,
+                                                                    old_vms[n].tunnel, old_vms[n].encap)}
             for name in placed:
                 if vms[name].tunnel is not None:
                     self._tunnel(vms[name].tunnel)       # resolves the next hop: may refuse
@@ -255,6 +285,7 @@ class Gateway:
             for name in old_vms.keys() - vms.keys():
                 dp.clear_vm(old_vms[name].vm_id)
             self._release_unused_ports()
+            self._program_decap()
             self.offload_targets = {}
             self._adopt_offloads()
             done = time.time()
@@ -284,25 +315,36 @@ class Gateway:
         """The port's devmap slot, pointing at the port's ifindex now (a re-created port has a new one)."""
         return self._dp().port_slots.allocate(port, ifindex(port))
 
-    def _release_unused_ports(self) -> None:
-        """Free the slots of ports no VM is behind any more."""
+    def _release_unused_ports(self, ports: set[str] | None = None) -> None:
+        """Free the slots of ports no VM is behind any more, of `ports` (None: of every port):
+        a move or its check frees only the port it is about, as the walk over every VM grows with the VMs."""
         slots = self._dp().port_slots
-        for port in set(slots.ports()) - {vm.port for vm in self.vms.values()}:
-            slots.release(port)
+        held = set(slots.ports()) if ports is None else ports & set(slots.ports())
+        if held:
+            for port in held - {vm.port for vm in self.vms.values()}:
+                slots.release(port)
 
-    def _tunnel(self, endpoint: IPAddress) -> Tunnel:
+    def _tunnel(self, endpoint: IPAddress, encap: str = "ipip") -> Tunnel:
         g = self.config.gateway
         source = g.tunnel_source if endpoint.version == 4 else g.tunnel_source6
         if source is None:
             key = "gateway.tunnel_source" if endpoint.version == 4 else "gateway.tunnel_source6"
             raise GatewayError(f"tunnel endpoint {endpoint} needs {key}")
-        hop = g.next_hop_mac or next_hop_mac(endpoint)
-        return Tunnel(endpoint, source, hop, link_mac(g.interface))
+        return Tunnel(endpoint, source, g.next_hop_mac or self._next_hop(endpoint), link_mac(g.interface), encap)
+
+    def _next_hop(self, endpoint: IPAddress) -> str:
+        """next_hop_mac(endpoint), reused for NEXT_HOP_TTL_S."""
+        now = time.monotonic()
+        mac, at = self.next_hops.get(endpoint, ("", -NEXT_HOP_TTL_S))
+        if now - at >= NEXT_HOP_TTL_S:
+            mac = next_hop_mac(endpoint)
+            self.next_hops[endpoint] = (mac, now)
+        return mac
 
     def _location(self, vm: VmRuntime) -> LocalPort | Tunnel:
         if vm.port:
             return LocalPort(self._slot(vm.port), vm.mac, link_mac(vm.port))
-        return self._tunnel(vm.tunnel)
+        return self._tunnel(vm.tunnel, vm.encap)
 
     def _write_vm(self, vm: VmRuntime) -> None:
         self._dp().set_vm(vm.vm_id, self._location(vm), vm.state)
@@ -347,18 +389,22 @@ class Gateway:
             vm = self.vm(name)
             candidate, entry = self._placement(vm, port, mac, tunnel, host)
             self._dp().set_vm(vm.vm_id, entry, vm.state)
-            vm.location, vm.port, vm.mac, vm.tunnel = candidate.location, candidate.port, candidate.mac, \
-                candidate.tunnel
+            left = {vm.port} if vm.port is not None and vm.port != candidate.port else set()
+            vm.location, vm.port, vm.mac, vm.tunnel, vm.encap = candidate.location, candidate.port, candidate.mac, \
+                candidate.tunnel, candidate.encap
             vm.revision = revision
             vm.moved_at = time.time()
-            self._release_unused_ports()
+            self._release_unused_ports(left)
             return vm.describe()
 
     def check_move(self, name: str, port: str | None = None, mac: str | None = None,
                    tunnel: str | None = None, host: str | None = None) -> Location:
         """The location a move would give the VM, checked as move_vm checks it, without a write."""
         with self.lock:
-            return self._placement(self.vm(name), port, mac, tunnel, host)[0].location
+            candidate = self._placement(self.vm(name), port, mac, tunnel, host)[0]
+            # checking gave the port a slot: a move that is then not applied must not keep it
+            self._release_unused_ports({candidate.port} if candidate.port is not None else set())
+            return candidate.location
 
     def _placement(self, vm: VmRuntime, port: str | None, mac: str | None, tunnel: str | None,
                    host: str | None) -> tuple[VmRuntime, LocalPort | Tunnel]:
@@ -416,9 +462,11 @@ class Gateway:
             return [vm.describe() for vm, _ in changed]
 
     def vm_list(self) -> list[dict]:
-        """Every VM as `vm list` shows it; under the lock, so a change is seen whole."""
+        """Every VM as `vm list` shows it, with the packets forwarded to it (all CPUs);
+        under the lock, so a change is seen whole."""
+        counts = self._dp().vm_counters()
         with self.lock:
-            return [vm.describe() for vm in self.vms.values()]
+            return [{**vm.describe(), "packets": int(counts[vm.vm_id, 0])} for vm in self.vms.values()]
 
     def record_probe(self, name: str, result: dict) -> None:
         """The latest probe result of a VM (for `vm list`); no lock: one attribute store."""
@@ -478,16 +526,19 @@ class Gateway:
             raise UnknownName(f"unknown service {service!r}")
         return self.region_ids[region], self.service_ids[service]
 
-    def set_offload(self, region: str, service: str, endpoint: str) -> dict:
+    def set_offload(self, region: str, service: str, endpoint: str, encap: str = "ipip") -> dict:
+        """New flows of the region to the service go to `endpoint` by `encap` ("ipip" or "gue")."""
         with self.lock:
             rid, sid = self._region_service(region, service)
             try:
                 target = ipaddress.ip_address(endpoint)
             except ValueError:
                 raise GatewayError(f"offload: bad endpoint address {endpoint!r}") from None
-            self._dp().set_offload(rid, sid, self._tunnel(target))
+            if encap not in S.ENCAPS:
+                raise GatewayError(f"offload: encap {encap!r} must be one of {', '.join(S.ENCAPS)}")
+            self._dp().set_offload(rid, sid, self._tunnel(target, encap))
             self.offload_targets[(region, service)] = target
-            return {"region": region, "service": service, "endpoint": str(target)}
+            return {"region": region, "service": service, "endpoint": str(target), "encap": encap}
 
     def clear_offload(self, region: str, service: str, now: bool = False) -> dict:
         """New flows of the region are served here again; flows already offloaded
@@ -503,7 +554,7 @@ class Gateway:
         region_names = {v: k for k, v in self.region_ids.items()}
         service_names = {v: k for k, v in self.service_ids.items()}
         return [{"region": region_names[r], "service": service_names[s],
-                 "endpoint": str(S.addr_from16(t.endpoint))}
+                 "endpoint": str(S.addr_from16(t.endpoint)), "encap": S.ENCAP_NAMES[t.encap]}
                 for (r, s), t in sorted(self._dp().offloads().items())]
 
     # ---- queries -------------------------------------------------------

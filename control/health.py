@@ -3,7 +3,8 @@ monitor that runs them for the daemon.
 
 Every gateway probes the VMs on its own; nothing here talks to another gateway.
 A service's `health` table (control/config/schema.py HealthConfig) gives each of its VMs
-one check, probed at the VM's `ip` (also for a VM behind a tunnel). Identical
+one check, probed at the VM's address of the service VIP's family (also for a VM
+behind a tunnel). Identical
 checks of one VM (two services on the same port, say) are probed once.
 
 A VM's *health* is the combination of its checks: down if any check is down, up
@@ -67,10 +68,11 @@ def checks_from_config(config: Config) -> list[Check]:
         if h is None:
             continue
         for name in service.vms:
-            vm = config.vm(name)
-            if vm.ip is None:   # config validation forbids it; be safe for hand-built configs
-                raise ValueError(f"VM {name!r} of service {service.name!r} has no ip to probe")
-            checks[Check(vm=name, kind=h.kind, address=vm.ip, port=h.port or service.port,
+            address = config.vm(name).address(service.vip.version)
+            if address is None:   # config validation forbids it; be safe for hand-built configs
+                raise ValueError(f"VM {name!r} of service {service.name!r} has no IPv{service.vip.version} "
+                                 "address to probe")
+            checks[Check(vm=name, kind=h.kind, address=address, port=h.port or service.port,
                          interval=h.interval, timeout=h.timeout, rise=h.rise, fall=h.fall,
                          path=h.path or DEFAULT_PATH,
                          payload=h.payload.encode() if h.payload else DEFAULT_PAYLOAD)] = None

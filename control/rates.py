@@ -48,6 +48,38 @@ class RateTracker:
         return out
 
 
+class IdleTracker:
+    """Per entry of a counters section (a VM): since when its packet count has not
+    grown, from the sampler's readings, so the resolution is the sampling interval.
+    An entry first seen with packets counts as grown then (they came before this
+    process saw them); one that never had a packet is not idle-since-anything (None)."""
+
+    def __init__(self, section: str = "vms") -> None:
+        self.section = section
+        self._lock = threading.Lock()
+        self._packets: dict[str, int] = {}
+        self._grew: dict[str, float] = {}
+
+    def sample(self, counters: dict[str, Any], now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        seen = {name: c["packets"] for name, c in counters.get(self.section, {}).items()}
+        with self._lock:
+            for name, packets in seen.items():
+                # any change but to zero is new packets: a smaller count means the counter was reset
+                if packets != self._packets.get(name) and packets > 0:
+                    self._grew[name] = now
+            self._packets = seen
+            self._grew = {name: t for name, t in self._grew.items() if name in seen}   # a removed VM is forgotten
+
+    def idle_s(self, name: str, now: float | None = None) -> float | None:
+        """Seconds since `name`'s packet count last grew; None if it never had a packet."""
+        with self._lock:
+            grew = self._grew.get(name)
+        if grew is None:
+            return None
+        return round(max(0.0, (time.monotonic() if now is None else now) - grew), 3)
+
+
 Consumer = Callable[[dict[str, Any], float], None]
 
 

@@ -71,10 +71,12 @@ class Location:
 
 @dataclass(frozen=True)
 class Forwarding:
-    """What one gateway does for a VM: a local port (MAC rewrite + devmap) or a tunnel."""
+    """What one gateway does for a VM: a local port (MAC rewrite + devmap) or a tunnel,
+    by the encapsulation of the host it leads to ([[host]] encap)."""
     port: str | None = None
     mac: str | None = None
     tunnel: IPAddress | None = None
+    encap: str = "ipip"
 
 
 def forwarding(location: Location, config: Config) -> Forwarding:
@@ -93,7 +95,7 @@ def forwarding(location: Location, config: Config) -> Forwarding:
     endpoint = host.endpoint if host.endpoint is not None else host.endpoint6
     if endpoint is None:
         raise LocationError(f"host {host.name!r} has no tunnel endpoint (host.endpoint / host.endpoint6)")
-    return Forwarding(tunnel=endpoint)
+    return Forwarding(tunnel=endpoint, encap=host.encap)
 
 
 def host_of_port(port: str, config: Config) -> str | None:
@@ -114,6 +116,7 @@ class VmRuntime:
     port: str | None = None              # port, mac, tunnel: forwarding(location) on this gateway
     mac: str | None = None
     tunnel: IPAddress | None = None
+    encap: str = "ipip"                  # the tunnel's encapsulation
     revision: int | None = None          # the store revision of the location applied here
     since: float = field(default_factory=time.time)       # the effective state's start
     health: str = "unknown"
@@ -130,12 +133,13 @@ class VmRuntime:
     def placed(cls, config: VMConfig, vm_id: int, location: Location, gateway: Config, **kw: Any) -> "VmRuntime":
         """A VM at `location`, with the forwarding `gateway` derives from it."""
         f = forwarding(location, gateway)
-        return cls(config, vm_id, location=location, port=f.port, mac=f.mac, tunnel=f.tunnel, **kw)
+        return cls(config, vm_id, location=location, port=f.port, mac=f.mac, tunnel=f.tunnel, encap=f.encap, **kw)
 
     def describe(self) -> dict:
-        where = {"port": self.port, "mac": self.mac} if self.port else {"tunnel": str(self.tunnel)}
+        where = {"port": self.port, "mac": self.mac} if self.port else {"tunnel": str(self.tunnel),
+                                                                         "encap": self.encap}
         return {"name": self.config.name, "id": self.vm_id, "state": self.state, "weight": self.config.weight,
-                "ip": str(self.config.ip) if self.config.ip else None, **where, "host": self.location.host,
+                "ips": [str(a) for a in self.config.ips], **where, "host": self.location.host,
                 "location": self.location.as_dict(), "revision": self.revision, "moved_at": self.moved_at,
                 **self.status()}
 

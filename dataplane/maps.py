@@ -56,17 +56,25 @@ class LocalPort:
 
 @dataclass(frozen=True)
 class Tunnel:
-    """A VM (or a whole data center) behind a remote IP-in-IP endpoint."""
+    """A VM (or a whole data center) behind a remote tunnel endpoint, reached by
+    IP-in-IP or GUE (`encap`, a key of structs.ENCAPS)."""
     endpoint: IPAddress
     source: IPAddress
     next_hop_mac: str
     uplink_mac: str
+    encap: str = "ipip"
 
 
 def _family_check(field: str, endpoint: IPAddress, source: IPAddress) -> int:
     if endpoint.version != source.version:
         raise ValueError(f"{field}: tunnel endpoint {endpoint} and source {source} are of different IP families")
     return endpoint.version
+
+
+def _encap(field: str, tunnel: Tunnel) -> int:
+    if tunnel.encap not in S.ENCAPS:
+        raise ValueError(f"{field}: encap {tunnel.encap!r} must be one of {sorted(S.ENCAPS)}")
+    return S.ENCAPS[tunnel.encap]
 
 
 class Dataplane:
@@ -79,7 +87,9 @@ class Dataplane:
         self.port_slots = PortSlots(self)
 
     def _table(self, name: str):
-        return self.bpf.get_table(name.encode())   # bcc warns on str names
+        # bcc's own cache (bpf[name]): get_table decodes the map's type description on every call;
+        # bytes, as bcc warns on str names
+        return self.bpf[name.encode()]
 
     def _fd(self, name: str) -> int:
         return self._table(name).map_fd
@@ -226,6 +236,7 @@ class Dataplane:
         else:
             loc.kind = S.VM_LOC_TUNNEL
             loc.tunnel_family = _family_check(f"VM {vm_id}", where.endpoint, where.source)
+            loc.encap = _encap(f"VM {vm_id}", where)
             loc.tunnel_dst, loc.tunnel_src = S.addr16(where.endpoint), S.addr16(where.source)
             loc.dst_mac, loc.src_mac = S.mac_bytes(where.next_hop_mac), S.mac_bytes(where.uplink_mac)
         self._table("vm_location")[ct.c_uint32(vm_id)] = loc
@@ -267,7 +278,7 @@ class Dataplane:
         if not 0 <= service_id < self.sizes.max_services:
             raise ValueError(f"service id {service_id} out of range 0..{self.sizes.max_services - 1}")
         t = S.OffloadTarget(family=_family_check("offload", target.endpoint, target.source),
-                            endpoint=S.addr16(target.endpoint), src=S.addr16(target.source),
+                            encap=_encap("offload", target), endpoint=S.addr16(target.endpoint), src=S.addr16(target.source),
                             next_hop_mac=S.mac_bytes(target.next_hop_mac), src_mac=S.mac_bytes(target.uplink_mac))
         endpoints = self.offload_endpoints()
         same = [i for i, e in endpoints.items() if bytes(e) == bytes(t)]
@@ -310,6 +321,51 @@ class Dataplane:
         endpoints = self.offload_endpoints()
         return {(k.region_id, k.service_id): endpoints[r.endpoint_id]
                 for k, r in self._table("region_offload").items() if r.endpoint_id in endpoints}
+
+    # ---- decapsulation ---------------------------------------------------
+    def set_decap(self, addresses: list[IPAddress], trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+                  gue_port: int) -> None:
+        """Tunnel packets (IP-in-IP, GUE to `gue_port`) to one of `addresses` from a
+        source inside `trusted` are served by their inner packet; `gue_port` is also
+        the destination port of the GUE this gateway sends (0: no GUE). The maps then
+        hold exactly these; the trusted prefixes are written before the addresses
+        and removed after them, so a change never opens the tunnel to a source."""
+        if len(addresses) > S.DECAP_ADDRESSES:
+            raise ValueError(f"decap_addresses: {len(addresses)} addresses, at most {S.DECAP_ADDRESSES}")
+        for version in (4, 6):
+            n = sum(1 for net in trusted if net.version == version)
+            if n > S.DECAP_PREFIXES:
+                raise ValueError(f"decap_from: {n} IPv{version} prefixes, at most {S.DECAP_PREFIXES}")
+        if not 0 <= gue_port <= 65535:
+            raise ValueError(f"gue_port {gue_port} out of range 0..65535")
+        libbpf.update_elem(self._fd("tunnel_config"), ct.c_uint32(0), S.TunnelConfig(gue_port=gue_port),
+                           "tunnel_config")
+        tries = {version: self._table(f"decap_from_v{version}") for version in (4, 6)}
+        wanted_nets = {(net.version, bytes(self._lpm_key(net))) for net in trusted}
+        for net in trusted:
+            libbpf.update_elem(self._fd(f"decap_from_v{net.version}"), self._lpm_key(net), ct.c_uint32(1),
+                               f"decap_from {net}")
+        table = self._table("decap_addresses")
+        wanted = {bytes(S.addr16(a)) for a in addresses}
+        for raw in wanted:
+            table[S.DecapKey.from_buffer_copy(raw)] = ct.c_uint32(1)
+        for key in list(table.keys()):
+            if bytes(key) not in wanted:
+                table.__delitem__(key)
+        for version, trie in tries.items():
+            for key in list(trie.keys()):
+                if (version, bytes(key)) not in wanted_nets:
+                    trie.__delitem__(key)
+
+    def decap(self) -> dict:
+        """What set_decap wrote: {"addresses": [...], "trusted": [...], "gue_port": n}."""
+        cfg = S.TunnelConfig()
+        libbpf.lookup_elem(self._fd("tunnel_config"), ct.c_uint32(0), cfg, "tunnel_config")
+        trusted = [ipaddress.ip_network((bytes(k.addr)[:4 if version == 4 else 16], k.prefixlen))
+                   for version in (4, 6) for k in self._table(f"decap_from_v{version}").keys()]
+        return {"addresses": sorted((S.addr_from16(k.addr) for k in self._table("decap_addresses").keys()),
+                                    key=lambda a: (a.version, a)),
+                "trusted": sorted(trusted, key=lambda n: (n.version, n)), "gue_port": cfg.gue_port}
 
     # ---- flows ---------------------------------------------------------
     def _read_flows(self) -> tuple[bytes, bytes, int]:

@@ -21,6 +21,14 @@ XDPGW_REGION_UNKNOWN = 0              # region id of unmatched sources
 VM_LOC_LOCAL = 1
 VM_LOC_TUNNEL = 2
 
+# vm_location.encap, offload_target.encap
+ENCAP_IPIP = 0
+ENCAP_GUE = 1
+ENCAPS = {"ipip": ENCAP_IPIP, "gue": ENCAP_GUE}   # config and API names
+ENCAP_NAMES = {code: name for name, code in ENCAPS.items()}
+GUE_SPORT_BASE = 0xC000               # GUE source port: base | (flow hash & mask)
+GUE_SPORT_MASK = 0x3FFF
+
 # vm_location.state
 VM_STATE_ACTIVE = 0
 VM_STATE_DRAINING = 1
@@ -29,6 +37,9 @@ VM_STATE_DOWN = 2
 FLOW_OFFLOADED = 0x80000000           # flow_entry.vm_id bit: offload_endpoints[low bits]
 OFFLOAD_ENDPOINTS = 64                # size of offload_endpoints
 OFFLOADS_PER_REGION = 4               # region_offload entries per region
+
+DECAP_ADDRESSES = 16                  # size of decap_addresses
+DECAP_PREFIXES = 1024                 # size of decap_from_v4 and of decap_from_v6
 
 VIP_FILTER_BITS = 12                  # vip_filter has 1 << VIP_FILTER_BITS slots
 VIP_FILTER_MULT = 0x9E3779B1          # multiplier of the slot hash
@@ -51,7 +62,8 @@ STAT_ICMP_ERR_FWD = 6
 STAT_FLOW_RESELECT = 7
 STAT_FLOOD_UNRECORDED = 8
 STAT_CAPTURE_LOST = 9
-STAT_MAX = 10
+STAT_DECAP = 10
+STAT_MAX = 11
 STAT_SLOTS = 32
 
 # drop_counters indexes
@@ -74,7 +86,11 @@ DROP_NO_VM = 15
 DROP_VM_LOCATION = 16
 DROP_ENCAP = 17
 DROP_UDP_BAD_LEN = 18
-DROP_MAX = 19
+DROP_DECAP_UNTRUSTED = 19
+DROP_DECAP_NESTED = 20
+DROP_DECAP_FRAGMENT = 21
+DROP_GUE_BAD = 22
+DROP_MAX = 23
 DROP_SLOTS = 64
 
 # packet capture (ebpf/capture.h)
@@ -123,7 +139,7 @@ class FlowEntry(ct.Structure):
 
 
 class VmLocation(ct.Structure):
-    _fields_ = [("kind", ct.c_uint8), ("state", ct.c_uint8), ("tunnel_family", ct.c_uint8), ("pad", ct.c_uint8),
+    _fields_ = [("kind", ct.c_uint8), ("state", ct.c_uint8), ("tunnel_family", ct.c_uint8), ("encap", ct.c_uint8),
                 ("port_slot", ct.c_uint32), ("dst_mac", Mac), ("src_mac", Mac),
                 ("tunnel_dst", Addr16), ("tunnel_src", Addr16)]
 
@@ -137,8 +153,17 @@ class OffloadRef(ct.Structure):
 
 
 class OffloadTarget(ct.Structure):
-    _fields_ = [("family", ct.c_uint8), ("pad", ct.c_uint8 * 3), ("endpoint", Addr16), ("src", Addr16),
+    _fields_ = [("family", ct.c_uint8), ("encap", ct.c_uint8), ("pad", ct.c_uint8 * 2), ("endpoint", Addr16),
+                ("src", Addr16),
                 ("next_hop_mac", Mac), ("src_mac", Mac)]
+
+
+class DecapKey(ct.Structure):
+    _fields_ = [("addr", Addr16)]
+
+
+class TunnelConfig(ct.Structure):
+    _fields_ = [("gue_port", ct.c_uint16), ("pad", ct.c_uint16)]
 
 
 class LpmV4Key(ct.Structure):
@@ -192,7 +217,7 @@ class VmPairKey(ct.Structure):
 MIRRORS: dict[str, type[ct.Structure]] = {
     "service_key": ServiceKey, "service_info": ServiceInfo, "flow_key": FlowKey, "flow_entry": FlowEntry,
     "vm_location": VmLocation, "offload_key": OffloadKey, "offload_ref": OffloadRef,
-    "offload_target": OffloadTarget,
+    "offload_target": OffloadTarget, "decap_key": DecapKey, "tunnel_config": TunnelConfig,
     "lpm_v4_key": LpmV4Key, "lpm_v6_key": LpmV6Key, "traffic_counter": TrafficCounter,
     "service_counter": ServiceCounter, "forward_trace": ForwardTrace, "flood_window": FloodWindow,
     "capture_filter": CaptureFilter, "capture_meta": CaptureMeta, "vm_announce": VmAnnounce, "vm_pair_key": VmPairKey,

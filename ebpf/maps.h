@@ -53,6 +53,13 @@ STATE_TABLE("hash", struct offload_key, struct offload_ref, region_offload, XDPG
  * offload sends its new flows home while its offloaded flows finish remotely. */
 STATE_TABLE("array", __u32, struct offload_target, offload_endpoints, OFFLOAD_ENDPOINTS, 0);
 
+/* Decapsulation (decap.h): this gateway's tunnel addresses -> 1, trusted outer
+ * sources by family, and [0] the GUE port (sending and receiving) */
+BPF_HASH(decap_addresses, struct decap_key, __u32, DECAP_ADDRESSES);
+BPF_LPM_TRIE(decap_from_v4, struct lpm_v4_key, __u32, DECAP_PREFIXES);
+BPF_LPM_TRIE(decap_from_v6, struct lpm_v6_key, __u32, DECAP_PREFIXES);
+BPF_ARRAY(tunnel_config, struct tunnel_config, 1);
+
 STATE_TABLE("percpu_array", __u32, __u64, stats, STAT_SLOTS, 0);
 STATE_TABLE("percpu_array", __u32, __u64, drop_counters, DROP_SLOTS, 0);
 BPF_PERCPU_ARRAY(flood_windows, struct flood_window, 1);

@@ -18,6 +18,7 @@
 #define PARSE_OK 0
 #define PARSE_PASS 1                  /* not IP: left to the kernel untouched */
 #define PARSE_DROP 2
+#define PARSE_L4_DROP 3               /* dropped past a valid IP header: its source is accounted */
 
 #define MAX_VLAN_DEPTH 2
 #define MAX_IP6_EXT 4
@@ -56,8 +57,10 @@ struct pkt {
     __u8 first_fragment;              /* carries the L4 header */
     __u8 icmp_type;
     __u8 icmp_code;
+    __u8 decap;                       /* 1: the fields describe a tunnel's inner packet (decap.h) */
+    __u8 pad;
     __u16 drop_reason;
-    __be16 eth_proto;                 /* ethertype after the VLAN tags */
+    __be16 eth_proto;                 /* ethertype of the IP packet served (after VLAN tags, tunnel) */
     struct flow_key key;
     /* what the gateway made of the packet, for a capture (capture.h) */
     __u32 region;
@@ -236,15 +239,9 @@ static __always_inline int parse_l4(void *data, void *data_end, struct pkt *p)
     return PARSE_OK;
 }
 
-/* Parse Ethernet and IP: enough to account the packet to its source region. */
-static __always_inline int parse_l3(void *data, void *data_end, struct pkt *p)
+/* The IP header at l3_off of ethertype `proto` (network order); PARSE_PASS if not IP. */
+static __always_inline int parse_ip(void *data, void *data_end, struct pkt *p, __be16 proto)
 {
-    __be16 proto = 0;
-
-    p->len = data_end - data;
-    int rc = parse_eth(data, data_end, p, &proto);
-    if (rc != PARSE_OK)
-        return rc;
     if (proto == bpf_htons(ETH_P_IP))
         return parse_ipv4(data, data_end, p);
     if (proto == bpf_htons(ETH_P_IPV6))

@@ -11,7 +11,16 @@
 
 /* vm_location.kind */
 #define VM_LOC_LOCAL 1                /* behind a host port: MAC rewrite + devmap */
-#define VM_LOC_TUNNEL 2               /* behind a remote endpoint: IP-in-IP */
+#define VM_LOC_TUNNEL 2               /* behind a remote endpoint: IP-in-IP or GUE */
+
+/* vm_location.encap, offload_target.encap: how a tunnel endpoint is reached */
+#define ENCAP_IPIP 0                  /* IPv4/IPv6 in IPv4/IPv6 (protocol 4 or 41) */
+#define ENCAP_GUE 1                   /* GUE variant 1 (UDP, then the inner IP header) to tunnel_config.gue_port */
+/* GUE's outer UDP source port: GUE_SPORT_BASE | (flow hash & GUE_SPORT_MASK), in
+ * the dynamic range (RFC 8086 advises it for UDP tunnels), so a receiving NIC
+ * spreads one tunnel's flows over its queues and keeps each flow on one */
+#define GUE_SPORT_BASE 0xc000
+#define GUE_SPORT_MASK 0x3fff
 
 /* vm_location.state: only ACTIVE VMs take new flows; DRAINING keeps its flows;
  * DOWN flows are re-selected on their next packet. */
@@ -76,7 +85,7 @@ struct vm_location {
     __u8 kind;                        /* VM_LOC_* ; 0 = unused slot */
     __u8 state;                       /* VM_STATE_* */
     __u8 tunnel_family;               /* 4 or 6 for VM_LOC_TUNNEL */
-    __u8 pad;
+    __u8 encap;                       /* ENCAP_* for VM_LOC_TUNNEL */
     __u32 port_slot;                  /* VM_LOC_LOCAL: index into tx_ports devmap */
     __u8 dst_mac[6];                  /* VM's MAC, or the tunnel next hop's MAC */
     __u8 src_mac[6];                  /* host port's MAC, or the uplink's MAC */
@@ -96,11 +105,26 @@ struct offload_ref {                  /* region_offload value */
 
 struct offload_target {               /* offload_endpoints value; family 0 = unused */
     __u8 family;                      /* 4 or 6 */
-    __u8 pad[3];
+    __u8 encap;                       /* ENCAP_* */
+    __u8 pad[2];
     __u8 endpoint[16];                /* target data center's tunnel endpoint */
     __u8 src[16];                     /* this gateway's tunnel source */
     __u8 next_hop_mac[6];
     __u8 src_mac[6];
+};
+
+/* Decapsulation (decap.h): tunnel packets to one of decap_addresses from a
+ * source in decap_from_v4/v6 are served by their inner packet. */
+#define DECAP_ADDRESSES 16            /* size of decap_addresses */
+#define DECAP_PREFIXES 1024           /* size of decap_from_v4 and of decap_from_v6 */
+
+struct decap_key {                    /* decap_addresses key: IPv4-mapped for IPv4 */
+    __u8 addr[16];
+};
+
+struct tunnel_config {                /* tunnel_config[0] */
+    __u16 gue_port;                   /* GUE's UDP port, host byte order; 0: GUE neither sent nor received */
+    __u16 pad;
 };
 
 struct lpm_v4_key {
@@ -135,7 +159,8 @@ struct service_counter {
 #define STAT_FLOW_RESELECT 7          /* flow's VM gone or down: re-selected */
 #define STAT_FLOOD_UNRECORDED 8       /* new flow served by Maglev but not recorded: flood */
 #define STAT_CAPTURE_LOST 9           /* captured packet not recorded: capture_ring full */
-#define STAT_MAX 10
+#define STAT_DECAP 10                 /* tunnel packet accepted: its inner packet took the normal path */
+#define STAT_MAX 11
 #define STAT_SLOTS 32                 /* map size: room for new stats without a layout change */
 
 /* Drop reasons, indexed into drop_counters. Names live in dataplane/structs.py. */
@@ -156,10 +181,14 @@ struct service_counter {
 #define DROP_ICMP_INNER_BAD 14
 #define DROP_NO_VM 15                 /* service has no usable VM */
 #define DROP_VM_LOCATION 16           /* selected VM has no location */
-#define DROP_ENCAP 17                 /* could not grow the packet for IP-in-IP */
+#define DROP_ENCAP 17                 /* could not grow the packet for the tunnel's headers */
 #define DROP_UDP_BAD_LEN 18           /* UDP length disagrees with the IP payload */
+#define DROP_DECAP_UNTRUSTED 19       /* tunnel packet to a decap address from outside decap_from */
+#define DROP_DECAP_NESTED 20          /* its inner packet is again a tunnel packet to a decap address */
+#define DROP_DECAP_FRAGMENT 21        /* an IP-in-IP fragment to a decap address: no reassembly here */
+#define DROP_GUE_BAD 22               /* GUE header neither variant 1 nor variant 0 without options */
 
-#define DROP_MAX 19
+#define DROP_MAX 23
 #define DROP_SLOTS 64                 /* map size: room for new reasons without a layout change */
 
 struct flood_window {                 /* per-CPU new-flow rate over one-second windows */

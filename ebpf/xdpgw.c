@@ -1,6 +1,7 @@
-/* xdpgw XDP program: parse -> flow table (a current entry: region and service
- * from it) else region account -> service -> region offload -> Maglev; then
- * forward by VM location; a capture, when armed, sees the outcome. */
+/* xdpgw XDP program: parse (a tunnel packet to this gateway: its inner packet)
+ * -> flow table (a current entry: region and service from it) else region
+ * account -> service -> region offload -> Maglev; then forward by VM location;
+ * a capture, when armed, sees the outcome. */
 #include <uapi/linux/bpf.h>
 #include "addr.h"
 #include "structs.h"
@@ -9,30 +10,47 @@
 #include "region.h"
 #include "lb.h"
 #include "icmp.h"
+#include "decap.h"
 #include "capture.h"
 #include "forward.h"
 
+/* The one place a chosen packet leaves, so the program holds one copy of each
+ * forwarding path: everything is inlined (bcc loads no BPF-to-BPF calls) and
+ * every copy costs program size and verifier work. */
 static __always_inline int deliver(struct xdp_md *ctx, struct pkt *p, const struct choice *c,
                                 __u32 service_id)
 {
-    if (c->offload) {
-        const struct offload_target *t = c->offload;
+    const struct offload_target *t = c->offload;
+    const struct vm_location *loc = c->loc;
+    __u8 family, encap;
+    const __u8 *src, *dst, *dmac, *smac;
+    if (t) {
         stat_inc(STAT_OFFLOAD_FWD);
         trace_forward(FWD_OFFLOAD, XDPGW_NO_VM, 0, service_id);
-        return tunnel_out(ctx, p, t->family, t->src, t->endpoint, t->next_hop_mac, t->src_mac);
+        family = t->family;
+        encap = t->encap;
+        src = t->src;
+        dst = t->endpoint;
+        dmac = t->next_hop_mac;
+        smac = t->src_mac;
+    } else {
+        p->vm_id = c->vm_id;
+        traffic_add(vm_counters.lookup((__u32 *)&c->vm_id), p->len);
+        if (loc->kind == VM_LOC_LOCAL) {
+            stat_inc(STAT_LOCAL_FWD);
+            trace_forward(FWD_LOCAL, c->vm_id, loc->port_slot, service_id);
+            return forward_local(ctx, p, loc);
+        }
+        stat_inc(STAT_TUNNEL_FWD);
+        trace_forward(FWD_TUNNEL, c->vm_id, 0, service_id);
+        family = loc->tunnel_family;
+        encap = loc->encap;
+        src = loc->tunnel_src;
+        dst = loc->tunnel_dst;
+        dmac = loc->dst_mac;
+        smac = loc->src_mac;
     }
-    const struct vm_location *loc = c->loc;
-    p->vm_id = c->vm_id;
-    traffic_add(vm_counters.lookup((__u32 *)&c->vm_id), p->len);
-    if (loc->kind == VM_LOC_LOCAL) {
-        stat_inc(STAT_LOCAL_FWD);
-        trace_forward(FWD_LOCAL, c->vm_id, loc->port_slot, service_id);
-        return forward_local(ctx, p, loc);
-    }
-    stat_inc(STAT_TUNNEL_FWD);
-    trace_forward(FWD_TUNNEL, c->vm_id, 0, service_id);
-    return tunnel_out(ctx, p, loc->tunnel_family, loc->tunnel_src, loc->tunnel_dst, loc->dst_mac,
-                      loc->src_mac);
+    return tunnel_out(ctx, p, family, encap, src, dst, dmac, smac);
 }
 
 /* The vip_filter slot of an address (dataplane/maps.py vip_slot is the same). */
@@ -65,9 +83,11 @@ static __always_inline struct service_info *find_service(const struct flow_key *
     return services.lookup(&sk);
 }
 
+#define CHOSEN (-1)                   /* not a verdict: deliver the packet as `struct choice` says */
+
 /* An ICMP error goes where its flow goes; it never creates a flow entry. */
-static __always_inline int handle_icmp_error(struct xdp_md *ctx, void *data, void *data_end,
-                                             struct pkt *p, __u32 region)
+static __always_inline int icmp_error_choice(void *data, void *data_end, struct pkt *p, __u32 region,
+                                             struct choice *c)
 {
     struct flow_key flow = {};
     int rc = icmp_inner_flow(data, data_end, p, &flow);
@@ -79,12 +99,11 @@ static __always_inline int handle_icmp_error(struct xdp_md *ctx, void *data, voi
     if (!svc)
         goto pass;
     p->service_id = svc->id;
-    struct choice c = {};
     int is_new = 0;
-    if (choose(&flow, flow_table.lookup(&flow), svc->id, region, &c, &is_new))
-        return drop_pkt(p, c.drop_reason);
+    if (choose(&flow, flow_table.lookup(&flow), svc->id, region, c, &is_new))
+        return drop_pkt(p, c->drop_reason);
     stat_inc(STAT_ICMP_ERR_FWD);
-    return deliver(ctx, p, &c, svc->id);
+    return CHOSEN;
 pass:
     stat_inc(STAT_PASS);
     return XDP_PASS;
@@ -92,25 +111,8 @@ pass:
 
 /* Flow table first: a current entry (struct flow_entry) gives the packet's
  * region and service, so a hit costs neither the LPM nor the service lookup. */
-static __always_inline int gateway(struct xdp_md *ctx, struct pkt *p)
+static __always_inline int flow_choice(struct pkt *p, struct choice *c)
 {
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
-
-    int rc = parse_l3(data, data_end, p);
-    if (rc == PARSE_PASS) {
-        stat_inc(STAT_PASS);
-        return XDP_PASS;
-    }
-    if (rc == PARSE_DROP)
-        return drop(p->drop_reason);
-    if (parse_transport(data, data_end, p) == PARSE_DROP) {
-        region_account(p);
-        return drop(p->drop_reason);
-    }
-    if (is_icmp_error(p))
-        return handle_icmp_error(ctx, data, data_end, p, region_account(p));
-
     if (!may_be_vip(&p->key, p->family)) {
         region_account(p);
         stat_inc(STAT_PASS);
@@ -144,16 +146,39 @@ static __always_inline int gateway(struct xdp_md *ctx, struct pkt *p)
         sc->bytes += p->len;
     }
 
-    struct choice c = {};
     int is_new = 0;
-    if (choose(&p->key, fe, service_id, p->region, &c, &is_new))
-        return drop_pkt(p, c.drop_reason);
+    if (choose(&p->key, fe, service_id, p->region, c, &is_new))
+        return drop_pkt(p, c->drop_reason);
     if (is_new) {
-        record_flow(&p->key, c.vm_id, service_id, p->region, generation);
+        record_flow(&p->key, c->vm_id, service_id, p->region, generation);
         if (sc)
             sc->new_flows += 1;
     }
-    return deliver(ctx, p, &c, service_id);
+    return CHOSEN;
+}
+
+static __always_inline int gateway(struct xdp_md *ctx, struct pkt *p)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+
+    int rc = parse_packet(data, data_end, p);
+    if (rc == PARSE_PASS) {
+        stat_inc(STAT_PASS);
+        return XDP_PASS;
+    }
+    if (rc == PARSE_DROP)
+        return drop(p->drop_reason);
+    if (rc == PARSE_L4_DROP) {
+        region_account(p);
+        return drop(p->drop_reason);
+    }
+    struct choice c = {};
+    int verdict = is_icmp_error(p) ? icmp_error_choice(data, data_end, p, region_account(p), &c)
+                                   : flow_choice(p, &c);
+    if (verdict != CHOSEN)
+        return verdict;
+    return deliver(ctx, p, &c, p->service_id);
 }
 
 int xdpgw_main(struct xdp_md *ctx)

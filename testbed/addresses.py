@@ -144,5 +144,17 @@ def clients(prefix: str) -> list[Client]:
 VMS: tuple[Vm, ...] = tuple(local_vms(DEFAULT_PREFIX))
 CLIENTS: tuple[Client, ...] = tuple(clients(DEFAULT_PREFIX))
 
-# VMs that a data-center agent creates behind dc2 at run time (testbed/dcagent.py)
-DC2_VM_ROLES: tuple[str, ...] = tuple(f"dv{n}" for n in range(1, 9))
+# VMs that dc2's agent creates at run time (testbed/dcagent.py), each a VM port of dc2's gateway
+DC2_VM_NUMBERS = tuple(range(1, 9))
+DC2_VM_ROLES: tuple[str, ...] = tuple(f"dv{n}" for n in DC2_VM_NUMBERS)
+
+
+def dc2_vm(prefix: str, n: int) -> Vm:
+    """dc2's VM dvN: namespace {p}-dvN, its eth0 a veth to dvN in dc2's namespace
+    (dc2's gateway port), 198.18.(210+N).0/24 and 2001:db8:(210+N)::/64."""
+    if n not in DC2_VM_NUMBERS:
+        raise ValueError(f"dc2 VM number {n!r} must be in {DC2_VM_NUMBERS[0]}..{DC2_VM_NUMBERS[-1]}")
+    return Vm(name=f"dv{n}", ns=f"{prefix}-dv{n}", port=f"dv{n}",
+              mac=f"02:00:00:00:30:{n:02x}", port_mac=f"02:00:00:00:31:{n:02x}",
+              ip=f"198.18.{210 + n}.2", ip6=f"2001:db8:{210 + n}::2",
+              gw_ip=f"198.18.{210 + n}.1", gw_ip6=f"2001:db8:{210 + n}::1")

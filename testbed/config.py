@@ -26,12 +26,9 @@ def testbed_config(prefix: str = tb.DEFAULT_PREFIX, name: str = "gw1", *, which:
     the same. `health`: service name -> its health check. `monitor`, `center`,
     `agent`: region offload (testbed/offload.py has the center and agent ends)."""
     ip = ipaddress.ip_address
-    net = ipaddress.ip_network
     local = tuple(v.name for v in tb.VMS)
-    vms = tuple(VMConfig(name=v.name, port=v.port, mac=v.mac, ip=ip(v.ip)) for v in tb.VMS)
+    vms = tuple(VMConfig(name=v.name, port=v.port, mac=v.mac, ips=(ip(v.ip), ip(v.ip6))) for v in tb.VMS)
     vms += (VMConfig(name="vm9", tunnel=ip(tb.DC2_ENDPOINT)),)
-    regions = tuple(RegionConfig(name=f"r{c.name[1:]}", prefixes=(net(c.subnet), net(c.subnet6)))
-                    for c in tb.CLIENTS)
     health = health or {}
     services = (
         ServiceConfig(name="web", vip=ip(tb.VIP4), port=WEB_PORT, protocol="tcp", vms=local,
@@ -44,16 +41,48 @@ def testbed_config(prefix: str = tb.DEFAULT_PREFIX, name: str = "gw1", *, which:
     )
     unknown = set(health) - {s.name for s in services if s.name != "remote"}
     if unknown:
-        raise ValueError(f"testbed_config: no health check for {sorted(unknown)} (vm9 has no ip)")
+        raise ValueError(f"testbed_config: no health check for {sorted(unknown)} (vm9 has no address)")
     if which not in (1, 2):
         raise ValueError(f"testbed_config: which must be 1 or 2, got {which!r}")
     uplink = ((f"{prefix}-gw", tb.UPLINK_IP, tb.UPLINK_IP6, tb.ROUTER_MAC) if which == 1 else
               (f"{prefix}-{tb.GW2_ROLE}", tb.GW2_UPLINK_IP, tb.GW2_UPLINK_IP6, tb.ROUTER_GW2_MAC))
     settings = dict(name=name, interface=tb.UPLINK, netns=uplink[0], tunnel_source=ip(uplink[1]),
                     tunnel_source6=ip(uplink[2]), next_hop_mac=uplink[3],
-                    api_socket=f"/run/xdpgw/{prefix}-{name}.sock", pin_dir=pin_dir(prefix, name),
+                    api_socket=api_socket(prefix, name), pin_dir=pin_dir(prefix, name),
                     registry=registry_path(prefix, name),
                     flow_table_size=65536)
     settings.update(gateway)
-    return validate(Config(gateway=GatewayConfig(**settings), regions=regions, services=services, vms=vms,
+    return validate(Config(gateway=GatewayConfig(**settings), regions=_regions(), services=services, vms=vms,
                            monitor=monitor, center=center, agent=agent))
+
+
+def _regions() -> tuple[RegionConfig, ...]:
+    """r1 and r2: the two client subnets, both families."""
+    net = ipaddress.ip_network
+    return tuple(RegionConfig(name=f"r{c.name[1:]}", prefixes=(net(c.subnet), net(c.subnet6))) for c in tb.CLIENTS)
+
+
+DC2_GATEWAY = "dc2"
+
+
+def dc2_config(prefix: str = tb.DEFAULT_PREFIX, **gateway: object) -> Config:
+    """dc2's gateway (Testbed(dc2_gateway=True)): XDP on dc2's eth0, the decapsulator of
+    the tunnels to DC2_ENDPOINT / DC2_ENDPOINT6 from the source gateways' uplinks
+    (gw1's and gw2's subnets), regions r1/r2 (the offloaded clients' own), and no
+    service or VM: dc2's agent adds them at run time (service.add, vm.add)."""
+    ip = ipaddress.ip_address
+    net = ipaddress.ip_interface
+    sources = (f"{tb.UPLINK_IP}/24", f"{tb.UPLINK_IP6}/64", f"{tb.GW2_UPLINK_IP}/24", f"{tb.GW2_UPLINK_IP6}/64")
+    settings = dict(name=DC2_GATEWAY, interface=tb.DC2_IF, netns=f"{prefix}-dc2", tunnel_source=ip(tb.DC2_ENDPOINT),
+                    tunnel_source6=ip(tb.DC2_ENDPOINT6), next_hop_mac=tb.ROUTER_DC2_MAC,
+                    decap_addresses=(ip(tb.DC2_ENDPOINT), ip(tb.DC2_ENDPOINT6)),
+                    decap_from=tuple(net(s).network for s in sources),
+                    api_socket=api_socket(prefix, DC2_GATEWAY), pin_dir=pin_dir(prefix, DC2_GATEWAY),
+                    registry=registry_path(prefix, DC2_GATEWAY), flow_table_size=65536)
+    settings.update(gateway)
+    return validate(Config(gateway=GatewayConfig(**settings), regions=_regions()))
+
+
+def api_socket(prefix: str, gateway: str) -> str:
+    """Where a testbed gateway serves its API (dc2's agent calls dc2's there)."""
+    return f"/run/xdpgw/{prefix}-{gateway}.sock"

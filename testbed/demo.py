@@ -1,23 +1,27 @@
 """`xdpgw demo` (and `make demo`): the whole story on the namespace testbed, in about a minute.
 
-Set-up: the testbed with a second data center (dc2, reachable by IP-in-IP, no VIP of
-its own), the control center (`xdpgw center`, in the router's namespace), dc2's agent
-(testbed/dcagent.py), the servers in vm1..vm3 and the gateway daemon (`xdpgw run`
-with health checks, the heavy-region monitor, the center link and the VM-port
-watcher). Then real TCP and UDP from two regions, a live view of the daemon's
-counters once a second, and five events, each waited for (bounded) and measured:
+Set-up: the testbed with a second data center (dc2, reachable by IP-in-IP) running
+xdpgw too (decapsulation, no service or VM of its own at start), the control center
+(`xdpgw center`, in the router's namespace), dc2's agent (testbed/dcagent.py: it creates
+VMs and adds them to dc2's xdpgw), the servers in vm1..vm3 and the gateway daemon
+(`xdpgw run` with health checks, the heavy-region monitor, the center link and the
+VM-port watcher). Then real TCP and UDP from two regions, a live view of both
+gateways' counters once a second, and six events, each waited for (bounded) and measured:
 
   1. two regions' traffic, served at home;
   2. region r1 grows heavy (a client in r1 raises its send rate past the monitor's
-     threshold): the center chooses dc2, has its agent prepare VMs, tells the
-     gateway to distribute; r1's new connections are served in dc2 while its
-     existing sessions stay on their home VMs;
+     threshold): the center chooses dc2, has its agent prepare VMs (added to dc2's
+     xdpgw with the service), tells the gateway to distribute; r1's new connections
+     are tunnelled to dc2, whose xdpgw decapsulates them and picks a VM by Maglev
+     (its counters show it), while r1's existing sessions stay on their home VMs;
   3. a VM's server dies (killed by pid): health checks take the VM out of the
      Maglev tables and only its flows move;
   4. a VM live-migrates to a new port and announces itself there (gratuitous ARP):
      the gateway re-points it from the announcement alone; its connections survive;
   5. r1 calms down (the extra traffic stops): the offload is cleared, new flows
-     come home, the offloaded ones finish in dc2.
+     come home, dc2's VMs drain: the offloaded connections are still served there;
+  6. the offloaded connections end: dc2's VMs go idle, its agent reports the request
+     drained and the center releases it (the VMs leave dc2's xdpgw and are removed).
 
 Then teardown and a summary: each event's measured timing, each expectation
 held or not, and a plot of the rates with the events marked (demo-rates.png).
@@ -43,11 +47,12 @@ from typing import Any, TextIO
 from control.api import unix as api
 from control.config import HealthConfig, MonitorConfig
 from testbed.addresses import DC2_ENDPOINT, VIP4, VIP6
-from testbed.config import ECHO_PORT, WEB_PORT, testbed_config
+from testbed.config import ECHO_PORT, WEB_PORT, dc2_config, testbed_config
 from testbed.kit import ConnectionLost, GatewayDaemon, LineConn, link_stats, poll_until, start_server, \
     udp_exchange, vm_binds, vm_health_binds, xdpgw_executable
 from testbed.offload import OffloadLab, Ramp, ReadyProcess
 from testbed.ports import add_port, announce, port_for, route_via, switch_to
+from testbed.netns import netns_exists
 from testbed.topology import Testbed, leftovers
 
 TCP_INTERVAL_S = 0.05        # a line every 50 ms on each long-lived connection
@@ -67,6 +72,9 @@ PROBE = dict(interval=0.2, timeout=0.2, rise=2, fall=2)
 HEALTH = {"web": HealthConfig("tcp", **PROBE), "web6": HealthConfig("tcp", **PROBE),
           "echo": HealthConfig("udp", **PROBE)}
 WAIT_S = 20.0                # the most any one event may take before the demo calls it missed
+DRAIN_IDLE_S = 1.0           # dc2's agent: a draining VM without packets this long is drained
+EVENTS = {1: "two regions", 2: "r1 heavy", 3: "VM failure", 4: "live migration", 5: "r1 calm",
+          6: "dc2 released"}
 
 
 @dataclass
@@ -77,10 +85,11 @@ class _TcpWorker:
     error: str | None = None
     error_at: float | None = None
     switched_to: str | None = None     # answered by another server than the first
+    finished: threading.Event = field(default_factory=threading.Event)   # the client is done: close
 
     def run(self, stop: threading.Event) -> None:
         i = 0
-        while not stop.is_set() and self.error is None:
+        while not stop.is_set() and not self.finished.is_set() and self.error is None:
             t = time.monotonic()
             try:
                 who = self.conn.ask(f"{self.label} line {i}")
@@ -92,6 +101,8 @@ class _TcpWorker:
             self.lines += 1
             i += 1
             stop.wait(max(0.0, TCP_INTERVAL_S - (time.monotonic() - t)))
+        if self.finished.is_set():
+            self.conn.close()
 
 
 @dataclass
@@ -159,7 +170,7 @@ def _write_plot(series: _Series, path: str) -> str:
     for name, ys in series.vms.items():
         ax2.plot(series.t, ys, marker=".", label=name)
     for ax, title in ((ax1, "packets/s by source region (gateway counters)"),
-                      (ax2, "packets/s by VM at home, and offloaded to dc2")):
+                      (ax2, "packets/s by VM at home (gw1's counters), and to dc2's VMs (dc2's xdpgw)")):
         ax.set_ylabel("pps")
         ax.set_ylim(bottom=0)
         ax.set_title(title, fontsize="medium")
@@ -179,7 +190,8 @@ def _write_plot(series: _Series, path: str) -> str:
         ax1.text(first, top * 0.98, f"{n}: " + " -> ".join(label for _, label in marks) + " ", rotation=90,
                  fontsize="x-small", color=color, va="top", ha="right")
     ax2.set_xlabel("seconds since traffic start")
-    fig.suptitle("xdpgw demo: 2 r1 heavy, offloaded to dc2; 3 a VM fails; 4 a VM migrates; 5 r1 calms")
+    fig.suptitle("xdpgw demo: 2 r1 heavy, offloaded to dc2; 3 a VM fails; 4 a VM migrates; 5 r1 calms; "
+                 "6 dc2 releases")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -191,14 +203,17 @@ class _Demo:
 
     def __init__(self, prefix: str, seconds: float, out: TextIO) -> None:
         self.prefix, self.seconds, self.out = prefix, seconds, out
-        self.dwell = seconds / 6          # quiet stretches: before, between and after the five events
-        self.tb = Testbed(prefix, dc2_vip=False)
+        self.dwell = seconds / (len(EVENTS) + 1)   # quiet stretches: before, between and after the events
+        self.tb = Testbed(prefix, dc2_gateway=True)
         self.lab = OffloadLab()
         self.workdir = tempfile.mkdtemp(prefix=f"xdpgw-demo-{prefix}-")
         self.xdpgw = xdpgw_executable()
         self.center_path = ""
         self.daemon: GatewayDaemon | None = None
         self.rc_daemon: int | None = None
+        self.dc2: GatewayDaemon | None = None      # dc2's xdpgw
+        self.rc_dc2: int | None = None
+        self.dc2_sock = ""
         self.center: ReadyProcess | None = None
         self.dcagent: ReadyProcess | None = None
         self.servers: dict[str, subprocess.Popen] = {}
@@ -220,6 +235,7 @@ class _Demo:
         self.offload: dict[str, Any] = {}               # what the events measured, for the checks after
         self.migration: dict[str, Any] = {}
         self.calm: dict[str, Any] = {}
+        self.released: dict[str, Any] = {}
         self.interrupted = False
 
     def say(self, text: str = "") -> None:
@@ -228,6 +244,10 @@ class _Demo:
 
     def call(self, command: str, **args: Any) -> Any:
         return api.call(self.sock_path, command, **args)
+
+    def dc2_vms(self) -> dict[str, dict]:
+        """dc2's xdpgw's VMs (vm list: state, packets, idle_s)."""
+        return {v["name"]: v for v in api.call(self.dc2_sock, "vm.list")}
 
     def rel(self, wall: float) -> float:
         return wall - self.t0
@@ -251,12 +271,19 @@ class _Demo:
         tb.up()
         self.say(f"  testbed up in {tb.timings['up']:.2f} s: clients c1 (r1 {', '.join(tb.client('c1').ips)}), "
                  f"c2 (r2 {tb.client('c2').ip}); VMs vm1..vm3 behind gwv1..gwv3; dc2 at {DC2_ENDPOINT} (IP-in-IP)")
+        dc2 = dc2_config(self.prefix)
+        self.dc2_sock = dc2.gateway.api_socket
+        self.dc2 = GatewayDaemon.launch(tb, dc2, f"{self.workdir}/dc2.toml")
+        self.started.append(self.dc2.proc)
+        self.say(f"  dc2's xdpgw (pid {self.dc2.proc.pid}) up in {self.dc2.startup_s:.2f} s, {self.dc2.mode} XDP on "
+                 f"dc2's {dc2.gateway.interface}: decapsulates tunnels to {DC2_ENDPOINT} from "
+                 f"{', '.join(str(n) for n in dc2.gateway.decap_from)}; no service or VM yet")
         for vm in tb.vms:
             self.servers[vm.name] = start_server(tb, vm.name, vm.name, vm_binds() + vm_health_binds(tb, vm.name))
             self.started.append(self.servers[vm.name])
         self.center_path = str(self.lab.write_center_config(self.workdir))
         self.center = self.lab.start_center(tb, self.xdpgw, self.center_path)
-        self.dcagent = self.lab.start_dc_agent(tb)
+        self.dcagent = self.lab.start_dc_agent(tb, drain_idle=DRAIN_IDLE_S)
         self.started += [self.center.proc, self.dcagent.proc]
         self.say(f"  servers up in vm1..vm3 (tcp {WEB_PORT} v4+v6, udp {ECHO_PORT}); center (pid {self.center.pid}) "
                  f"in the router; dc2's agent (pid {self.dcagent.pid})")
@@ -328,7 +355,8 @@ class _Demo:
         view = threading.Thread(target=self._live_view, daemon=True)
         view.start()
         self.threads.append(view)
-        for step in (self._two_regions, self._heavy, self._vm_fails, self._vm_migrates, self._calm, None):
+        for step in (self._two_regions, self._heavy, self._vm_fails, self._vm_migrates, self._calm, self._release,
+                     None):
             if self.stop.wait(self.dwell) or step is None:
                 break
             step()
@@ -340,13 +368,17 @@ class _Demo:
         self.say("")
         self.say("  time |" + "".join(f"{r + ' pps':>10}" for r in REGIONS) + "  r1 state |"
                  + "".join(f"{v:>7}" for v in LOCAL_VMS) + f"{'dc2':>7} | tcp ok   udp answered")
-        prev, prev_t = self.call("stats"), time.monotonic()
+        prev, prev_t = self._counters(), time.monotonic()
         for tick in range(1, int(self.seconds * 10)):       # bounded; ends with the traffic
             if self.stop.wait(max(0.0, self.t0 + tick - time.time())):
                 return
-            now, t_now = self.call("stats"), time.monotonic()
+            now, t_now = self._counters(), time.monotonic()
             self._view_line(prev, now, max(t_now - prev_t, 1e-6))
             prev, prev_t = now, t_now
+
+    def _counters(self) -> dict[str, Any]:
+        """gw1's stats, and the packets dc2's xdpgw forwarded to each of its VMs ("dc2")."""
+        return {**self.call("stats"), "dc2": {n: v["packets"] for n, v in self.dc2_vms().items()}}
 
     def _view_line(self, prev: dict[str, Any], now: dict[str, Any], dt: float) -> None:
         """One line of the live view (and one point of the plot's series)."""
@@ -361,8 +393,9 @@ class _Demo:
             pps = (now["vms"][v]["packets"] - prev["vms"][v]["packets"]) / dt
             self.series.vms.setdefault(v, []).append(pps)
             cells_v.append(f"{pps:>6.0f}{'!' if now['vms'][v]['state'] != 'active' else ' '}")
-        pps = (now["datapath"]["offload_fwd"] - prev["datapath"]["offload_fwd"]) / dt
-        self.series.vms.setdefault("dc2 (offloaded)", []).append(pps)
+        # a VM released meanwhile takes its count with it: only the VMs in both samples
+        pps = sum(n - prev["dc2"][vm] for vm, n in now["dc2"].items() if vm in prev["dc2"]) / dt
+        self.series.vms.setdefault("dc2's VMs (dc2's xdpgw)", []).append(pps)
         cells_v.append(f"{pps:>6.0f} ")
         state = now["monitor"]["regions"]["r1"]["state"]
         ok = sum(1 for w in self.tcp if w.error is None)
@@ -451,14 +484,20 @@ class _Demo:
         stayed = [w for w in old_r1 if w.error is None and w.switched_to is None]
         now = self.call("stats")
         home_pkts = sum(now["vms"][v]["packets"] - o["stats"]["vms"][v]["packets"] for v in LOCAL_VMS)
-        dc2_rx = {name: link_stats(self.tb, "dc2", name.removeprefix("dc2-"))["tx_packets"] for name in by_vm}
         self.check(2, len(stayed) == len(old_r1) and home_pkts > 0,
                    f"r1's sessions from before stayed home: {len(stayed)}/{len(old_r1)}; home VMs served "
                    f"{home_pkts} packets during the offload")
         offloaded = now["datapath"]["offload_fwd"] - o["stats"]["datapath"]["offload_fwd"]
-        self.check(2, offloaded > 0 and all(dc2_rx.values()),
-                   f"dc2's VMs received the new flows: {offloaded} packets tunnelled to dc2; "
-                   + ", ".join(f"{k} {v}" for k, v in sorted(dc2_rx.items())) + " packets in")
+        # dc2's xdpgw picked each VM (its flow table says which) and counted what it forwarded
+        chosen = [api.call(self.dc2_sock, "flow.lookup", service="web", src=w.conn.src, sport=w.conn.sport)["vm"]
+                  for w in in_dc2]
+        agree = [w for w, vm in zip(in_dc2, chosen) if w.conn.served_by == f"dc2-{vm}"]
+        at_dc2 = {n: v["packets"] for n, v in self.dc2_vms().items()}
+        self.check(2, offloaded > 0 and len(agree) == len(fresh)
+                   and all(at_dc2.get(vm.removeprefix("dc2-"), 0) > 0 for vm in by_vm),
+                   f"dc2's xdpgw chose the VMs of r1's new connections ({len(agree)}/{len(fresh)} as its flow table "
+                   f"says) and forwarded " + ", ".join(f"{k} {v}" for k, v in sorted(at_dc2.items()))
+                   + f" packets ({offloaded} tunnelled by gw1)")
         r2_off = [x for x in self.call("offload.list") if x["region"] == "r2"]
         self.check(2, not r2_off and (r2_new.conn.served_by or "").startswith("vm"),
                    f"r2 untouched: {'no' if not r2_off else 'an'} offload, its new connection served at home "
@@ -505,6 +544,7 @@ class _Demo:
         self._failure_checks()
         self._migration_checks()
         self._calm_checks()
+        self._release_checks()
 
     def _failure_checks(self) -> None:
         victim = self.victim
@@ -581,20 +621,63 @@ class _Demo:
         self.event(5, f"r1 calm {calm_at - t_end:.2f} s after the ramp stopped; calm -> offload cleared in "
                       f"{cleared_at - calm_at:.2f} s (center request {req.get('id', '?')} {req.get('state', '?')})")
         home = self._open_tcp("c1", self.tb.client("c1").ip)
-        self.calm = {"home": home, "state": req.get("state")}
+        self.calm = {"home": home, "state": req.get("state"),
+                     "lines": {w.label: w.lines for w in self.offload.get("fresh", [])}}
         self.say(f"{time.time() - self.t0:5.1f}s  new connection: {self._describe(home)}")
 
     def _calm_checks(self) -> None:
         calm, o = self.calm, self.offload
         if not calm or not o:
             return
-        self.check(5, calm["state"] == "cleared" and (calm["home"].conn.served_by or "").startswith("vm"),
-                   f"offload cleared at the gateway and the center ({calm['state']}); r1's next connection "
+        self.check(5, calm["state"] in ("draining", "released") and
+                   (calm["home"].conn.served_by or "").startswith("vm"),
+                   f"offload cleared at the gateway, the center's request {calm['state']}; r1's next connection "
                    f"served at home ({calm['home'].conn.served_by})")
-        fresh = o["fresh"]
-        still = [w for w in fresh if w.error is None and w.switched_to is None]
+        fresh, after = o["fresh"], self.released.get("after_clear", {})
+        still = [w for w in fresh if w.error is None and w.switched_to is None and after.get(w.label, 0) > 0]
         self.check(5, len(still) == len(fresh), f"connections offloaded before the clear finish in dc2: "
-                   f"{len(still)}/{len(fresh)} still answered there")
+                   f"{len(still)}/{len(fresh)} still answered there while its VMs drained")
+
+    # ---- 6. the offloaded connections end: dc2 releases its VMs
+    def _release(self) -> None:
+        calm, o = self.calm, self.offload
+        if not calm or not o:
+            return
+        fresh = o["fresh"]
+        after = {w.label: w.lines - calm["lines"][w.label] for w in fresh}
+        before = self.dc2_vms()
+        t_end = time.time()
+        for w in fresh:
+            w.finished.set()
+        self.mark(6, t_end, "offloaded connections end")
+        self.say(f"{self.rel(t_end):5.1f}s  r1's offloaded connections end ({sum(after.values())} lines answered in "
+                 f"dc2 since the clear; dc2's VMs " + ", ".join(f"{n} {v['state']}" for n, v in sorted(before.items()))
+                 + ")")
+        req = poll_until(lambda: (lambda r: r if r.get("state") == "released" else None)(self._center_request()),
+                         WAIT_S, 0.1)
+        self.released = {"after_clear": after, "before": before}
+        if not req:
+            self.failures.append(f"the center did not release dc2's VMs within {WAIT_S:.0f} s")
+            return
+        hist = {h["state"]: h["at"] for h in req.get("history", [])}
+        released_at = hist.get("released", time.time())
+        self.mark(6, released_at, f"released +{released_at - t_end:.2f} s")
+        self.event(6, f"offloaded connections closed -> dc2's VMs drained and released in {released_at - t_end:.2f} s "
+                      f"(request {req['id']} {req['data'].get('released_by')}; clear -> released "
+                      f"{released_at - hist.get('draining', released_at):.2f} s, drain idle {DRAIN_IDLE_S:g} s)")
+        self.released.update(req=req, left=self.dc2_vms(),
+                             namespaces=[n for n in before if netns_exists(f"{self.prefix}-{n}")])
+
+    def _release_checks(self) -> None:
+        rel = self.released
+        if "req" not in rel:
+            return
+        states = {n: v["state"] for n, v in rel["before"].items()}
+        self.check(6, rel["req"]["data"].get("released_by") == "drained" and set(states.values()) == {"draining"}
+                   and not rel["left"] and not rel["namespaces"],
+                   f"dc2's VMs drained ({', '.join(f'{n} {s}' for n, s in sorted(states.items()))}), released once "
+                   f"idle ({rel['req']['data'].get('released_by')}): none left in dc2's xdpgw "
+                   f"({len(rel['left'])}), their namespaces gone ({len(rel['namespaces'])} left)")
 
     # ---- teardown
     def tear_down(self) -> None:
@@ -619,6 +702,11 @@ class _Demo:
                 self.rc_daemon = daemon.stop()
             except Exception as exc:  # noqa: BLE001
                 self.failures.append(f"stopping the daemon: {exc}")
+        if self.dc2 is not None:
+            try:
+                self.rc_dc2 = self.dc2.stop()
+            except Exception as exc:  # noqa: BLE001
+                self.failures.append(f"stopping dc2's xdpgw: {exc}")
         for p in (self.dcagent, self.center):       # dc2's agent removes its VMs when it stops
             if p is not None:
                 p.stop()
@@ -635,8 +723,7 @@ class _Demo:
         self.say(f"summary (prefix {self.prefix}, {self.seconds:.0f} s of story)")
         self._report_daemon()
         self.say("  events, as measured:")
-        names = {1: "two regions", 2: "r1 heavy", 3: "VM failure", 4: "live migration", 5: "r1 calm"}
-        for n, name in names.items():
+        for n, name in EVENTS.items():
             text = self.events.get(n)
             self.say(f"    {n}. {name:<15} {text or 'did not happen'}")
             if text is None and not self.interrupted:
@@ -667,12 +754,11 @@ class _Demo:
         return 0
 
     def _report_daemon(self) -> None:
-        daemon = self.daemon
-        if daemon is not None and daemon.startup_s is not None:
-            self.say(f"  daemon: up in {daemon.startup_s:.2f} s ({daemon.mode} XDP on {self.tb.UPLINK}), "
-                     f"stopped with exit code {self.rc_daemon}")
-            if self.rc_daemon != 0:
-                self.failures.append(f"daemon exit code {self.rc_daemon}")
+        for what, daemon, rc in (("daemon", self.daemon, self.rc_daemon), ("dc2's xdpgw", self.dc2, self.rc_dc2)):
+            if daemon is not None and daemon.startup_s is not None:
+                self.say(f"  {what}: up in {daemon.startup_s:.2f} s ({daemon.mode} XDP), stopped with exit code {rc}")
+                if rc != 0:
+                    self.failures.append(f"{what} exit code {rc}")
 
     def _report_traffic(self) -> None:
         final = self.final
@@ -680,8 +766,9 @@ class _Demo:
             regions = ", ".join(f"{r} {final['regions'][r]['packets']}" for r in REGIONS)
             vms = ", ".join(f"{v} {final['vms'][v]['packets']}" for v in LOCAL_VMS)
             drops = {k: v for k, v in final["drops"].items() if v}
-            self.say(f"  counters: regions {regions}; VMs {vms}; to dc2 {final['datapath']['offload_fwd']} packets; "
-                     f"flows {final['flows']['entries']}; drops "
+            served = ", ".join(f"{n} {v['packets']}" for n, v in sorted(self.released.get("before", {}).items()))
+            self.say(f"  counters: regions {regions}; VMs {vms}; to dc2 {final['datapath']['offload_fwd']} packets "
+                     f"(dc2's xdpgw forwarded to {served or 'no VM'}); flows {final['flows']['entries']}; drops "
                      + (", ".join(f"{k} {v}" for k, v in drops.items()) or "none"))
         if self.tcp:
             lost = [w for w in self.tcp if w.error is not None]

@@ -87,10 +87,11 @@ def vm_binds() -> list[str]:
 
 
 def vm_health_binds(tb: Testbed, vm_name: str) -> list[str]:
-    """What health checks probe on a local VM: web (TCP) and echo (UDP) on the VM's
-    own address, served by the same process as the VIP (its death fails them)."""
+    """What health checks probe on a local VM: web (TCP) and echo (UDP) on the VM's own
+    address of the VIP's family (web6 on its IPv6 one), served by the same process as
+    the VIP (its death fails them)."""
     vm = tb.vm(vm_name)
-    return [f"tcp:{vm.ip}:{WEB_PORT}", f"udp:{vm.ip}:{ECHO_PORT}"]
+    return [f"tcp:{vm.ip}:{WEB_PORT}", f"tcp:[{vm.ip6}]:{WEB_PORT}", f"udp:{vm.ip}:{ECHO_PORT}"]
 
 
 def dc2_binds() -> list[str]:

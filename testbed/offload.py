@@ -1,7 +1,8 @@
 """The testbed's region-offload parties, shared by the demo and the e2e tests:
 the control center (`xdpgw center`, in the router's namespace at 198.18.0.1), the
-stand-in target data center's agent (testbed/dcagent.py, in dc2) and what the
-gateway needs to reach them ([center] and [agent] of its config).
+target data center's agent (testbed/dcagent.py, in dc2, which adds the VMs it makes
+to dc2's own xdpgw: testbed/config.py dc2_config) and what the gateway needs to
+reach them ([center] and [agent] of its config).
 
 dc1 is the gateway gw1 with vm1..vm3; dc2 is the only other data center, so the
 center always picks it. Both processes are started in the testbed (its `down()`
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from control.config import AgentConfig, CenterLinkConfig
-from testbed.addresses import DC2_ENDPOINT, ROUTER_IP, UPLINK_IP, VIP4
+from testbed.addresses import DC2_ENDPOINT, ROUTER_IP, UPLINK_IP, VIP4, VIP6
 from testbed.config import WEB_PORT
 from testbed.topology import Testbed
 
@@ -87,17 +88,22 @@ class OffloadLab:
         """gw1's [agent]: where the center reaches the gateway."""
         return AgentConfig(listen=f"{UPLINK_IP}:{self.gw_agent_port}", token=self.gw_token, insecure=True)
 
-    def write_center_config(self, directory: str | Path, vms: int = 2, retry_s: float = 0.2) -> Path:
-        """center.toml, its SQLite db and the web service's master image (what dc2's
-        VMs serve: the web VIP) in `directory`; returns the config's path."""
+    def write_center_config(self, directory: str | Path, vms: int = 2, retry_s: float = 0.2,
+                            release_after: float = 300.0, encap: str = "ipip") -> Path:
+        """center.toml, its SQLite db and the master images of web and web6 (what dc2's
+        VMs serve: the web VIP, IPv4 or IPv6) in `directory`; `encap`: how gw1 tunnels
+        offloaded flows to dc2. Returns the config's path."""
         d = Path(directory)
-        image = d / "web-1.json"
-        image.write_text(json.dumps({"binds": [f"tcp:{VIP4}:{WEB_PORT}"]}))
+        images = []
+        for service, bind in (("web", f"tcp:{VIP4}:{WEB_PORT}"), ("web6", f"tcp:[{VIP6}]:{WEB_PORT}")):
+            image = d / f"{service}-1.json"
+            image.write_text(json.dumps({"binds": [bind]}))
+            images.append(f'\n[[image]]\nservice = "{service}"\nname = "{service}-1"\npath = "{image}"\n')
         path = d / "center.toml"
-        path.write_text(self._center_toml(str(d / "center.db"), str(image), vms, retry_s))
+        path.write_text(self._center_toml(str(d / "center.db"), vms, retry_s, release_after, encap) + "".join(images))
         return path
 
-    def _center_toml(self, db: str, image: str, vms: int, retry_s: float) -> str:
+    def _center_toml(self, db: str, vms: int, retry_s: float, release_after: float, encap: str) -> str:
         return f"""
 [center]
 listen = "{ROUTER_IP}:{self.center_port}"
@@ -106,6 +112,7 @@ token = "{self.center_token}"
 db = "{db}"
 vms = {vms}
 retry_s = {retry_s}
+release_after = {release_after}
 
 [weights]
 location = 1.0
@@ -140,6 +147,7 @@ load = 0
 latency_ms = 5.0
 transmit_mbps = 10000
 tunnel_endpoint = "{DC2_ENDPOINT}"
+encap = "{encap}"
 agent = "http://{DC2_ENDPOINT}:{self.dc_agent_port}"
 agent_token = "{self.dc_token}"
 
@@ -148,11 +156,6 @@ name = "gw1"
 datacenter = "dc1"
 agent = "http://{UPLINK_IP}:{self.gw_agent_port}"
 agent_token = "{self.gw_token}"
-
-[[image]]
-service = "web"
-name = "web-1"
-path = "{image}"
 """
 
     @staticmethod
@@ -162,10 +165,12 @@ path = "{image}"
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         return ReadyProcess(tb, p, CENTER_READY)
 
-    def start_dc_agent(self, tb: Testbed) -> ReadyProcess:
-        """dc2's agent (it enters dc2's namespace itself, to create VM namespaces)."""
+    def start_dc_agent(self, tb: Testbed, drain_idle: float = 1.0) -> ReadyProcess:
+        """dc2's agent (it enters dc2's namespace itself, to create VM namespaces); its VMs
+        are drained after `drain_idle` s without a packet at dc2's gateway."""
         p = tb.spawn([sys.executable, "-m", "testbed.dcagent", "--netns", tb.ns("dc2"), "--prefix", tb.prefix,
-                      "--listen", f"{DC2_ENDPOINT}:{self.dc_agent_port}", "--token", self.dc_token, "--insecure"],
+                      "--listen", f"{DC2_ENDPOINT}:{self.dc_agent_port}", "--token", self.dc_token, "--insecure",
+                      "--drain-idle", str(drain_idle)],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         return ReadyProcess(tb, p, DC_AGENT_READY)
 

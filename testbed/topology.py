@@ -32,12 +32,23 @@ Everything lives in namespaces named ``f"{prefix}-{role}"``; every veth is creat
 removes everything.  Addresses come only from 198.18.0.0/15 and 2001:db8::/32 (the plan:
 testbed/addresses.py).
 
-The remote data center (dc2) must decapsulate IP-in-IP sent to DC2_ENDPOINT /
-DC2_ENDPOINT6.  This kernel is built without ipip/sit/ip6tnl (and without modules),
-so the kernel tunnel devices cannot be created; instead a small XDP program
-(testbed/testbed_xdp.c, compiled by bcc) strips the outer header on dc2's eth0
-(4in4, 6in4, 4in6, 6in6) and passes the inner packet to dc2's stack, which is what
-a "remote any" tunnel device would do.
+The remote data center (dc2) receives IP-in-IP sent to DC2_ENDPOINT / DC2_ENDPOINT6,
+in one of two ways:
+
+* ``Testbed(prefix, dc2_gateway=True)``: dc2 is a data center running xdpgw. Its
+  gateway (started by the caller on testbed/config.py ``dc2_config``, on dc2's eth0)
+  decapsulates in XDP and balances the VIPs by Maglev over VMs that dc2's agent
+  (testbed/dcagent.py) creates at run time: namespaces ``{prefix}-dvN`` whose eth0
+  is a veth to ``dvN`` in dc2 (testbed/addresses.py ``dc2_vm``), a VM port of dc2's
+  gateway. The VMs answer the clients from the VIP (DSR) through dc2, which routes.
+* otherwise dc2 is a plain tunnel endpoint with the VIPs on its loopback. This kernel
+  is built without ipip/sit/ip6tnl (and without modules), so the kernel tunnel
+  devices cannot be created; instead a small XDP program (testbed/testbed_xdp.c,
+  compiled by bcc) strips the outer header on dc2's eth0 (4in4, 6in4, 4in6, 6in6)
+  and passes the inner packet to dc2's stack, which is what a "remote any" tunnel
+  device would do (``dc2_decap=False``: no decapsulator).
+
+testbed_xdp.c also holds the router's do-nothing XDP program (see ``_attach_xdp_pass``).
 
 Command line (for crashed runs and demos)::
 
@@ -179,9 +190,10 @@ def _common_sysctls() -> dict[str, str]:
     }
 
 
-def _sysctls_for(role: str) -> dict[str, str]:
+def sysctls_for(role: str) -> dict[str, str]:
+    """The sysctls of a testbed role's namespace (a VM's role: vmN, or dvN for dc2's)."""
     s = _common_sysctls()
-    if role in ("rt", "gw", GW2_ROLE):
+    if role in ("rt", "gw", GW2_ROLE, "dc2"):
         s.update({
             "net/ipv4/ip_forward": "1",
             "net/ipv6/conf/all/forwarding": "1",
@@ -190,7 +202,7 @@ def _sysctls_for(role: str) -> dict[str, str]:
             "net/ipv4/conf/all/send_redirects": "0",
             "net/ipv4/conf/default/send_redirects": "0",
         })
-    if role.startswith("vm") or role == "dc2":
+    if role.startswith(("vm", "dv")) or role == "dc2":
         # DSR hosts: the VIP is on lo; never answer ARP for it on eth0
         s.update({
             "net/ipv4/conf/all/arp_ignore": "1",
@@ -199,7 +211,9 @@ def _sysctls_for(role: str) -> dict[str, str]:
     return s
 
 
-def _write_sysctls(values: dict[str, str]) -> None:
+def write_sysctls(values: dict[str, str]) -> None:
+    """Write `values` ({key under /proc/sys: value}) in the caller's namespace (run it
+    in a role's namespace with run_in_netns)."""
     # /proc/sys/net resolves to the opener's netns, so a setns()-ed child can write
     # it directly (no exec of sysctl needed).
     for key, value in values.items():
@@ -295,10 +309,10 @@ class Testbed:
     __test__ = False                 # not a pytest test class, despite the name
 
     prefix: str = DEFAULT_PREFIX
-    dc2_decap: bool = True           # attach the XDP decapsulator on dc2's eth0
+    dc2_decap: bool = True           # attach the hand-made XDP decapsulator on dc2's eth0 (not with dc2_gateway)
     gro: bool = True                 # GRO on the veth ends that receive XDP redirects
     gateways: int = 1                # 2: a second gateway {p}-gw2 with its own ports to the same VMs
-    dc2_vip: bool = True             # the VIPs on dc2's loopback; False: an agent routes them to its VMs
+    dc2_gateway: bool = False        # dc2 runs xdpgw (no VIP, no hand-made decapsulator; see the module doc)
     vms: list[Vm] = field(init=False)
     gw2_ports: list[Gw2Port] = field(init=False)
     clients: list[Client] = field(init=False)
@@ -454,7 +468,7 @@ class Testbed:
             pr_netns.create(self.ns(role))
         for role in self.roles:
             # before any link exists: new devices copy the "default" values
-            values = _sysctls_for(role)
+            values = sysctls_for(role)
             if role == "rt" and self.gateways == 2:
                 values.update({
                     # ECMP over the gateways by the flow's 5-tuple, as a data-center fabric does
@@ -466,7 +480,7 @@ class Testbed:
                     "net/ipv6/conf/all/ignore_routes_with_linkdown": "1",
                     "net/ipv6/conf/default/ignore_routes_with_linkdown": "1",
                 })
-            self.run(role, _write_sysctls, values, timeout=10)
+            self.run(role, write_sysctls, values, timeout=10)
         self.timings["ns+sysctl"] = time.monotonic() - t
 
         t = time.monotonic()
@@ -477,7 +491,7 @@ class Testbed:
                 iprs[role] = IPRoute(netns=self.ns(role), flags=0)
             self._build_links(iprs)
             self._build_routes(iprs)
-            if self.dc2_decap:
+            if self.dc2_decap and not self.dc2_gateway:
                 self.attach_dc2_decap(iprs["dc2"])
             self._attach_xdp_pass(iprs["rt"], ROUTER_DOWNLINK)
             if self.gateways == 2:
@@ -517,8 +531,8 @@ class Testbed:
                 for cidr in other.addrs:
                     ipr.neigh("add", dst=cidr.split("/")[0], lladdr=other.mac, ifindex=idx)
         # VIPs on the loopback of every backend (local VMs and the remote DC, unless
-        # dc2_vip=False: then dc2 routes the VIPs to VMs its agent creates)
-        for role in [v.name for v in self.vms] + (["dc2"] if self.dc2_vip else []):
+        # dc2 runs xdpgw: then its gateway serves them by VMs its agent creates)
+        for role in [v.name for v in self.vms] + ([] if self.dc2_gateway else ["dc2"]):
             lo = iprs[role].link_lookup(ifname="lo")[0]
             iprs[role].addr("add", index=lo, address=VIP4, prefixlen=32)
             iprs[role].addr("add", index=lo, address=VIP6, prefixlen=128)
@@ -602,9 +616,11 @@ class Testbed:
         # to-gw also gets TX checksumming off: a veth otherwise hands the gateway
         # frames with checksums left for "hardware" to finish, a state XDP
         # forwarding drops, so the VM would see bad checksums. A real NIC puts
-        # complete checksums on the wire.
+        # complete checksums on the wire. The same for to-dc2 when dc2 runs xdpgw.
         targets = [(vm.name, vm.ifname, ["gro", "on"]) for vm in self.vms]
         targets.append(("rt", ROUTER_DOWNLINK, ["gro", "on", "tx", "off"]))
+        if self.dc2_gateway:
+            targets.append(("rt", ROUTER_DC2_IF, ["tx", "off"]))
         targets += [(p.vm, p.vm_if, ["gro", "on"]) for p in self.gw2_ports]
         if self.gateways == 2:
             targets.append(("rt", ROUTER_GW2_IF, ["gro", "on", "tx", "off"]))

@@ -12,6 +12,8 @@ like the gateway's (control/config/), and read by the same TOML layer.
     vms = 2                           # VMs to prepare per request
     max_attempts = 5                  # per step, before the request fails
     retry_s = 0.5                     # first retry delay (doubles per attempt, capped at 10 s)
+    release_after = 300.0             # after an offload's clear, release the target's VMs once they are
+                                      # drained, or at the latest this many seconds after the clear
 
     [weights]                         # factor -> weight (missing: 1.0; 0 turns a factor off)
     location = 1.0
@@ -32,6 +34,7 @@ like the gateway's (control/config/), and read by the same TOML layer.
     latency_ms = 5.0
     transmit_mbps = 10000
     tunnel_endpoint = "198.18.200.2"
+    encap = "ipip"                    # or "gue": how the source gateway tunnels offloaded flows here
     agent = "https://198.18.200.2:7302"
     agent_token = "..."
     # tls_ca = "...", tls_cert = "...", tls_key = "..."   # https agent: its CA; our client certificate
@@ -71,6 +74,7 @@ from control.config.schema import ENTRY_NAME
 from control.config.toml import Converter, from_array, from_table, parse_document, read_text
 from control.config.validate import (check_int, check_listener, check_match, check_metrics, check_number,
                                      check_store, check_str, check_unique_names)
+from dataplane.structs import ENCAPS
 
 _URL = re.compile(r"https?://[^\s/]+/?")
 _E = TypeVar("_E", "DataCenter", "GatewayEntry")
@@ -84,6 +88,7 @@ class DataCenter:
     timezone: str
     capacity: int
     tunnel_endpoint: str
+    encap: str = "ipip"
     load: int = 0
     latency_ms: float = 10.0
     transmit_mbps: float = 1000.0
@@ -133,6 +138,7 @@ class CenterConfig:
     vms: int = 2
     max_attempts: int = 5
     retry_s: float = 0.5
+    release_after: float = 300.0
     weights: dict[str, float] = field(default_factory=dict)
     datacenters: tuple[DataCenter, ...] = ()
     gateways: tuple[GatewayEntry, ...] = ()
@@ -191,6 +197,8 @@ def parse_center_document(document: dict, base: str = ".") -> CenterConfig:
     check_int(center.max_attempts, "center.max_attempts", 1, 100)
     if not 0 < center.retry_s <= 60:
         raise ConfigError("center.retry_s", f"{center.retry_s} is not in (0, 60]")
+    if not 0 < center.release_after <= 86400:
+        raise ConfigError("center.release_after", f"{center.release_after} is not in (0, 86400] seconds")
     weights = document.get("weights", {})
     if not isinstance(weights, dict):
         raise ConfigError("weights", "expected a table")
@@ -226,6 +234,8 @@ def parse_center_document(document: dict, base: str = ".") -> CenterConfig:
             ipaddress.ip_address(dc.tunnel_endpoint)
         except ValueError:
             raise ConfigError(f"{here}.tunnel_endpoint", f"{dc.tunnel_endpoint!r} is not an IP address") from None
+        if dc.encap not in ENCAPS:
+            raise ConfigError(f"{here}.encap", f"{dc.encap!r} is not one of {', '.join(ENCAPS)}")
         if dc.agent is not None and not _URL.match(dc.agent):
             raise ConfigError(f"{here}.agent", f"{dc.agent!r} is not an http(s) URL")
         if dc.agent is not None and not dc.agent_token:

@@ -21,7 +21,7 @@ import json
 import time
 from typing import Any, Callable
 
-from control.center.store import TERMINAL
+from control.center.store import TERMINAL, holding, restarted
 from control.store import Conflict, Store as KeyValue
 
 PREFIX = "/xdpgw/center"
@@ -80,11 +80,7 @@ class KvStore:
 
     # ---- catalogue -------------------------------------------------------
     def put_datacenter(self, dc: dict) -> None:
-        def merge(old: dict | None) -> dict:
-            if old is not None and "load" in old:   # the running load survives a restart
-                return {**dc, "load": max(dc.get("load", 0), old["load"])}
-            return dc
-        self._update(self._key("datacenters", dc["name"]), merge)
+        self._update(self._key("datacenters", dc["name"]), lambda old: restarted(dc, old))
 
     def set_datacenter(self, dc: dict) -> None:
         self.kv.put(self._key("datacenters", dc["name"]), dc)
@@ -95,9 +91,9 @@ class KvStore:
     def datacenters(self) -> list[dict]:
         return sorted(self._values("datacenters"), key=lambda d: d["name"])
 
-    def add_load(self, name: str, vms: int) -> None:
-        self._update(self._key("datacenters", name),
-                     lambda dc: None if dc is None else {**dc, "load": max(0, dc["load"] + vms)})
+    def hold_vms(self, name: str, request: int, vms: int) -> None:
+        """The data center's load counts `vms` VMs for `request` (0: gives them back); idempotent."""
+        self._update(self._key("datacenters", name), lambda dc: None if dc is None else holding(dc, request, vms))
 
     def put_gateway(self, gw: dict) -> None:
         self.kv.put(self._key("gateways", gw["name"]), gw)

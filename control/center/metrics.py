@@ -15,8 +15,9 @@ from control.metrics import gauge, histogram
 
 
 def center_metrics(states: dict[str, int], events: CenterEvents) -> Iterator[Metric]:
-    yield gauge("xdpgw_center_requests", "Distribution requests in each state (cleared and failed are final)",
-                ["state"], (([s], states.get(s, 0)) for s in STATES))
+    yield gauge("xdpgw_center_requests",
+                "Distribution requests in each state (released, cleared and failed are final)", ["state"],
+                (([s], states.get(s, 0)) for s in STATES))
     yield histogram("xdpgw_center_step_duration_seconds", "One step of a distribution request, by the state it "
                     "started in and its outcome (ok, error: retried later)", ["state", "outcome"], events.steps)
 

@@ -1,6 +1,7 @@
 """The center's HTTP/JSON API (aiohttp). Every call needs ``Authorization: Bearer <token>``.
 
-    GET  /v1/status                      counts of requests by state; this replica's name and role (leader, standby)
+    GET  /v1/status                      counts of requests by state (active, draining, released, ...); this
+                                         replica's name and role (leader, standby)
     GET  /v1/datacenters                 the data centers (with load)
     PUT  /v1/datacenters/{name}/load     {"load": N}
     GET  /v1/images                      master images (no content)
@@ -9,7 +10,8 @@
     GET  /v1/requests[?open=1]
     GET  /v1/requests/{id}               with its history
     GET  /v1/requests/{id}/explain       each candidate's score per factor (as now, and as chosen)
-    POST /v1/requests/{id}/clear         the region calmed down: new flows go home
+    POST /v1/requests/{id}/clear         the region calmed down: new flows go home, the target's VMs drain
+                                         and are released (control/center/workflow.py)
     POST /v1/requests/{id}/retry         a failed request resumes where it failed
     POST /v1/requests/clear              {"gateway", "region"[, "service"]}: clear the region's open requests
 
@@ -41,7 +43,7 @@ from control.center.client import AgentClient
 from control.center.config import CenterConfig
 from control.center.kvstore import KvStore
 from control.center.leader import Replica
-from control.center.store import Store
+from control.center.store import TERMINAL, Store
 from control.center.workflow import NoTarget, Workflow
 from control.deploy import notify
 from control.logs import event
@@ -89,7 +91,8 @@ class Center:
                           for e in (*config.datacenters, *config.gateways)
                           if e.tls_ca or e.tls_cert}
         self.workflow = Workflow(self.store, config.weights, agent_factory or self._agent, vms=config.vms,
-                                 max_attempts=config.max_attempts, retry_s=config.retry_s)
+                                 max_attempts=config.max_attempts, retry_s=config.retry_s,
+                                 release_after=config.release_after)
         # one SQLite file has one center, the leader; on a shared store the replicas campaign
         self.replica = Replica(self.store.kv, config.name, config.leader_ttl_s, self.workflow) \
             if isinstance(self.store, KvStore) else None
@@ -234,7 +237,7 @@ class Center:
 
     async def clear(self, request: web.Request) -> web.Response:
         req = self._request(request)
-        if req["state"] in ("cleared", "failed"):
+        if req["state"] in TERMINAL:
             raise Refused(f"request {req['id']} is {req['state']}")
         out = self.store.request_clear(req["id"])
         self.workflow.wakeup.set()

@@ -1,6 +1,10 @@
 """The center's state in SQLite (WAL): data centers, gateways, regions, master images,
 distribution requests and each request's history. Every state change is one
-committed transaction, so a restarted center finds every request where it was."""
+committed transaction, so a restarted center finds every request where it was.
+
+A data center's record keeps its running `load` (VMs in use) and `held` ({request id:
+VMs}): the VMs prepared for each open request, so that counting them in and returning
+them are idempotent per request (a step repeated after a restart changes the load once)."""
 from __future__ import annotations
 
 import hashlib
@@ -32,7 +36,27 @@ CREATE TABLE IF NOT EXISTS history (
     state TEXT NOT NULL, note TEXT);
 """
 
-TERMINAL = ("cleared", "failed")
+TERMINAL = ("cleared", "released", "failed")
+
+
+def restarted(dc: dict, old: dict | None) -> dict:
+    """The config's record of a data center over the stored one: the running load and the
+    VMs held for requests survive a restart."""
+    if old is None or "load" not in old:
+        return dc
+    return {**dc, "load": max(dc.get("load", 0), old["load"]), "held": old.get("held", {})}
+
+
+def holding(dc: dict, request: int, vms: int) -> dict | None:
+    """`dc` with `vms` VMs held for `request` (0: none) and its load changed by the
+    difference; None when that is already so."""
+    held = dict(dc.get("held", {}))
+    before = held.pop(str(request), 0)
+    if before == vms:
+        return None
+    if vms:
+        held[str(request)] = vms
+    return {**dc, "held": held, "load": max(0, dc["load"] + vms - before)}
 
 
 class Store:
@@ -61,10 +85,8 @@ class Store:
             return [json.loads(r["data"]) for r in self.db.execute(f"SELECT data FROM {table} ORDER BY name")]
 
     def put_datacenter(self, dc: dict) -> None:
-        old = self.datacenter(dc["name"])
-        if old is not None and "load" in old:
-            dc = {**dc, "load": max(dc.get("load", 0), old["load"])}   # the running load survives a restart
-        self._put("datacenters", dc["name"], dc)
+        with self.lock:
+            self._put("datacenters", dc["name"], restarted(dc, self.datacenter(dc["name"])))
 
     def datacenter(self, name: str) -> dict | None:
         return self._get("datacenters", name)
@@ -76,12 +98,13 @@ class Store:
         """Replace a data center's record as given (an operator's load)."""
         self._put("datacenters", dc["name"], dc)
 
-    def add_load(self, name: str, vms: int) -> None:
+    def hold_vms(self, name: str, request: int, vms: int) -> None:
+        """The data center's load counts `vms` VMs for `request` (0: gives them back); idempotent."""
         with self.lock:
             dc = self.datacenter(name)
-            if dc is not None:
-                dc["load"] = max(0, dc["load"] + vms)
-                self._put("datacenters", name, dc)
+            new = None if dc is None else holding(dc, request, vms)
+            if new is not None:
+                self._put("datacenters", name, new)
 
     def put_gateway(self, gw: dict) -> None:
         self._put("gateways", gw["name"], gw)
@@ -207,8 +230,8 @@ class Store:
     def reset_backoffs(self) -> int:
         """Every open request is due now (a new center forgets the backoffs of the last one)."""
         with self.lock:
-            return self.db.execute("UPDATE requests SET next_try_at = 0 WHERE state NOT IN ('cleared', 'failed')"
-                                   ).rowcount
+            return self.db.execute(f"UPDATE requests SET next_try_at = 0 WHERE state NOT IN "
+                                   f"({','.join('?' * len(TERMINAL))})", TERMINAL).rowcount
 
     def history(self, rid: int) -> list[dict]:
         with self.lock:

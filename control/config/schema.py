@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from dataplane.program import Sizes
+from dataplane.structs import ENCAPS as _ENCAP_CODES
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+ENCAPS = tuple(_ENCAP_CODES)  # tunnel encapsulations ([[host]] encap, offload.set encap)
 XDP_MODES = ("auto", "native", "generic")
 PROTOCOLS = ("tcp", "udp")
 HEALTH_KINDS = ("tcp", "http", "udp")
@@ -68,6 +70,11 @@ class GatewayConfig:
     registry: str = ""  # "" means the default, /var/lib/xdpgw/<name>.db (the VM registry, SQLite)
     migration_hold_down: float = 2.0  # s after a move in which announcements moving the VM again are refused
     orchestrator: tuple[str, ...] = ()  # argv + [vm, host] live-migrates a VM (defrag apply); prints the new port
+    # decapsulation (ebpf/decap.h): IP-in-IP and GUE packets to one of decap_addresses from a source in
+    # decap_from are served by their inner packet; gue_port is GUE's UDP port, sending and receiving
+    decap_addresses: tuple[IPAddress, ...] = ()
+    decap_from: tuple[IPNetwork, ...] = ()
+    gue_port: int = 6080
 
     def __post_init__(self) -> None:
         # The default depends on the name, so it cannot be a field default. Note that
@@ -148,7 +155,8 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class HealthConfig:
-    """A service's health check of its VMs, probed at each VM's `ip` (see control/health.py).
+    """A service's health check of its VMs, probed at each VM's address of the VIP's family
+    (see control/health.py).
 
     tcp: connect to ip:port; http: GET `path` on ip:port, a 2xx status is healthy;
     udp: send `payload` to ip:port, any reply is healthy. `port` defaults to the
@@ -180,11 +188,17 @@ class VMConfig:
     name: str
     port: str | None = None
     mac: str | None = None
-    ip: IPAddress | None = None
+    # The VM's own addresses, both families: what its announcements may claim and what
+    # health checks probe. A [[vm]] table may write `ip = "..."` for one (control/config/toml.py).
+    ips: tuple[IPAddress, ...] = ()
     tunnel: IPAddress | None = None
     weight: int = 1
     tenant: str | None = None         # for defragmentation (control/defrag/)
     host: str | None = None           # the [[host]] the VM's port is on: (host, port) is its location
+
+    def address(self, version: int) -> IPAddress | None:
+        """The VM's first address of IP version `version` (4 or 6); None if it has none."""
+        return next((a for a in self.ips if a.version == version), None)
 
 
 @dataclass(frozen=True)
@@ -197,6 +211,7 @@ class HostConfig:
     capacity: int = 16
     endpoint: ipaddress.IPv4Address | None = None
     endpoint6: ipaddress.IPv6Address | None = None
+    encap: str = "ipip"  # how other gateways reach the endpoint: "ipip" or "gue" (ENCAPS)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
 
 from control.config.schema import (AgentConfig, CenterLinkConfig, Config, ConfigError, GatewayConfig, HealthConfig,
-                                   HostConfig, IPNetwork, MetricsConfig, MonitorConfig, RegionConfig, ServiceConfig,
-                                   StoreConfig, VMConfig)
+                                   HostConfig, IPAddress, IPNetwork, MetricsConfig, MonitorConfig, RegionConfig,
+                                   ServiceConfig, StoreConfig, VMConfig)
 from control.config.validate import describe, parse_address, parse_prefix, quote, validate
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -80,7 +80,7 @@ def _from_document(document: dict[str, Any]) -> Config:
         gateway=from_table(document["gateway"], "gateway", GatewayConfig, _CONVERTERS),
         regions=from_array(document, "region", RegionConfig, _CONVERTERS),
         services=from_array(document, "service", ServiceConfig, _CONVERTERS),
-        vms=from_array(document, "vm", VMConfig, _CONVERTERS),
+        vms=tuple(parse_vm(t, f"vm[{i}]") for i, t in enumerate(array_of_tables(document, "vm"))),
         monitor=table("monitor", MonitorConfig),
         center=table("center", CenterLinkConfig),
         agent=table("agent", AgentConfig),
@@ -93,11 +93,35 @@ def _from_document(document: dict[str, Any]) -> Config:
 def from_array(document: Mapping[str, Any], section: str, cls: type[_T], converters: Mapping[str, Converter],
                skip: Collection[str] = ()) -> tuple[_T, ...]:
     """The `[[section]]` tables of `document` as `cls` entries (none if absent); see from_table."""
+    return tuple(from_table(t, f"{section}[{i}]", cls, converters, skip)
+                 for i, t in enumerate(array_of_tables(document, section)))
+
+
+def array_of_tables(document: Mapping[str, Any], section: str) -> list[Any]:
+    """The `[[section]]` tables of `document`, unchecked (none if absent)."""
     tables = document.get(section, [])
     # `[region]` instead of `[[region]]` parses as a table; say which one is meant.
     if not isinstance(tables, list):
         raise ConfigError(section, f"expected an array of tables ([[{section}]]), got {describe(tables)}")
-    return tuple(from_table(t, f"{section}[{i}]", cls, converters, skip) for i, t in enumerate(tables))
+    return tables
+
+
+def parse_vm(table: Any, path: str) -> VMConfig:
+    """A [[vm]] table at key path `path` (or a vm.add command's fields) as a VMConfig.
+    `ip = "A"` is shorthand for `ips = ["A"]`, which configs written before a VM
+    could carry several addresses use."""
+    if isinstance(table, dict) and "ip" in table:
+        if "ips" in table:
+            raise ConfigError(f"{path}.ip", "set ip or ips, not both (ip is shorthand for a one-address ips)")
+        ip = parse_address(table["ip"], f"{path}.ip")
+        rest = {k: v for k, v in table.items() if k != "ip"}
+        return dataclasses.replace(from_table(rest, path, VMConfig, _CONVERTERS), ips=(ip,))
+    return from_table(table, path, VMConfig, _CONVERTERS)
+
+
+def parse_service(table: Any, path: str) -> ServiceConfig:
+    """A [[service]] table at key path `path` (or a service.add command's fields) as a ServiceConfig."""
+    return from_table(table, path, ServiceConfig, _CONVERTERS)
 
 
 def from_table(table: Any, path: str, cls: type[_T], converters: Mapping[str, Converter],
@@ -127,6 +151,10 @@ def _parse_prefixes(value: Any, path: str) -> tuple[IPNetwork, ...]:
     return tuple(parse_prefix(v, f"{path}[{i}]") for i, v in enumerate(_parse_array(value, path)))
 
 
+def _parse_addresses(value: Any, path: str) -> tuple[IPAddress, ...]:
+    return tuple(parse_address(v, f"{path}[{i}]") for i, v in enumerate(_parse_array(value, path)))
+
+
 def _parse_health(value: Any, path: str) -> HealthConfig:
     return from_table(value, path, HealthConfig, _CONVERTERS)
 
@@ -137,7 +165,7 @@ _CONVERTERS: dict[str, Converter] = {
     "tunnel_source": parse_address,
     "tunnel_source6": parse_address,
     "vip": parse_address,
-    "ip": parse_address,
+    "ips": _parse_addresses,
     "tunnel": parse_address,
     "endpoint": parse_address,
     "endpoint6": parse_address,

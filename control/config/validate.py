@@ -11,11 +11,12 @@ import os
 import re
 from typing import Any, TypeVar
 
-from control.config.schema import (ENTRY_NAME, GATEWAY_NAME, HEALTH_KINDS, PROTOCOLS, XDP_MODES, AgentConfig,
-                                   CenterLinkConfig, Config, ConfigError, GatewayConfig, HealthConfig, HostConfig,
-                                   IPAddress, IPNetwork, MetricsConfig, MonitorConfig, RegionConfig, ServiceConfig,
+from control.config.schema import (ENCAPS, ENTRY_NAME, GATEWAY_NAME, HEALTH_KINDS, PROTOCOLS, XDP_MODES,
+                                   AgentConfig, CenterLinkConfig, Config, ConfigError, GatewayConfig, HealthConfig,
+                                   HostConfig, IPAddress, IPNetwork, MetricsConfig, MonitorConfig, RegionConfig, ServiceConfig,
                                    StoreConfig, VMConfig)
 from control.maglev import is_prime
+from dataplane.structs import DECAP_ADDRESSES, DECAP_PREFIXES
 
 _MAC = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 _IFNAMSIZ = 16  # including the terminating NUL
@@ -89,6 +90,7 @@ def _check_hosts(hosts: Any, gateway: GatewayConfig,
         for key, version in (("endpoint", 4), ("endpoint6", 6)):
             if getattr(h, key) is not None:
                 _address(getattr(h, key), f"{here}.{key}", version)
+        _choice(h.encap, f"{here}.encap", ENCAPS)
         checked.append(dataclasses.replace(h, ports=ports))
     _check_locations(gateway, lists["hosts"], tuple(checked), vms)
     hold = _seconds(gateway.migration_hold_down, "gateway.migration_hold_down", 3600.0)
@@ -275,7 +277,33 @@ def _check_gateway(g: GatewayConfig) -> GatewayConfig:
     interval = check_number(g.stats_interval, "gateway.stats_interval", "a number of seconds")
     if not (math.isfinite(interval) and interval > 0):
         raise ConfigError("gateway.stats_interval", f"{interval} is not a positive number of seconds")
-    return dataclasses.replace(g, next_hop_mac=next_hop_mac, stats_interval=float(interval))
+    check_int(g.gue_port, "gateway.gue_port", 1, 65535)
+    return dataclasses.replace(g, next_hop_mac=next_hop_mac, stats_interval=float(interval), **_check_decap(g))
+
+
+def _check_decap(g: GatewayConfig) -> dict[str, tuple]:
+    """gateway.decap_addresses / decap_from as addresses / prefixes (text is parsed:
+    TOML gives strings), within the dataplane's map sizes."""
+    addresses = tuple(parse_address(a, f"gateway.decap_addresses[{i}]") if isinstance(a, str) else a
+                      for i, a in enumerate(_sequence(g.decap_addresses, "gateway.decap_addresses")))
+    for i, a in enumerate(addresses):
+        _address(a, f"gateway.decap_addresses[{i}]")
+    if len(set(addresses)) != len(addresses):
+        raise ConfigError("gateway.decap_addresses", "lists an address twice")
+    if len(addresses) > DECAP_ADDRESSES:
+        raise ConfigError("gateway.decap_addresses", f"{len(addresses)} addresses, at most {DECAP_ADDRESSES}")
+    prefixes = tuple(parse_prefix(n, f"gateway.decap_from[{i}]") if isinstance(n, str) else n
+                     for i, n in enumerate(_sequence(g.decap_from, "gateway.decap_from")))
+    for i, n in enumerate(prefixes):
+        if not isinstance(n, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            raise ConfigError(f"gateway.decap_from[{i}]", f"expected an IP network, got {describe(n)}")
+    for version in (4, 6):
+        if sum(n.version == version for n in prefixes) > DECAP_PREFIXES:
+            raise ConfigError("gateway.decap_from", f"more than {DECAP_PREFIXES} IPv{version} prefixes")
+    if addresses and not prefixes:
+        raise ConfigError("gateway.decap_from", "missing; gateway.decap_addresses needs the trusted sources "
+                          "(a tunnel is not an open relay)")
+    return {"decap_addresses": addresses, "decap_from": prefixes}
 
 
 def _check_region(r: RegionConfig, path: str) -> RegionConfig:
@@ -341,13 +369,16 @@ def _check_vm(v: VMConfig, path: str) -> VMConfig:
     if v.port is not None:
         _ifname(v.port, f"{path}.port")
     mac = None if v.mac is None else _unicast_mac(v.mac, f"{path}.mac")
-    if v.ip is not None:
-        _address(v.ip, f"{path}.ip")
+    ips = _sequence(v.ips, f"{path}.ips")
+    for j, address in enumerate(ips):
+        _address(address, f"{path}.ips[{j}]")
+        if address in ips[:j]:
+            raise ConfigError(f"{path}.ips[{j}]", f"{address} is listed twice")
     if v.tunnel is not None:
         _address(v.tunnel, f"{path}.tunnel")
     # Weights are relative Maglev shares; a u16 bound (as in Cilium) keeps them sane.
     check_int(v.weight, f"{path}.weight", 0, 65535)
-    return dataclasses.replace(v, mac=mac)
+    return dataclasses.replace(v, mac=mac, ips=ips)
 
 
 def check_unique_names(entries: tuple[Any, ...], section: str) -> None:
@@ -393,16 +424,20 @@ def _check_service_relations(services: tuple[ServiceConfig, ...], vms: tuple[VMC
             if name in listed:
                 raise ConfigError(f"{here}.vms", f"VM {quote(name)} is listed twice")
             listed.add(name)
-            # Health checks probe the VM's own address, also for a VM behind a tunnel.
-            if service.health is not None and vms[vm_index[name]].ip is None:
+            # Health checks probe the VM's own address of the VIP's family, also behind a tunnel.
+            version = service.vip.version
+            if service.health is not None and vms[vm_index[name]].address(version) is None:
                 j = vm_index[name]
-                raise ConfigError(f"{_named('vm', j, vms[j])}.ip",
-                                  f"missing; required by the health check of {here}")
+                raise ConfigError(f"{_named('vm', j, vms[j])}.ips",
+                                  f"no IPv{version} address; the health check of {here} (VIP {service.vip}) "
+                                  "probes the VM at one")
 
 
 def _check_vm_relations(gateway: GatewayConfig, vms: tuple[VMConfig, ...]) -> None:
-    # Migration is detected by a VM's MAC showing up on a port: MACs must identify VMs.
+    # Migration is detected by a VM's MAC showing up on a port: MACs must identify VMs,
+    # and an announced address must name one VM.
     mac_owner: dict[str, int] = {}
+    ip_owner: dict[IPAddress, int] = {}
     for i, vm in enumerate(vms):
         here = _named("vm", i, vm)
         if vm.port is not None and vm.tunnel is not None:
@@ -422,6 +457,10 @@ def _check_vm_relations(gateway: GatewayConfig, vms: tuple[VMConfig, ...]) -> No
             j = mac_owner.setdefault(vm.mac, i)
             if j != i:
                 raise ConfigError(f"{here}.mac", f"{vm.mac} is also the MAC of {_named('vm', j, vms[j])}")
+        for k, address in enumerate(vm.ips):
+            j = ip_owner.setdefault(address, i)
+            if j != i:
+                raise ConfigError(f"{here}.ips[{k}]", f"{address} is also an address of {_named('vm', j, vms[j])}")
 
 
 def _check_capacity(

@@ -14,7 +14,7 @@ config, and executes a plan through the migration path."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 Matrix = Mapping[tuple[str, str], int]        # (src VM, dst VM) -> bytes
 DEFAULT_MAX_MOVES = 16
@@ -29,10 +29,11 @@ class Move:
 
 
 def traffic_matrix(pair_bytes: Mapping[tuple[str, str], int], vm_macs: Mapping[str, str],
-                   vm_ips: Mapping[str, str]) -> dict[tuple[str, str], int]:
-    """{(sender MAC, dst IP): bytes} -> {(src VM, dst VM): bytes}; unknown ends are dropped."""
+                   vm_ips: Mapping[str, Sequence[str]]) -> dict[tuple[str, str], int]:
+    """{(sender MAC, dst IP): bytes} -> {(src VM, dst VM): bytes}, a VM reached at any of
+    its addresses (`vm_ips`: VM -> addresses); unknown ends are dropped."""
     by_mac = {mac.lower(): vm for vm, mac in vm_macs.items() if mac}
-    by_ip = {ip: vm for vm, ip in vm_ips.items() if ip}
+    by_ip = {ip: vm for vm, ips in vm_ips.items() for ip in ips}
     out: dict[tuple[str, str], int] = {}
     for (mac, ip), b in pair_bytes.items():
         src, dst = by_mac.get(mac.lower()), by_ip.get(ip)

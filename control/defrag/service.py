@@ -68,7 +68,7 @@ class DefragService:
         recs = self.migration.registry.vms()
         now = self._pair_bytes()
         window = {k: v - self.baseline.get(k, 0) for k, v in now.items() if v - self.baseline.get(k, 0) > 0}
-        matrix = planner.traffic_matrix(window, {r.name: r.mac for r in recs}, {r.name: r.ip for r in recs})
+        matrix = planner.traffic_matrix(window, {r.name: r.mac for r in recs}, {r.name: r.ips for r in recs})
         placement = self._placement()
         tenants = {r.name: r.tenant for r in recs}
         frag = planner.fragmentation(matrix, placement, tenants)

@@ -14,6 +14,7 @@ What it delivered is also the gateway's copy of the VM records (`record`,
 make the migration's compare-and-swap fail, never write over a newer record."""
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -47,6 +48,7 @@ class Follower:
             {r.name: r.where() for r in registry.vms()}
         self.revision = 0                    # the store revision this gateway has applied
         self.records: dict[str, VmRecord] = {}   # every VM's latest record seen here
+        self.macs: dict[str, str] = {}           # MAC -> VM name, for announcements (checked against records)
         self.state = "ok"
         self.since = time.time()
         self.relists = 0
@@ -87,7 +89,13 @@ class Follower:
     def by_mac(self, mac: str) -> VmRecord | None:
         mac = mac.lower()
         with self.lock:
-            return next((r for r in self.records.values() if r.mac == mac), None)
+            rec = self.records.get(self.macs.get(mac, ""))
+            return rec if rec is not None and rec.mac == mac else None
+
+    def by_address(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> VmRecord | None:
+        """The VM one of whose addresses is `ip`, as this gateway's copy has it."""
+        with self.lock:
+            return next((r for r in self.records.values() if r.has_address(ip)), None)
 
     def apply_own(self, rec: VmRecord) -> bool:
         """Apply this gateway's own write now, without waiting for its watch event (which
@@ -107,6 +115,7 @@ class Follower:
         with self.applied:
             records = [r for r in records if r.name not in self.records or r.revision > self.records[r.name].revision]
             self.records.update((r.name, r) for r in records)
+            self.macs.update((r.mac, r.name) for r in records if r.mac)
             changed = [r for r in records if self.known.get(r.name) != r.where()]
             failed: set[str] = set()
             if changed:
@@ -130,6 +139,7 @@ class Follower:
                 self.watch.cancel()
             listed = {r.name for r in records}
             self.records = {n: r for n, r in self.records.items() if n in listed}
+            self.macs = {r.mac: n for n, r in self.records.items() if r.mac}
             self._take(records, revision)
             self.watch = self.registry.store.watch(VMS, revision + 1, self._on_event)
 

@@ -9,7 +9,9 @@ Sources (all end in MigrationManager.announce or .move):
 
 An announcement is, in this order: rate-limited (per sender MAC, plus a global
 bucket); validated against the registry (the MAC must be a VM's, and the IP,
-when there is one, that VM's: else it is reported as spoofed and dropped);
+when there is one, one of that VM's addresses, of either family: a GARP or an
+unsolicited NA for any of them moves it, one claiming another address is
+reported as spoofed and dropped);
 ignored if the VM is already there; refused as a flap if it would take the VM
 back to the port it left less than `hold_down` seconds ago; refused as a
 conflict if another port claimed the same VM within `conflict_window`; refused
@@ -176,11 +178,14 @@ class MigrationManager:
         rec = self.follower.by_mac(mac) or self.registry.by_mac(mac)
         if rec is None:
             return Outcome("unknown", detail={"reason": f"no VM has MAC {mac}"})
-        if a.ip is not None and (rec.ip is None or ipaddress.ip_address(rec.ip) != a.ip):
+        if a.ip is not None and not rec.has_address(a.ip):
             if a.kind == "netlink":     # the kernel learnt another address of the VM: no claim
                 return Outcome("ignored", rec.name, {"reason": f"neighbour {a.ip} is not {rec.name}'s address"})
-            return Outcome("spoofed", rec.name, {"reason": f"{a.ip} is not the address of {rec.name} "
-                                                           f"({rec.ip}) whose MAC is {mac}"})
+            owner = self.follower.by_address(a.ip)
+            claim = f"{a.ip} is the address of {owner.name}" if owner else f"{a.ip} is no VM's address"
+            return Outcome("spoofed", rec.name, {"reason": f"{claim}, not one of {rec.name}'s "
+                                                           f"({', '.join(rec.ips) or 'none'}) whose MAC is {mac}",
+                                                 "owner": owner.name if owner else None})
         track = self.track.setdefault(rec.name, _VmTrack())
         others = {p: t for p, t in track.claims.items() if p != a.port and now - t <= self.conflict_window}
         track.claims[a.port] = now
@@ -241,6 +246,7 @@ class MigrationManager:
         move = {"by": self.gateway_name, "detected_by": detected_by, "t0_ns": t0_ns, "at": time.time(),
                 "from": before.where().as_dict()}
         members = sorted(set(self.members()) | {self.gateway_name})
+        write_ns = self.clock()
         for _ in range(3):
             try:
                 written = reg.move(before, to, move, members)
@@ -253,6 +259,7 @@ class MigrationManager:
         else:
             raise MigrationError(f"{name}: its record kept changing; not applied")
         revision = written.revision
+        written_ns = self.clock()
         applied = self.follower.apply_own(written)
         t1_ns = self.clock()
         convergence_ms = round((t1_ns - t0_ns) / 1e6, 3)
@@ -261,8 +268,10 @@ class MigrationManager:
         gateways = {g: ("ok" if applied else "pending") if g == self.gateway_name else "watching" for g in members}
         status = "ok" if applied else "partial"
         mid_ = reg.record_migration(name, old, new, detected_by, convergence_ms, gateways, status=status)
+        # where the time went: announcement -> the write, the write (the store's round trip), -> applied here
         event(log, "vm.moved", vm=name, **{"from": old[1], "to": new[1]}, by=detected_by, ms=convergence_ms,
-              status=status, revision=revision)
+              before_write_ms=round((write_ns - t0_ns) / 1e6, 3), write_ms=round((written_ns - write_ns) / 1e6, 3),
+              apply_ms=round((t1_ns - written_ns) / 1e6, 3), status=status, revision=revision)
         track = self.track.setdefault(name, _VmTrack())
         track.moved_at, track.left_port = t0_ns / 1e9, old[1] if old[0] == "port" else None
         return {"vm": name, "from": old[1], "to": new[1], "detected_by": detected_by,

@@ -2,7 +2,7 @@
 (control/store: SQLite on one machine, etcd for a fleet), so it survives a
 restart and every gateway reads the same.
 
-Per VM, one key (/xdpgw/vms/<name>): IP, MAC, tenant, location (a port on a host,
+Per VM, one key (/xdpgw/vms/<name>): its addresses (both families), MAC, tenant, location (a port on a host,
 or a tunnel endpoint), state, the gateways that held it at its last write, and
 the last move (by whom, how detected, when): a migration is one compare-and-swap
 write of that key, which every gateway applies from its watch. Beside it, a
@@ -14,10 +14,13 @@ VM states move only along TRANSITIONS; anything else raises InvalidTransition
 and changes nothing."""
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +29,7 @@ from control.store.base import Conflict, Entry, Store
 from control.vms import Location
 
 VMS = "/xdpgw/vms/"
+SYNC_WRITERS = 8      # registrations in flight at once when a gateway starts
 MIGRATIONS = "/xdpgw/migrations/"
 EVENTS = "/xdpgw/events/"
 
@@ -55,7 +59,7 @@ class UnknownVm(RegistryError, LookupError):
 class VmRecord:
     name: str
     vm_id: int | None
-    ip: str | None
+    ips: tuple[str, ...]  # the VM's own addresses, both families: what its announcements may claim
     mac: str | None
     tenant: str | None
     kind: str            # "port" | "tunnel"
@@ -72,15 +76,21 @@ class VmRecord:
         v = entry.value
         loc = Location.from_dict(v)
         kind, where = ("tunnel", str(loc.tunnel)) if loc.tunnel is not None else ("port", loc.port)
-        return cls(v["name"], v.get("vm_id"), v.get("ip"), loc.mac, v.get("tenant"), kind, where, v["state"],
+        # a record written before VMs had several addresses holds one, as "ip"
+        ips = tuple(v["ips"]) if "ips" in v else (v["ip"],) if v.get("ip") else ()
+        return cls(v["name"], v.get("vm_id"), ips, loc.mac, v.get("tenant"), kind, where, v["state"],
                    v["updated_at"], loc.host, entry.mod_revision, tuple(v.get("holders", ())), v.get("move"))
+
+    def has_address(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Whether `ip` is one of the VM's addresses."""
+        return any(ipaddress.ip_address(a) == ip for a in self.ips)
 
     def where(self) -> Location:
         return Location.from_dict({"host": self.host, "mac": self.mac, self.kind: self.location})
 
     def value(self, **changes: Any) -> dict[str, Any]:
         """The record as stored, with `changes` (location fields, state, holders, move)."""
-        v = {"name": self.name, "vm_id": self.vm_id, "ip": self.ip, "tenant": self.tenant, "state": self.state,
+        v = {"name": self.name, "vm_id": self.vm_id, "ips": list(self.ips), "tenant": self.tenant, "state": self.state,
              "holders": list(self.holders), "move": self.move, **self.where().as_dict()}
         v.update(changes)
         v["updated_at"] = time.time()
@@ -88,6 +98,19 @@ class VmRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("holders", "move")}
+
+
+@dataclass(frozen=True)
+class VmIdentity:
+    """A configured VM as the registry registers it (Registry.sync_vm's arguments)."""
+    name: str
+    vm_id: int | None
+    ips: tuple[str, ...]
+    mac: str | None
+    tenant: str | None
+    kind: str            # "port" | "tunnel"
+    location: str
+    host: str | None = None
 
 
 def _location_value(kind: str, location: str, mac: str | None, host: str | None) -> dict[str, Any]:
@@ -123,27 +146,44 @@ class Registry:
             self.store.close()
 
     # ---- VMs
-    def sync_vm(self, name: str, vm_id: int | None, ip: str | None, mac: str | None, tenant: str | None,
+    def sync_vm(self, name: str, vm_id: int | None, ips: Sequence[str], mac: str | None, tenant: str | None,
                 kind: str, location: str, host: str | None = None) -> VmRecord:
         """Register a configured VM. A VM already known keeps its location and state
         (it may have moved before a restart); identity fields follow the config."""
-        where = _location_value(kind, location, mac, host)
+        return self.register(VmIdentity(name, vm_id, tuple(ips), mac, tenant, kind, location, host))
+
+    def register(self, vm: VmIdentity) -> VmRecord:
+        """sync_vm of a VmIdentity."""
+        return self._sync(vm, self.store.get(VMS + vm.name))
+
+    def sync_vms(self, vms: Sequence[VmIdentity]) -> list[VmRecord]:
+        """Register configured VMs as sync_vm does, from one read of every record: a
+        gateway starting with many VMs writes only those the store lacks or has
+        with another identity, instead of a round trip per VM; in the order given."""
+        entries = {e.key[len(VMS):]: e for e in self.store.range(VMS)[0]}
+        # the writes in parallel: each waits for the store's commit, which the store shares between them
+        with ThreadPoolExecutor(SYNC_WRITERS) as pool:
+            return list(pool.map(lambda vm: self._sync(vm, entries.get(vm.name)), vms))
+
+    def _sync(self, vm: VmIdentity, entry: Entry | None) -> VmRecord:
+        """sync_vm with the VM's record as last read (`entry`; None: not in the store)."""
+        where = _location_value(vm.kind, vm.location, vm.mac, vm.host)
+        key = VMS + vm.name
         for _ in range(8):            # another gateway may register the same VM at the same moment
-            entry = self.store.get(VMS + name)
             try:
                 if entry is None:
-                    value = {"name": name, "vm_id": vm_id, "ip": ip, "tenant": tenant, "state": "running",
-                             "holders": [], "move": None, **where, "updated_at": time.time()}
-                    self.store.put_if(VMS + name, value, 0)
-                else:
-                    rec = VmRecord.from_entry(entry)
-                    mac = mac.lower() if mac else rec.mac
-                    if (rec.ip, rec.tenant, rec.mac) != (ip, tenant, mac):
-                        self.store.put_if(VMS + name, rec.value(ip=ip, tenant=tenant, mac=mac), entry.mod_revision)
-                return self.vm(name)
+                    value = {"name": vm.name, "vm_id": vm.vm_id, "ips": list(vm.ips), "tenant": vm.tenant,
+                             "state": "running", "holders": [], "move": None, **where, "updated_at": time.time()}
+                    return VmRecord.from_entry(Entry(key, value, self.store.put_if(key, value, 0)))
+                rec = VmRecord.from_entry(entry)
+                mac = vm.mac.lower() if vm.mac else rec.mac
+                if (rec.ips, rec.tenant, rec.mac) == (vm.ips, vm.tenant, mac):
+                    return rec
+                value = rec.value(ips=list(vm.ips), tenant=vm.tenant, mac=mac)
+                return VmRecord.from_entry(Entry(key, value, self.store.put_if(key, value, entry.mod_revision)))
             except Conflict:
-                continue
-        raise RegistryError(f"VM {name!r}: could not register it (the record kept changing)")
+                entry = self.store.get(key)
+        raise RegistryError(f"VM {vm.name!r}: could not register it (the record kept changing)")
 
     def vm(self, name: str) -> VmRecord:
         entry = self.store.get(VMS + name)

@@ -10,7 +10,7 @@ from control.config import Config
 from control.gateway import Gateway, GatewayError
 from control.migration.manager import MigrationError, MigrationManager, convergence_summary
 from control.migration.follow import Membership
-from control.migration.registry import InvalidTransition, Registry, RegistryError, VmRecord
+from control.migration.registry import InvalidTransition, Registry, RegistryError, VmIdentity
 from control.store import Store, open_configured, open_store
 from control.vms import Location, host_of_port
 
@@ -44,10 +44,9 @@ class MigrationService:
         self.store, url = open_gateway_store(self.config)
         self.registry = reg = Registry(self.store, g.name)
         gw = self.gateway
-        for name in gw.vms:
-            rec = self._sync(name)
+        for rec in reg.sync_vms([self._identity(name) for name in gw.vms]):
             if rec.state == "migrating":           # a move was cut short by a restart
-                reg.transition(name, "running")
+                reg.transition(rec.name, "running")
         self.membership = Membership(self.store, g.name, info={"hosts": list(g.hosts)})
         self.membership.renew()
         # two ports claiming a VM within the conflict window is a conflict; it never outlasts the hold-down
@@ -63,21 +62,21 @@ class MigrationService:
             self.watcher = PortWatcher(g.vm_ports, self.manager.announce, on_link_gone=self._link_gone)
             self.watcher.start()
 
-    def _sync(self, name: str) -> VmRecord:
-        """Register the gateway's VM `name` (identity from its config; a VM the
-        registry knows keeps its registered location)."""
+    def _identity(self, name: str) -> VmIdentity:
+        """The gateway's VM `name` as the registry registers it (identity from its
+        config; a VM the registry knows keeps its registered location)."""
         vm = self.gateway.vm(name)
         where = Location.of(vm.config)
         kind, location = ("tunnel", str(where.tunnel)) if where.tunnel is not None else ("port", where.port)
-        return self.registry.sync_vm(name, vm.vm_id, str(vm.config.ip) if vm.config.ip else None, where.mac,
-                                     vm.config.tenant, kind, location, host=where.host)
+        return VmIdentity(name, vm.vm_id, tuple(str(a) for a in vm.config.ips), where.mac, vm.config.tenant, kind,
+                          location, where.host)
 
     def reloaded(self, config: Config, vms: dict[str, list[str]]) -> None:
         """After a config reload (`vms`: the names added, removed, changed): register
         the new and changed VMs where the gateway now has them."""
         self.config = config
         for name in vms["added"] + vms["changed"]:
-            self._sync(name)
+            self.registry.register(self._identity(name))
             where = self.gateway.vm(name).location
             kind, location = ("tunnel", str(where.tunnel)) if where.tunnel is not None else ("port", where.port)
             self.registry.set_location(name, kind, location, mac=where.mac, host=where.host)

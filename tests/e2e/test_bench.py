@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("per_packet", "katran", "scaling", "e2e", "control", "breakdown", "metrics")
+SECTIONS = ("per_packet", "katran", "scaling", "e2e", "control", "breakdown", "metrics", "fleet")
 PLOTS = ("per_packet.png", "katran.png", "scaling_flows.png", "scaling_vms.png", "e2e.png", "maglev.png",
-         "breakdown.png")
+         "breakdown.png", "fleet.png")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (BPF, network namespaces)")
 
@@ -94,6 +94,8 @@ def test_sections_cover_the_issue(quick_run):
     # per packet: rotated figures in steady state (the targets') and on a fresh table
     assert {"new_flow@fresh", "hit_v4@fresh", "tunnel_vm@fresh", "xdp_redirect_min@fresh"} <= keys["per_packet"]
     assert {"mpps_2cpu@flows=1000", "mpps_2cpu_baseline@flows=1000"} <= keys["e2e"]
+    assert {"convergence_p50@procs=8", "convergence_p99@procs=8", "convergence_max@procs=8", "write_p50@procs=8",
+            "write_p99@procs=8", "apply_cpu@procs=8"} <= keys["fleet"]
     probe = doc["sections"]["per_packet"]["info"]["repeat_probe"]
     # the kernel re-runs repeat=R on one unreset buffer: encap and new flows are not repeat-stable
     assert not probe["tunnel_vm"]["repeat_stable"] and not probe["new_flow"]["repeat_stable"]
@@ -153,6 +155,19 @@ def test_nothing_left_behind(quick_run):
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert prefix not in netns
     assert not list(Path("/sys/fs/bpf/xdpgw").glob(f"{prefix}-*"))
+
+
+def test_fleet_every_process_applied_every_migration(quick_run):
+    """Quick fleet: 2 gateway daemons + 6 watcher-only processes on a 3-member etcd;
+    every one applied each of the 100 migrations (the revision written), and the
+    timeline the plot draws has one point per migration."""
+    proc, _, doc = quick_run
+    info = doc["sections"]["fleet"]["info"]
+    (run,) = info["runs"]
+    assert (run["gateways"], run["watchers"], run["migrations"]) == (2, 6, 100)
+    assert run["converged"] == 100 and run["missing_applies"] == 0, run
+    assert len(run["timeline"]) == 100 and len(run["gw_apply_ms"]) == 2 and len(run["watcher_apply_ms"]) == 6
+    assert "fleet      8 processes: 100 migrations" in proc.stdout
 
 
 def test_table_printed(quick_run):

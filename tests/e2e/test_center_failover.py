@@ -2,7 +2,9 @@
 three `xdpgw center` processes on one store, a distribution request started, the leader
 killed (SIGKILL, by pid) while the target data center's agent is preparing; a standby
 takes over when the leader's lease expires and finishes the request, and the target
-created the request's VMs once.
+created the request's VMs once. Then the offload is cleared and the new leader killed
+while the target drains; the last replica goes on polling and releases the VMs once
+they are drained, once, and the data center's load comes back.
 
 The agents are a real aiohttp server on loopback in this process (the target DC and the
 source gateway): it answers the center's calls, counts `prepare` per idempotency key
@@ -46,7 +48,10 @@ class Agents:
         self.created: dict[int, int] = {}
         self.jobs: dict[int, asyncio.Future] = {}
         self.images: set[str] = set()
-        self.offloads: dict[tuple[str, str], str] = {}
+        self.offloads: dict[tuple[str, str], tuple[str, str]] = {}
+        self.states: dict[int, str] = {}       # request -> serving, draining, drained (the agent contract)
+        self.status_polls = 0
+        self.released: list[int] = []
         self.preparing = threading.Event()
         self.port = free_port()
         self.ready = threading.Event()
@@ -70,10 +75,24 @@ class Agents:
             self.preparing.set()
             if rid not in self.jobs:       # not tied to this call: a caller that dies does not stop it
                 self.jobs[rid] = asyncio.ensure_future(self._create(rid, a["vms"]))
+            self.states.setdefault(rid, "serving")
             return await asyncio.shield(self.jobs[rid])
         if name == "offload.set":
-            self.offloads[(a["region"], a["service"])] = a["endpoint"]
+            self.offloads[(a["region"], a["service"])] = (a["endpoint"], a["encap"])
             return a
+        if name == "offload.clear":
+            return self.offloads.pop((a["region"], a["service"]))
+        if name == "drain":
+            if self.states.get(a["request"]) == "serving":
+                self.states[a["request"]] = "draining"
+            return {"request": a["request"]}
+        if name == "status":
+            self.status_polls += 1
+            return {"requests": {str(rid): {"state": state} for rid, state in self.states.items()}}
+        if name == "release":
+            if self.states.pop(a["request"], None) is not None:
+                self.released.append(a["request"])
+            return {"request": a["request"], "released": True}
         raise web.HTTPNotFound()
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -223,6 +242,24 @@ def test_leader_killed_mid_prepare_standby_finishes(tmp_path):
             final = wait_for(done, timeout=60, step=0.05, what="the request active after the leader died")
             watch.cancel()
             new_leader = store.get(LEADER_KEY).value["name"]
+            offloaded = dict(agents.offloads)
+
+            # cleared; the new leader dies while dc2 drains; the last replica releases once drained
+            standbys[0].client.call("POST", f"/v1/requests/{req['id']}/clear")
+            wait_for(lambda: agents.status_polls >= 1, timeout=20, what="the new leader polling the draining dc2")
+            second = next(r for r in standbys if r.name == new_leader)
+            last = next(r for r in standbys if r is not second)
+            t_kill2 = time.time()
+            os.kill(second.proc.pid, signal.SIGKILL)
+            second.proc.wait(10)
+            wait_for(lambda: (last.status() or {}).get("role") == "leader", timeout=30, what="the last replica leading")
+            polls_before = agents.status_polls
+            wait_for(lambda: agents.status_polls > polls_before, timeout=20, what="the last replica polling dc2")
+            agents.states[req["id"]] = "drained"
+            t_drained = time.time()
+            released = wait_for(lambda: (r := last.client.call("GET", f"/v1/requests/{req['id']}"))["state"] ==
+                                "released" and r, timeout=20, what="the request released")
+            load = next(d["load"] for d in last.client.call("GET", "/v1/datacenters") if d["name"] == "dc2")
         finally:
             for r in replicas:
                 r.stop()
@@ -231,7 +268,7 @@ def test_leader_killed_mid_prepare_standby_finishes(tmp_path):
     history = [h["state"] for h in final["history"] if not (h["note"] or "").startswith("error")]
     assert history == ["requested", "target_chosen", "preparing", "prepared", "distributing", "active"], history
     assert new_leader in {r.name for r in standbys}
-    assert agents.offloads == {("r1", "web"): "198.18.200.2"}
+    assert offloaded == {("r1", "web"): ("198.18.200.2", "ipip")} and agents.offloads == {}
     rid = req["id"]
     # the dead leader's prepare and the new leader's, with the same key: the VMs were created once
     assert agents.prepare_calls == {rid: 2} and agents.created == {rid: 1}
@@ -242,3 +279,10 @@ def test_leader_killed_mid_prepare_standby_finishes(tmp_path):
           f"later (TTL {TTL_S} s); {new_leader} finished the request {t_active - gone[0]:.3f} s after the lease "
           f"expired ({t_active - t_kill:.2f} s after the kill); prepare calls {agents.prepare_calls[rid]}, "
           f"VM sets created {agents.created[rid]}")
+    after = [h["state"] for h in released["history"] if h["state"] in ("draining", "released")]
+    assert after[0] == "draining" and after[-1] == "released" and set(after) == {"draining", "released"}
+    assert released["data"]["released_by"] == "drained" and agents.released == [rid] and load == 0
+    assert released["data"]["cleared_at"] < t_kill2     # the clear's time survived the take-over
+    t_released = next(h["at"] for h in released["history"] if h["state"] == "released")
+    print(f"center fail-over mid-drain: {new_leader} killed while dc2 drained; {last.name} released the VMs "
+          f"{t_released - t_drained:.2f} s after dc2 said drained ({t_released - t_kill2:.2f} s after the kill)")

@@ -35,7 +35,7 @@ class Gw:
         self.store = open_store(url)
         self.registry = Registry(self.store, name)
         for i, vm in enumerate(VMS, start=1):
-            self.registry.sync_vm(vm, i, f"198.18.{100 + i}.2", f"02:00:00:00:00:{i:02x}", None, "port", f"p{i}")
+            self.registry.sync_vm(vm, i, [f"198.18.{100 + i}.2"], f"02:00:00:00:00:{i:02x}", None, "port", f"p{i}")
         self.applied: dict[str, tuple[str | None, int]] = {}       # vm -> (port, revision)
         self.at_ns: dict[tuple[str, int], int] = {}                 # (vm, revision) -> when applied (monotonic)
         self.membership = Membership(self.store, name, ttl_s=2.0)

@@ -2,8 +2,8 @@
 
 Testbed(prefix, gateways=2): gw1 and gw2 each run the real daemon (`xdpgw run`)
 with health checks (TCP on the web port, UDP on the echo port, at each VM's own
-address); the VMs run servers; the router sends the VIPs to gw1, to gw2, or to
-both by ECMP (a per-flow layer-4 hash), as a test steers it. The gateways never
+address of the VIP's family); the VMs run servers; the router sends the VIPs to
+gw1, to gw2, or to both by ECMP (a per-flow layer-4 hash), as a test steers it. The gateways never
 talk to each other. Shown here:
 
 1. the same flows, sent alternately through gw1 and gw2 (and sprayed by ECMP),
@@ -375,16 +375,18 @@ def test_cli_shows_health_last_probe_and_time_in_state(env):
         for vm in LOCAL_VMS:
             line = lines[vm]
             assert "active" in line and "health up" in line and " for " in line, line
-            assert "last probe ok " in line and ("tcp 198.18." in line or "udp 198.18." in line), line
+            # web and echo probe the VM's IPv4 address, web6 its IPv6 one
+            assert "last probe ok " in line and any(p in line for p in ("tcp 198.18.", "udp 198.18.",
+                                                                        "tcp [2001:db8:")), line
         assert "health unknown" in lines["vm9"] and "never probed" in lines["vm9"], lines["vm9"]
         r = env.cli(gw, "stats")
         assert r.returncode == 0, r.stderr
-        assert "health: 6 checks" in r.stdout and "VMs up 3, down 0, unknown 0" in r.stdout, r.stdout
+        assert "health: 9 checks" in r.stdout and "VMs up 3, down 0, unknown 0" in r.stdout, r.stdout
         stats = json.loads(env.cli(gw, "stats", "--json").stdout)
         vm1 = stats["vms"]["vm1"]
         assert (vm1["state"], vm1["admin_state"], vm1["health"]) == ("active", "active", "up")
         assert vm1["last_probe"]["ok"] and vm1["in_state_s"] >= 0 and time.time() - vm1["last_probe"]["at"] < 5
-        assert stats["health"]["checks"] == 6 and stats["health"]["probes"] > 0
+        assert stats["health"]["checks"] == 9 and stats["health"]["probes"] > 0
 
 
 def test_drain_on_both_gateways(env):

@@ -476,16 +476,16 @@ def test_thousand_checks_are_cheap():
 
 def test_checks_from_config():
     health = {"web": HealthConfig("tcp", interval=0.5, timeout=0.25, rise=1, fall=2),
-              "web6": HealthConfig("tcp", interval=0.5, timeout=0.25, rise=1, fall=2),   # the same probe
+              "web6": HealthConfig("tcp", interval=0.5, timeout=0.25, rise=1, fall=2),   # at the VM's IPv6 address
               "echo": HealthConfig("udp", port=9999, payload="hi")}
     config = make_config("xghtst", health=health)
     checks = checks_from_config(config)
     assert [(c.vm, c.describe()) for c in checks] == [
-        (vm, d) for vm, ip in (("vm1", "198.18.101.2"), ("vm2", "198.18.102.2"), ("vm3", "198.18.103.2"))
-        for d in (f"tcp {ip}:8080", f"udp {ip}:9999")]
+        (f"vm{n}", d) for n in (1, 2, 3)
+        for d in (f"tcp 198.18.10{n}.2:8080", f"tcp [2001:db8:10{n}::2]:8080", f"udp 198.18.10{n}.2:9999")]
     tcp = checks[0]
     assert (tcp.interval, tcp.timeout, tcp.rise, tcp.fall, tcp.port) == (0.5, 0.25, 1, 2, 8080)
-    udp = checks[1]
+    udp = checks[2]
     assert (udp.payload, udp.interval, udp.timeout, udp.rise, udp.fall) == (b"hi", 1.0, 0.5, 2, 3)
     http_only = checks_from_config(make_config("xghtst", health={"web": HealthConfig("http")}))
     assert {c.path for c in http_only} == {"/"} and len(http_only) == 3

@@ -26,8 +26,8 @@ from testbed.kit import GatewayDaemon, LineConn, link_stats, start_server, vm_bi
 from control.migration.manager import convergence_summary
 from testbed.config import WEB_PORT
 from testbed.config import testbed_config as make_config
-from testbed.ports import add_port, announce, garp, port_for, rarp, send_frame, switch_to
-from testbed.addresses import VIP4
+from testbed.ports import add_port, announce, garp, na, port_for, rarp, send_frame, switch_to
+from testbed.addresses import VIP4, VIP6
 from testbed.topology import Testbed
 from tests.e2e.conftest import running_testbed, unique_prefix
 
@@ -80,12 +80,13 @@ def new_port(env: Env, vm: str, suffix: str):
     return p
 
 
-def open_conns(env: Env, vm: str, want: int = 2, tries: int = 24) -> list[LineConn]:
-    """Connections from c1 to the web VIP until `want` are served by `vm` (bounded)."""
+def open_conns(env: Env, vm: str, want: int = 2, tries: int = 24, v6: bool = False) -> list[LineConn]:
+    """Connections from c1 to the web VIP (`v6`: web6's) until `want` are served by `vm` (bounded)."""
     c1 = env.tb.client("c1")
+    srcs, vip = (c1.ip6s, VIP6) if v6 else (c1.ips, VIP4)
     mine, others = [], []
     for i in range(tries):
-        conn = LineConn(env.tb, "c1", c1.ips[i % 2], VIP4, WEB_PORT)
+        conn = LineConn(env.tb, "c1", srcs[i % len(srcs)], vip, WEB_PORT)
         conn.ask("hello")
         (mine if conn.served_by == vm else others).append(conn)
         if len(mine) >= want:
@@ -193,6 +194,47 @@ def test_rarp_moves_a_vm(env):
     assert conns[0].ask("after rarp") == "vm2"
     assert last_migration(env, "vm2")["detected_by"] == "rarp"
     conns[0].close()
+
+
+def test_unsolicited_na_moves_a_vm_with_both_addresses(env):
+    """vm1 has an IPv4 and an IPv6 address; on a new port it announces only the IPv6
+    one (an unsolicited NA, no GARP): the gateway moves it, its connections in both
+    families follow, and every packet the gateway now forwards to it arrives on the
+    new port. An NA from vm1 for vm2's IPv6 address is reported as spoofed."""
+    vm1 = env.tb.vm("vm1")
+    assert next(r for r in env.call("vm.registry") if r["name"] == "vm1")["ips"] == [vm1.ip, vm1.ip6]
+    conns = open_conns(env, "vm1", want=1) + open_conns(env, "vm1", want=1, v6=True)
+    here = env.location("vm1")
+    p = new_port(env, "vm1", "o")
+    applied = env.call("migration.status")["outcomes"].get("applied", 0)
+    time.sleep(HOLD_DOWN + 0.05)
+    switch_to(p)
+    send_frame(p.vm_ns, p.vm_if, na(p.vm_mac, p.vm_ip6))
+    assert wait_for(lambda: env.location("vm1") == p.port, timeout=3), \
+        f"{env.call('migration.status')} {env.call('vm.events')[-3:]}"
+    m = last_migration(env, "vm1")
+    assert (m["from_location"], m["to_location"], m["detected_by"], m["status"]) == (here, p.port, "na", "ok")
+    assert env.call("migration.status")["outcomes"]["applied"] == applied + 1
+    gw_before = env.call("stats")["vms"]["vm1"]["packets"]
+    port_before = link_stats(env.tb, "vm1", p.vm_if)["rx_packets"]
+    asks = 5
+    for c in conns:
+        for j in range(asks):
+            assert c.ask(f"after the NA {j}") == "vm1"              # no reset, same VM, both families
+    forwarded = env.call("stats")["vms"]["vm1"]["packets"] - gw_before
+    arrived = link_stats(env.tb, "vm1", p.vm_if)["rx_packets"] - port_before
+    assert forwarded >= asks * len(conns) and arrived >= forwarded, (forwarded, arrived)
+    print(f"\nNA-driven move vm1 {here} -> {p.port} converged in {m['convergence_ms']:.3f} ms; "
+          f"{forwarded} packets forwarded to vm1 since, {arrived} arrived on {p.vm_if}")
+    vm2_ip6 = env.tb.vm("vm2").ip6
+    send_frame(p.vm_ns, p.vm_if, na(p.vm_mac, vm2_ip6))                # vm1's MAC, vm2's IPv6 address
+    ev = wait_for(lambda: [e for e in env.call("vm.events", kind="spoofed") if e["detail"]["ip"] == vm2_ip6],
+                  timeout=3)
+    assert ev and (ev[-1]["vm"], ev[-1]["detail"]["kind"], ev[-1]["detail"]["owner"]) == ("vm1", "na", "vm2")
+    time.sleep(0.1)
+    assert env.location("vm1") == p.port
+    for c in conns:
+        c.close()
 
 
 def _vm_traffic(env: Env, src: str, dst_ip: str, count: int = 200, size: int = 1000) -> None:

@@ -138,7 +138,7 @@ def test_connections_and_counters_survive_restarts(bed):
                     f"{section} {name} counters were reset"
         assert after["regions"]["r1"]["packets"] >= before["regions"]["r1"]["packets"] + 8 * 4
         assert after["flows"]["entries"] >= 8
-        assert api.call(sock, "offload.list") == [{"region": "r2", "service": "web", "endpoint": DC2_ENDPOINT}]
+        assert api.call(sock, "offload.list") == [{"region": "r2", "service": "web", "endpoint": DC2_ENDPOINT, "encap": "ipip"}]
         for c in conns[:-1]:
             assert api.call(sock, "flow.lookup", service="web", src=c.src, sport=c.sport)["reason"] == "flow table"
     finally:

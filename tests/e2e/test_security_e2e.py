@@ -67,7 +67,7 @@ def refused_at_start(argv: list[str], tb: Testbed, role: str | None = None) -> s
 
 @pytest.fixture(scope="module")
 def bed():
-    with running_testbed(PREFIX, dc2_vip=False) as env:
+    with running_testbed(PREFIX, dc2_gateway=True) as env:
         yield env
 
 

@@ -1,6 +1,7 @@
 """Shared pieces of the center tests: a config document, and fake agents that record calls."""
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -40,13 +41,21 @@ NOON_UTC = datetime(2024, 6, 1, 12, 0, tzinfo=timezone.utc)
 
 
 class FakeAgents:
-    """Agent factory: every agent records (url, command, args); `fail` = {command: times to fail}."""
+    """Agent factory: every agent records (url, command, args); `fail` = {command: times to fail}.
+    A target keeps each prepared request's state (serving, draining, drained) as the agent
+    contract says; a draining request reads `drained` at the `drain_polls`-th status call
+    after the drain (None: it stays draining)."""
 
-    def __init__(self) -> None:
+    def __init__(self, drain_polls: int | None = 1) -> None:
         self.calls: list[tuple[str, str, dict]] = []
+        self.times: list[float] = []          # time.time() of each call, as `calls`
         self.fail: dict[str, int] = {}
         self.images: dict[str, set[str]] = {}
-        self.offloads: dict[tuple[str, str], str] = {}
+        self.offloads: dict[tuple[str, str], tuple[str, str]] = {}
+        self.requests: dict[int, str] = {}
+        self.drain_polls = drain_polls
+        self.polls: dict[int, int] = {}
+        self.released: list[int] = []
 
     def __call__(self, url: str, token: str):
         agents = self
@@ -54,6 +63,7 @@ class FakeAgents:
         class Agent:
             async def call(self, command: str, **args: Any) -> Any:
                 agents.calls.append((url, command, args))
+                agents.times.append(time.time())
                 if agents.fail.get(command, 0) > 0:
                     agents.fail[command] -= 1
                     raise RuntimeError(f"{command} failed (injected)")
@@ -63,9 +73,20 @@ class FakeAgents:
                     agents.images.setdefault(url, set()).add(args["sha256"])
                     return {"ok": True}
                 if command == "prepare":
+                    agents.requests[args["request"]] = "serving"
                     return {"vms": [f"dv{i + 1}" for i in range(args["vms"])], "request": args["request"]}
+                if command == "drain":      # idempotent: a drained request stays drained
+                    if agents.requests.get(args["request"], "serving") == "serving":
+                        agents.requests[args["request"]] = "draining"
+                    return {"request": args["request"], "state": "draining"}
+                if command == "status":
+                    return {"requests": {str(rid): {"state": agents.status(rid)} for rid in agents.requests}}
+                if command == "release":
+                    if agents.requests.pop(args["request"], None) is not None:
+                        agents.released.append(args["request"])
+                    return {"request": args["request"], "released": True}
                 if command == "offload.set":
-                    agents.offloads[(args["region"], args["service"])] = args["endpoint"]
+                    agents.offloads[(args["region"], args["service"])] = (args["endpoint"], args["encap"])
                     return args
                 if command == "offload.clear":
                     if agents.offloads.pop((args["region"], args["service"]), None) is None:
@@ -74,6 +95,14 @@ class FakeAgents:
                 raise RuntimeError(f"unknown command {command}")
 
         return Agent()
+
+    def status(self, rid: int) -> str:
+        """Request `rid`'s state in a status answer (each answer counts as one poll)."""
+        if self.requests[rid] == "draining":
+            self.polls[rid] = self.polls.get(rid, 0) + 1
+            if self.drain_polls is not None and self.polls[rid] >= self.drain_polls:
+                self.requests[rid] = "drained"
+        return self.requests[rid]
 
     def commands(self) -> list[str]:
         return [c for _, c, _ in self.calls]

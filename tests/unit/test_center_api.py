@@ -58,11 +58,19 @@ def test_create_then_active_then_clear(tmp_path):
         assert ex["target"] == "dc2" and ex["chosen"][0]["name"] == "dc2" and "location" in ex["chosen"][0]["factors"]
         status, cleared = await post(client, "/v1/requests/clear", {"gateway": "gw1", "region": "r1"})
         assert status == 200 and [c["id"] for c in cleared] == [req["id"]]
-        r = await wait_state(client, req["id"], "cleared")
-        assert r["state"] == "cleared"
+        r = await wait_state(client, req["id"], "released")
+        assert r["state"] == "released" and r["data"]["released_by"] == "drained"
+        assert [h["state"] for h in r["history"][-2:]] == ["draining", "released"]
+        status = await (await client.get("/v1/status", headers=AUTH)).json()
+        assert status["requests"] == {"released": 1}
+        dcs = {d["name"]: d for d in await (await client.get("/v1/datacenters", headers=AUTH)).json()}
+        assert (dcs["dc2"]["load"], dcs["dc2"]["held"]) == (2, {})
+        status, reply = await post(client, f"/v1/requests/{req['id']}/clear", {})
+        assert status == 409 and reply["error"] == f"request {req['id']} is released"
 
     with_center(tmp_path, body, agents)
-    assert agents.commands() == ["images", "image.put", "prepare", "offload.set", "offload.clear"]
+    assert agents.commands() == ["images", "image.put", "prepare", "offload.set", "offload.clear", "drain", "status",
+                                 "release"]
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}])

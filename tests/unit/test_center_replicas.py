@@ -2,11 +2,13 @@
 backend, several replicas sharing one file as they would share etcd: the state calls
 behave as the center's own SQLite store does, two replicas creating the same request at
 once make one, a standby serves the API while the leader drives, and when the leader
-stops the standby takes over and finishes the requests. The same on a real etcd cluster,
+stops the standby takes over and finishes the requests (also one half-way through its
+drain: released once, the clear's time kept). The same on a real etcd cluster,
 with a leader killed mid-prepare, is tests/e2e/test_center_failover.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 from aiohttp.test_utils import TestClient, TestServer
@@ -29,9 +31,13 @@ def test_state_calls_match_the_sqlite_store(tmp_path):
     store = kv_store(tmp_path)
     seed(store, cfg)
     assert [d["name"] for d in store.datacenters()] == ["dc1", "dc2", "dc3"]
-    store.add_load("dc2", 2)
+    store.hold_vms("dc2", 1, 2)
+    store.hold_vms("dc2", 1, 2)                            # idempotent per request
     seed(store, cfg)                                       # a restart's seed keeps the running load
-    assert store.datacenter("dc2")["load"] == 4
+    assert (store.datacenter("dc2")["load"], store.datacenter("dc2")["held"]) == (4, {"1": 2})
+    store.hold_vms("dc2", 1, 0)
+    store.hold_vms("dc2", 1, 0)
+    assert (store.datacenter("dc2")["load"], store.datacenter("dc2")["held"]) == (2, {})
     image = store.image("web", with_content=True)
     assert image["content"] == b'{"binds": ["tcp:198.19.0.10:8080"]}' and store.images()[0]["size"] == 35
 
@@ -93,44 +99,88 @@ async def wait_for(check, tries: int = 300, pause: float = 0.02):
     return got
 
 
+@contextlib.asynccontextmanager
+async def two_replicas(tmp_path, agents: FakeAgents):
+    """Two centers on one store, serving: (centers, clients, leader index, standby index)."""
+    centers = [Center(config(tmp_path, name=n, leader_ttl_s=1), store=kv_store(tmp_path), agent_factory=agents)
+               for n in ("a", "b")]
+    for c in centers:
+        c.workflow.poll_s = 0.05
+    clients = [TestClient(TestServer(c.app())) for c in centers]
+    try:
+        for c in clients:
+            await c.start_server()
+
+        async def roles():
+            got = [(await (await c.get("/v1/status", headers=AUTH)).json())["role"] for c in clients]
+            return got if sorted(got) == ["leader", "standby"] else None
+        got = await wait_for(roles)
+        assert sorted(got) == ["leader", "standby"], got
+        yield centers, clients, *((0, 1) if got[0] == "leader" else (1, 0))
+    finally:
+        for c in clients:
+            await c.close()
+        for c in centers:
+            c.store.close()
+
+
+async def request_in(client, rid: int, want: str):
+    r = await (await client.get(f"/v1/requests/{rid}", headers=AUTH)).json()
+    return r if r["state"] == want else None
+
+
+async def take_over(centers, clients, leader: int, standby: int) -> None:
+    await clients[leader].close()                 # the leader stops (resigns: its key goes at once)
+    after = centers[standby]
+    assert await wait_for(lambda: asyncio.sleep(0, after.role == "leader")), "no take-over"
+    assert after.store.kv.get(LEADER_KEY).value["name"] == after.config.name
+
+
 def test_standby_serves_leader_drives_then_takes_over(tmp_path):
     agents = FakeAgents()
 
     async def go():
-        centers = [Center(config(tmp_path, name=n, leader_ttl_s=1), store=kv_store(tmp_path), agent_factory=agents)
-                   for n in ("a", "b")]
-        clients = [TestClient(TestServer(c.app())) for c in centers]
-        for c in clients:
-            await c.start_server()
-        try:
-            async def roles():
-                got = [(await (await c.get("/v1/status", headers=AUTH)).json())["role"] for c in clients]
-                return got if sorted(got) == ["leader", "standby"] else None
-            got = await wait_for(roles)
-            assert sorted(got) == ["leader", "standby"], got
-            leader, standby = (0, 1) if got[0] == "leader" else (1, 0)
-
+        async with two_replicas(tmp_path, agents) as (centers, clients, leader, standby):
             resp = await clients[standby].post("/v1/requests", json=REQ, headers=AUTH)   # a write on the standby
             assert resp.status == 201
             rid = (await resp.json())["id"]
+            assert await wait_for(lambda: request_in(clients[standby], rid, "active")), "the leader did not drive it"
 
-            async def state(client, want):
-                r = await (await client.get(f"/v1/requests/{rid}", headers=AUTH)).json()
-                return r if r["state"] == want else None
-            assert await wait_for(lambda: state(clients[standby], "active")), "the leader did not drive it"
-
-            await clients[leader].close()                 # the leader stops (resigns: its key goes at once)
-            after = centers[standby]
-            assert await wait_for(lambda: asyncio.sleep(0, after.role == "leader")), "no take-over"
+            await take_over(centers, clients, leader, standby)
             resp = await clients[standby].post(f"/v1/requests/{rid}/clear", headers=AUTH)
             assert resp.status == 200
-            assert await wait_for(lambda: state(clients[standby], "cleared")), "the new leader did not clear it"
-            assert after.store.kv.get(LEADER_KEY).value["name"] == after.config.name
-        finally:
-            for c in clients:
-                await c.close()
-            for c in centers:
-                c.store.close()
+            assert await wait_for(lambda: request_in(clients[standby], rid, "released")), \
+                "the new leader did not clear and release it"
 
     asyncio.run(go())
-    assert agents.commands() == ["images", "image.put", "prepare", "offload.set", "offload.clear"]
+    assert agents.commands() == ["images", "image.put", "prepare", "offload.set", "offload.clear", "drain", "status",
+                                 "release"]
+
+
+def test_leader_change_mid_drain_releases_once(tmp_path):
+    """The leader clears the offload and polls the draining target; it stops; the new
+    leader goes on polling (the clear's time kept) and releases once when drained."""
+    agents = FakeAgents(drain_polls=None)
+
+    async def go():
+        async with two_replicas(tmp_path, agents) as (centers, clients, leader, standby):
+            resp = await clients[leader].post("/v1/requests", json=REQ, headers=AUTH)
+            rid = (await resp.json())["id"]
+            assert await wait_for(lambda: request_in(clients[leader], rid, "active"))
+            await clients[leader].post(f"/v1/requests/{rid}/clear", headers=AUTH)
+            draining = await wait_for(lambda: asyncio.sleep(0, agents.polls.get(rid, 0) >= 2 and
+                                                            centers[standby].store.request(rid)))
+            assert draining["state"] == "draining", "the leader did not poll the draining target"
+            await take_over(centers, clients, leader, standby)
+            polls = agents.polls[rid]
+            agents.drain_polls = polls + 2          # drained at the new leader's second poll
+            released = await wait_for(lambda: request_in(clients[standby], rid, "released"))
+            assert released, "the new leader did not release it"
+            assert released["data"]["cleared_at"] == draining["data"]["cleared_at"]
+            assert centers[standby].store.datacenter("dc2")["load"] == 2
+            return rid, polls
+
+    rid, polls = asyncio.run(go())
+    assert agents.commands() == ["images", "image.put", "prepare", "offload.set", "offload.clear", "drain"] + \
+        ["status"] * (polls + 2) + ["release"]
+    assert agents.released == [rid]

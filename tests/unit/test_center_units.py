@@ -1,9 +1,11 @@
 """The control center without HTTP: scoring (factors, weights, exclusions), the store
 (SQLite, restart), and the request state machine with fake agents (retries, failure,
-clear, and a restart mid-workflow that resumes with nothing lost)."""
+clear, a restart mid-workflow that resumes with nothing lost, and the target's VMs
+drained and released after the clear: once drained, on release_after, across a restart)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -16,13 +18,16 @@ from control.center.config import parse_center_document
 from tests.unit.center_fixtures import NOON_UTC, FakeAgents, config, document
 
 
-def make(tmp_path, agents=None, db=None):
-    cfg = config(tmp_path, db=db)
+POLL_S = 0.02
+
+
+def make(tmp_path, agents=None, db=None, **center):
+    cfg = config(tmp_path, db=db, **center)
     store = Store(cfg.db)
     seed(store, cfg)
     agents = agents or FakeAgents()
     wf = Workflow(store, cfg.weights, agents, vms=cfg.vms, max_attempts=cfg.max_attempts, retry_s=cfg.retry_s,
-                  now=lambda: NOON_UTC)
+                  release_after=cfg.release_after, poll_s=POLL_S, now=lambda: NOON_UTC)
     return store, wf, agents
 
 
@@ -92,6 +97,17 @@ def test_center_config_errors(tmp_path):
     doc["gateway"][0]["datacenter"] = "dc9"
     with pytest.raises(ConfigError, match=r"gateway\[0\]\.datacenter: unknown data center"):
         parse_center_document(doc)
+    doc = document(tmp_path)
+    doc["datacenter"][1]["encap"] = "vxlan"
+    with pytest.raises(ConfigError, match=r"^datacenter\[1\]\.encap: 'vxlan' is not one of ipip, gue$"):
+        parse_center_document(doc)
+    for bad in (0, -1.0, 86401):
+        with pytest.raises(ConfigError, match=rf"^center\.release_after: {bad} is not in \(0, 86400\] seconds$"):
+            parse_center_document(document(tmp_path, release_after=bad))
+    with pytest.raises(ConfigError, match=r"^center\.release_after: "):
+        parse_center_document(document(tmp_path, release_after="soon"))
+    cfg = parse_center_document(document(tmp_path))
+    assert cfg.release_after == 300.0 and {dc.encap for dc in cfg.datacenters} == {"ipip"}
 
 
 # ------------------------------------------------------------------ store
@@ -116,25 +132,150 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_workflow_full_path_ships_image_and_clears(tmp_path):
-    store, wf, agents = make(tmp_path)
-    req, _ = store.create_request("gw1", "r1", "web", {})
+ACTIVE = ["images", "image.put", "prepare", "offload.set"]
+BASE_LOAD = 2       # dc2's load in the fixture's config
+
+
+def states(store, rid):
+    return [h["state"] for h in store.history(rid)
+            if h["note"] != "clear requested" and not (h["note"] or "").startswith("error")]
+
+
+def held(store):
+    dc = store.datacenter("dc2")
+    return dc["load"], dc.get("held", {})
+
+
+def offload_then_clear(store, wf, timeout: float = 10.0) -> int:
+    """A request driven to active, cleared, and driven on for `timeout` s at most: its id."""
+    rid = store.create_request("gw1", "r1", "web", {})[0]["id"]
 
     async def go():
         await wf.settle()
-        assert store.request(req["id"])["state"] == "active"
-        store.request_clear(req["id"])
+        assert store.request(rid)["state"] == "active"
+        store.request_clear(rid)
+        await wf.settle(timeout)
+
+    run(go())
+    return rid
+
+
+def call_times(agents, command: str) -> list[float]:
+    return [t for (_, c, _), t in zip(agents.calls, agents.times) if c == command]
+
+
+def test_workflow_full_path_ships_image_clears_drains_and_releases(tmp_path):
+    store, wf, agents = make(tmp_path)
+    rid = offload_then_clear(store, wf)
+    r = store.request(rid)
+    assert r["state"] == "released" and r["target"] == "dc2" and r["data"]["released_by"] == "drained"
+    assert states(store, rid) == ["requested", "target_chosen", "preparing", "prepared", "distributing", "active",
+                                  "draining", "released"]
+    assert agents.commands() == ACTIVE + ["offload.clear", "drain", "status", "release"]
+    assert agents.calls[3][2] == {"region": "r1", "service": "web", "endpoint": "198.18.200.2", "encap": "ipip"}
+    assert [c[2] for c in agents.calls[-3:] if c[1] != "status"] == [{"request": rid}, {"request": rid}]
+    assert [c[0] for c in agents.calls[-3:]] == ["http://198.18.200.2:7302"] * 3   # drain, status, release: dc2
+    assert held(store) == (BASE_LOAD, {})                          # capacity returned
+    assert agents.offloads == {} and agents.released == [rid] and agents.requests == {}
+
+
+def test_offload_set_carries_the_datacenters_encap(tmp_path):
+    doc = document(tmp_path)
+    doc["datacenter"][1]["encap"] = "gue"
+    cfg = parse_center_document(doc, str(tmp_path))
+    store = Store(cfg.db)
+    seed(store, cfg)
+    agents = FakeAgents()
+    wf = Workflow(store, cfg.weights, agents, vms=cfg.vms, now=lambda: NOON_UTC)
+    store.create_request("gw1", "r1", "web", {})
+    run(wf.settle())
+    assert agents.offloads == {("r1", "web"): ("198.18.200.2", "gue")}
+
+
+def test_release_waits_for_drained(tmp_path):
+    """The agent says draining twice, drained the third time: three polls, then one release."""
+    store, wf, agents = make(tmp_path, agents=FakeAgents(drain_polls=3))
+    rid = offload_then_clear(store, wf)
+    assert agents.commands() == ACTIVE + ["offload.clear", "drain", "status", "status", "status", "release"]
+    polls = call_times(agents, "status")
+    assert all(b - a >= POLL_S for a, b in zip(polls, polls[1:]))     # polled at poll_s, not in a busy loop
+    r = store.request(rid)
+    assert r["state"] == "released" and r["data"]["released_by"] == "drained"
+    assert held(store) == (BASE_LOAD, {})
+
+
+def test_release_on_timeout_while_still_draining(tmp_path):
+    """The agent never says drained (flows still open): the center polls until release_after
+    has passed since the clear, never releasing before, then releases once."""
+    release_after = 0.3
+    store, wf, agents = make(tmp_path, agents=FakeAgents(drain_polls=None), release_after=release_after)
+    rid = offload_then_clear(store, wf)
+    r = store.request(rid)
+    assert r["state"] == "released" and r["data"]["released_by"] == "release_after"
+    deadline = r["data"]["cleared_at"] + release_after
+    at = {c: call_times(agents, c) for c in ("status", "release")}
+    assert len(at["status"]) >= 2 and max(at["status"]) < deadline       # draining: polled, not released
+    assert len(at["release"]) == 1 and at["release"][0] >= deadline
+    assert agents.commands() == ACTIVE + ["offload.clear", "drain"] + ["status"] * len(at["status"]) + ["release"]
+    draining_at = next(h["at"] for h in store.history(rid) if h["state"] == "draining")
+    assert draining_at < deadline and held(store) == (BASE_LOAD, {})
+
+
+def test_agent_errors_while_draining_are_retried(tmp_path):
+    """status and release fail once each (max_attempts is 3): retried, released once, the
+    capacity returned once."""
+    store, wf, agents = make(tmp_path)
+    agents.fail.update(status=1, release=1)
+    rid = offload_then_clear(store, wf)
+    assert agents.commands() == ACTIVE + ["offload.clear", "drain", "status", "status", "release", "status",
+                                          "release"]
+    errors = [h["note"] for h in store.history(rid) if (h["note"] or "").startswith("error")]
+    assert errors == ["error: draining: status failed (injected)", "error: draining: release failed (injected)"]
+    assert store.request(rid)["state"] == "released" and agents.released == [rid]
+    assert held(store) == (BASE_LOAD, {})
+
+
+def test_agent_errors_count_in_a_row_while_draining(tmp_path):
+    """Two failed polls, an answer (draining), two failed polls again: with max_attempts 3
+    the request does not fail, since the answer in between ends the row."""
+    store, wf, agents = make(tmp_path, agents=FakeAgents(drain_polls=2))
+    req, _ = store.create_request("gw1", "r1", "web", {})
+    rid = req["id"]
+
+    async def go():
+        await wf.settle()
+        store.request_clear(rid)
+        agents.fail["status"] = 2
+        for _ in range(400):                       # bounded: until the first answer
+            await wf.settle(timeout=0.01)
+            if agents.polls.get(rid):
+                break
+        agents.fail["status"] = 2
         await wf.settle()
 
     run(go())
-    r = store.request(req["id"])
-    assert r["state"] == "cleared" and r["target"] == "dc2"
-    states = [h["state"] for h in store.history(req["id"]) if not (h["note"] or "").startswith("clear")]
-    assert states == ["requested", "target_chosen", "preparing", "prepared", "distributing", "active", "cleared"]
-    assert agents.commands() == ["images", "image.put", "prepare", "offload.set", "offload.clear"]
-    assert agents.calls[3][2] == {"region": "r1", "service": "web", "endpoint": "198.18.200.2"}
-    assert store.datacenter("dc2")["load"] == 2 + 2
-    assert agents.offloads == {}
+    assert agents.commands() == ACTIVE + ["offload.clear", "drain"] + ["status"] * 6 + ["release"]
+    assert store.request(rid)["state"] == "released" and held(store) == (BASE_LOAD, {})
+
+
+def test_clear_after_prepare_releases_the_vms(tmp_path):
+    """A clear that comes once the VMs exist but before distribution: nothing is offloaded,
+    the VMs are drained and released, the capacity comes back."""
+    store, wf, agents = make(tmp_path)
+    req, _ = store.create_request("gw1", "r1", "web", {})
+    rid = req["id"]
+
+    async def go():
+        for _ in range(3):                                          # requested -> ... -> prepared
+            await wf.step(store.request(rid))
+        assert store.request(rid)["state"] == "prepared" and held(store)[0] == BASE_LOAD + 2
+        store.request_clear(rid)
+        await wf.settle()
+
+    run(go())
+    assert store.request(rid)["state"] == "released"
+    assert agents.commands() == ["images", "image.put", "prepare", "drain", "status", "release"]
+    assert states(store, rid)[-3:] == ["prepared", "draining", "released"] and held(store) == (BASE_LOAD, {})
 
 
 def test_workflow_retries_then_succeeds(tmp_path):
@@ -195,3 +336,65 @@ def test_restart_mid_workflow_resumes(tmp_path):
     assert r["state"] == "active" and r["target"] == "dc2" and r["data"]["pps"] == 123.0
     assert "image.put" not in agents2.commands() and agents2.commands().count("prepare") == 1
     assert [h["state"] for h in store2.history(req["id"])][:3] == ["requested", "target_chosen", "preparing"]
+
+
+def drain_then_restart(tmp_path, release_after: float) -> tuple[int, float]:
+    """A request cleared and draining (its agent never says drained) when the center stops:
+    (request id, the clear's time)."""
+    store, wf, agents = make(tmp_path, agents=FakeAgents(drain_polls=None), release_after=release_after)
+    rid = offload_then_clear(store, wf, timeout=0.2)
+    r = store.request(rid)
+    assert r["state"] == "draining" and agents.commands()[4:6] == ["offload.clear", "drain"]
+    assert set(agents.commands()[6:]) == {"status"} and "release" not in agents.commands()
+    assert held(store) == (BASE_LOAD + 2, {str(rid): 2})       # draining VMs still count in dc2's load
+    store.close()
+    return rid, r["data"]["cleared_at"]
+
+
+def restarted_center(tmp_path, rid: int, release_after: float, drain_polls: int | None):
+    """A new center on the same database; the target still has the request, draining."""
+    agents = FakeAgents(drain_polls=drain_polls)
+    agents.requests[rid] = "draining"
+    store, wf, _ = make(tmp_path, agents=agents, db=str(tmp_path / "center.db"), release_after=release_after)
+    assert wf.resume() == 1
+    run(wf.settle())
+    return store, agents
+
+
+def test_restart_mid_drain_releases_once_when_drained(tmp_path):
+    rid, cleared_at = drain_then_restart(tmp_path, release_after=60)
+    store, agents = restarted_center(tmp_path, rid, release_after=60, drain_polls=2)
+    r = store.request(rid)
+    assert r["state"] == "released" and r["data"]["released_by"] == "drained"
+    assert r["data"]["cleared_at"] == cleared_at                     # the clear's time is kept
+    assert agents.commands() == ["status", "status", "release"]       # no second offload.clear nor drain
+    assert held(store) == (BASE_LOAD, {})                             # returned once
+    assert states(store, rid)[-2:] == ["draining", "released"]
+
+
+def test_restart_mid_drain_counts_release_after_from_the_clear(tmp_path):
+    """release_after runs from the clear, not from the restart: a center that comes back
+    after it has passed releases at once, without asking the agent's status."""
+    release_after = 0.3
+    rid, cleared_at = drain_then_restart(tmp_path, release_after=60)
+    time.sleep(max(0.0, cleared_at + release_after - time.time()))
+    store, agents = restarted_center(tmp_path, rid, release_after=release_after, drain_polls=None)
+    r = store.request(rid)
+    assert (r["state"], r["data"]["released_by"], r["data"]["cleared_at"]) == ("released", "release_after", cleared_at)
+    assert agents.commands() == ["release"] and held(store) == (BASE_LOAD, {})
+
+
+def test_vms_held_per_request_are_counted_once(tmp_path):
+    """hold_vms is idempotent per request: a prepare or a release repeated after a restart
+    changes the data center's load once."""
+    store, _, _ = make(tmp_path)
+    store.hold_vms("dc2", 7, 2)
+    store.hold_vms("dc2", 7, 2)
+    store.hold_vms("dc2", 8, 3)
+    assert held(store) == (BASE_LOAD + 5, {"7": 2, "8": 3})
+    store.close()
+    store, _, _ = make(tmp_path, db=str(tmp_path / "center.db"))    # a restart's seed keeps what is held
+    assert held(store) == (BASE_LOAD + 5, {"7": 2, "8": 3})
+    store.hold_vms("dc2", 7, 0)
+    store.hold_vms("dc2", 7, 0)
+    assert held(store) == (BASE_LOAD + 3, {"8": 3})

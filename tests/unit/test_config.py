@@ -69,7 +69,7 @@ weight = 2
 name = "vm2"
 port = "gw-vm2"
 mac = "02:00:00:00:00:0A"
-ip = "2001:db8:101::2"
+ips = ["198.18.102.2", "2001:db8:101::2"]
 
 [[vm]]
 name = "vm9"
@@ -130,8 +130,9 @@ def test_full_config_values() -> None:
         ServiceConfig("dns", ip_address("2001:db8:f::53"), 53, "udp", ("vm2", "vm9", "vm6")),
     )
     assert c.vms == (
-        VMConfig("vm1", port="gw-vm1", mac="02:00:00:00:00:01", ip=ip_address("198.18.101.2"), weight=2),
-        VMConfig("vm2", port="gw-vm2", mac="02:00:00:00:00:0a", ip=ip_address("2001:db8:101::2")),
+        VMConfig("vm1", port="gw-vm1", mac="02:00:00:00:00:01", ips=(ip_address("198.18.101.2"),), weight=2),
+        VMConfig("vm2", port="gw-vm2", mac="02:00:00:00:00:0a",
+                 ips=(ip_address("198.18.102.2"), ip_address("2001:db8:101::2"))),
         VMConfig("vm9", tunnel=ip_address("198.18.200.2")),
         VMConfig("vm6", tunnel=ip_address("2001:db8:200::2"), weight=0),
     )
@@ -160,7 +161,19 @@ def test_defaults() -> None:
     assert (g.max_services, g.max_vms, g.max_regions, g.stats_interval) == (64, 1024, 256, 1.0)
     assert (c.regions, c.services, c.vms) == ((), (), ())
     vm = parse_config(MINIMAL + '[[vm]]\nname = "a"\nport = "p"\nmac = "02:00:00:00:00:01"\n').vm("a")
-    assert (vm.ip, vm.tunnel, vm.weight) == (None, None, 1)
+    assert (vm.ips, vm.tunnel, vm.weight) == ((), None, 1)
+
+
+def test_vm_addresses_and_the_ip_shorthand() -> None:
+    c = parse_config(FULL)
+    vm2 = c.vm("vm2")
+    assert (vm2.address(4), vm2.address(6)) == (ip_address("198.18.102.2"), ip_address("2001:db8:101::2"))
+    assert (c.vm("vm1").address(6), c.vm("vm9").address(4)) == (None, None)
+    # `ip = A` is `ips = [A]`; the config is written back with ips only
+    assert parse_config(edit('ip = "198.18.101.2"', 'ips = ["198.18.101.2"]')) == c
+    toml = c.to_toml()
+    assert 'ips = ["198.18.101.2"]' in toml and "\nip = " not in toml
+    assert parse_config(edit('ips = ["198.18.102.2", "2001:db8:101::2"]', "ips = []")).vm("vm2").ips == ()
 
 
 def test_integer_stats_interval_becomes_float() -> None:
@@ -329,6 +342,14 @@ ERRORS = [
     (edit('vip = "198.19.0.10"', 'vip = "198.19.0.10/32"'),
      'service[0].vip: "198.19.0.10/32" is not an IPv4 or IPv6 address'),
     (edit('ip = "198.18.101.2"', 'ip = "vm1.example"'), 'vm[0].ip: "vm1.example" is not an IPv4 or IPv6 address'),
+    (edit('"198.18.102.2", "2001', '"198.18.102", "2001'), 'vm[1].ips[0]: "198.18.102" is not an IPv4 or IPv6 address'),
+    (edit('"198.18.102.2", "2001', '5, "2001'), "vm[1].ips[0]: expected an IP address string, got integer 5"),
+    (edit('ips = ["198.18.102.2", "2001:db8:101::2"]', 'ips = "2001:db8:101::2"'),
+     'vm[1].ips: expected an array, got string "2001:db8:101::2"'),
+    (edit('"198.18.102.2", "2001:db8:101::2"', '"198.18.102.2", "::ffff:198.18.102.3"'),
+     "vm[1].ips[1]: ::ffff:c612:6603 is IPv4-mapped; write it as 198.18.102.3"),
+    (edit('ip = "198.18.101.2"', 'ip = "198.18.101.2"\nips = ["198.18.101.3"]'),
+     "vm[0].ip: set ip or ips, not both (ip is shorthand for a one-address ips)"),
     (edit('tunnel = "198.18.200.2"', 'tunnel = "198.18.200"'),
      'vm[2].tunnel: "198.18.200" is not an IPv4 or IPv6 address'),
     (edit('vip = "198.19.0.10"', 'vip = "::ffff:198.19.0.10"'),
@@ -386,6 +407,12 @@ ERRORS = [
      'vm[3] "vm6".tunnel: IPv6 endpoint 2001:db8:200::2 needs gateway.tunnel_source6, which is not set'),
     (edit('mac = "02:00:00:00:00:0A"', 'mac = "02:00:00:00:00:01"'),
      'vm[1] "vm2".mac: 02:00:00:00:00:01 is also the MAC of vm[0] "vm1"'),
+    (edit('"198.18.102.2", "2001:db8:101::2"', '"2001:db8:101::2", "2001:db8:101:0::2"'),
+     "vm[1].ips[1]: 2001:db8:101::2 is listed twice"),
+    (edit('"198.18.102.2", "2001', '"198.18.101.2", "2001'),
+     'vm[1] "vm2".ips[0]: 198.18.101.2 is also an address of vm[0] "vm1"'),
+    (edit('name = "vm9"\n', 'name = "vm9"\nips = ["198.18.201.9", "2001:db8:101::2"]\n'),
+     'vm[2] "vm9".ips[1]: 2001:db8:101::2 is also an address of vm[1] "vm2"'),
     # capacity
     (edit("max_vms = 8", "max_vms = 3"), "gateway.max_vms: 3 is less than the 4 [[vm]] entries"),
     (edit("max_services = 4", "max_services = 1"), "gateway.max_services: 1 is less than the 2 [[service]] entries"),
@@ -423,6 +450,13 @@ def test_maglev_table_must_exceed_vms_of_every_service() -> None:
          'gateway.tunnel_source: expected an IPv4 address, got string "198.18.0.2"'),
         (Config(GatewayConfig("gw1", "eth1"), vms=(VMConfig("a", tunnel="198.18.0.9"),)),  # type: ignore[arg-type]
          'vm[0].tunnel: expected an IP address, got string "198.18.0.9"'),
+        (Config(GatewayConfig("gw1", "eth1"),
+                vms=(VMConfig("a", ips=("198.18.0.9",), port="p", mac="02:00:00:00:00:01"),)),  # type: ignore[arg-type]
+         'vm[0].ips[0]: expected an IP address, got string "198.18.0.9"'),
+        (Config(GatewayConfig("gw1", "eth1"),
+                vms=(VMConfig("a", ips=ip_address("198.18.0.9"),  # type: ignore[arg-type]
+                              port="p", mac="02:00:00:00:00:01"),)),
+         "vm[0].ips: expected an array, got IPv4 address 198.18.0.9"),
         (Config(GatewayConfig("gw1", "eth1"), (RegionConfig("r", ("198.18.0.0/24",)),)),  # type: ignore[arg-type]
          'region[0].prefixes[0]: expected an IP network, got string "198.18.0.0/24"'),
         (Config(GatewayConfig("gw1", "eth1"), vms=(RegionConfig("r", ()),)),  # type: ignore[arg-type]
@@ -473,13 +507,15 @@ def configs(draw: st.DrawFn) -> Config:
     )
     vm_names = draw(st.lists(_names, max_size=6, unique=True))
     macs = draw(st.lists(_macs, min_size=len(vm_names), max_size=len(vm_names), unique=True))
+    # addresses are unique across VMs: each VM takes its own slice of one unique list
+    addresses = draw(st.lists(_addresses, max_size=3 * len(vm_names), unique=True))
     vms = []
-    for name, mac in zip(vm_names, macs):
+    for i, (name, mac) in enumerate(zip(vm_names, macs)):
         if draw(st.booleans()):
             place = {"port": draw(_ifnames), "mac": mac}
         else:
             place = {"tunnel": draw(_addresses), "mac": draw(st.none() | st.just(mac))}
-        vms.append(VMConfig(name, ip=draw(st.none() | _addresses), weight=draw(st.integers(0, 65535)), **place))
+        vms.append(VMConfig(name, ips=tuple(addresses[3 * i:3 * i + 3]), weight=draw(st.integers(0, 65535)), **place))
     prefixes = draw(st.lists(_prefixes, min_size=0, max_size=8, unique=True))
     region_names = draw(st.lists(_names, min_size=len(prefixes) // 2, max_size=len(prefixes) // 2, unique=True))
     regions = [RegionConfig(n, tuple(prefixes[2 * i : 2 * i + 2])) for i, n in enumerate(region_names)]

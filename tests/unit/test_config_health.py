@@ -18,10 +18,11 @@ HTTP = edit('vms = ["vm1", "vm2"]\n',
             'vms = ["vm1", "vm2"]\n'
             'health = { kind = "http", interval = 2, timeout = 1, rise = 1, fall = 5, port = 8081, '
             'path = "/healthz?full=1" }\n')
-# dns serves vm2 (ip), vm9 and vm6 (tunnels without ip): give the tunnel VMs addresses to probe
+# dns (an IPv6 VIP) serves vm2 (both families), vm9 and vm6 (tunnels without addresses): give the
+# tunnel VMs IPv6 addresses to probe
 UDP = edit('protocol = "udp"\nvms = ["vm2", "vm9", "vm6"]\n',
            'protocol = "udp"\nvms = ["vm2", "vm9", "vm6"]\nhealth = { kind = "udp", payload = "ping" }\n',
-           edit('tunnel = "198.18.200.2"\n', 'tunnel = "198.18.200.2"\nip = "198.18.201.9"\n',
+           edit('tunnel = "198.18.200.2"\n', 'tunnel = "198.18.200.2"\nip = "2001:db8:201::9"\n',
                 edit('tunnel = "2001:db8:200::2"\n', 'tunnel = "2001:db8:200::2"\nip = "2001:db8:201::6"\n')))
 
 
@@ -43,8 +44,9 @@ def test_health_as_a_subtable():
     text = HEALTHY.replace(
         'health = { kind = "tcp", interval = 1.0, timeout = 0.5, rise = 2, fall = 3 }\n', "") + \
         '\n[service.health]\nkind = "tcp"\nfall = 4\n'
-    # [service.health] belongs to the last [[service]] (dns, whose tunnel VMs have no ip)
-    assert error_of(text) == 'vm[2] "vm9".ip: missing; required by the health check of service[1] "dns"'
+    # [service.health] belongs to the last [[service]] (dns, whose tunnel VMs have no address)
+    assert error_of(text) == ('vm[2] "vm9".ips: no IPv6 address; the health check of service[1] "dns" '
+                              '(VIP 2001:db8:f::53) probes the VM at one')
     text = text.replace('vms = ["vm2", "vm9", "vm6"]', 'vms = ["vm2"]')
     assert parse_config(text).service("dns").health == HealthConfig("tcp", fall=4)
 
@@ -89,11 +91,14 @@ HEALTH_ERRORS = [
      'service[0].health.payload: only for kind "udp", not "tcp"'),
     (edit('payload = "ping"', 'payload = ""', UDP), "service[1].health.payload: must be 1 to 1024 bytes of UTF-8"),
     (edit('payload = "ping"', "payload = 7", UDP), "service[1].health.payload: expected a string, got integer 7"),
-    # a checked VM needs an address to probe; the error names the VM
-    (edit('ip = "198.18.101.2"\n', "", HEALTHY), 'vm[0] "vm1".ip: missing; required by the health check of '
-                                                 'service[0] "web"'),
-    (edit('ip = "198.18.201.9"\n', "", UDP), 'vm[2] "vm9".ip: missing; required by the health check of '
-                                            'service[1] "dns"'),
+    # a checked VM needs an address of the VIP's family to probe; the error names the VM
+    (edit('ip = "198.18.101.2"\n', "", HEALTHY), 'vm[0] "vm1".ips: no IPv4 address; the health check of '
+                                                 'service[0] "web" (VIP 198.19.0.10) probes the VM at one'),
+    (edit('ip = "198.18.101.2"\n', 'ip = "2001:db8:101::1"\n', HEALTHY),
+     'vm[0] "vm1".ips: no IPv4 address; the health check of service[0] "web" (VIP 198.19.0.10) probes the VM at one'),
+    (edit('ip = "2001:db8:201::9"\n', 'ip = "198.18.201.9"\n', UDP),
+     'vm[2] "vm9".ips: no IPv6 address; the health check of service[1] "dns" (VIP 2001:db8:f::53) '
+     'probes the VM at one'),
 ]
 
 
@@ -131,7 +136,7 @@ def test_any_valid_config_with_health_round_trips(config, data):
     services = []
     for s in config.services:
         h = data.draw(st.none() | _healths)
-        if h is not None and all(config.vm(n).ip is not None for n in s.vms):
+        if h is not None and all(config.vm(n).address(s.vip.version) is not None for n in s.vms):
             s = dataclasses.replace(s, health=h)
         services.append(s)
     c = validate(dataclasses.replace(config, services=tuple(services)))

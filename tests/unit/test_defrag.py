@@ -8,11 +8,12 @@ from control.defrag import planner as defrag
 
 def test_matrix_from_counters():
     pairs = {("02:00:00:00:00:01", "198.18.102.2"): 100, ("02:00:00:00:00:02", "198.18.101.2"): 50,
+             ("02:00:00:00:00:02", "2001:db8:101::2"): 25,       # to a's other address: a's too
              ("02:00:00:00:00:01", "198.18.1.2"): 999,           # not a VM: dropped
              ("02:00:00:00:00:09", "198.18.101.2"): 7}           # unknown sender: dropped
     m = defrag.traffic_matrix(pairs, {"a": "02:00:00:00:00:01", "b": "02:00:00:00:00:02"},
-                              {"a": "198.18.101.2", "b": "198.18.102.2"})
-    assert m == {("a", "b"): 100, ("b", "a"): 50}
+                              {"a": ("198.18.101.2", "2001:db8:101::2"), "b": ("198.18.102.2",)})
+    assert m == {("a", "b"): 100, ("b", "a"): 75}
 
 
 def test_fragmentation_counts_only_intra_tenant_pairs():

@@ -237,7 +237,7 @@ def test_migration_convergence_is_observed_when_applied(tmp_path) -> None:
     (a fake clock: the local re-pointing takes 30 ms), and nothing for a failed one."""
     events = GatewayEvents()
     reg = Registry(str(tmp_path / "r.db"))
-    reg.sync_vm("vm1", 1, "198.18.101.2", "02:00:00:00:00:01", None, "port", "gwv1")
+    reg.sync_vm("vm1", 1, ["198.18.101.2"], "02:00:00:00:00:01", None, "port", "gwv1")
     now = [10**12]
 
     def check_local(name, port=None, mac=None, tunnel=None, host=None):

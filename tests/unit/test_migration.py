@@ -12,6 +12,7 @@ from control.store.sqlite import SqliteStore
 
 MAC1, MAC2 = "02:00:00:00:00:01", "02:00:00:00:00:02"
 IP1, IP2 = ipaddress.ip_address("198.18.101.2"), ipaddress.ip_address("198.18.102.2")
+IP1_6, IP2_6 = ipaddress.ip_address("2001:db8:101::2"), ipaddress.ip_address("2001:db8:102::2")
 
 
 class Clock:
@@ -28,8 +29,8 @@ class Clock:
 @pytest.fixture
 def env(tmp_path):
     reg = Registry(str(tmp_path / "r.db"))
-    reg.sync_vm("vm1", 1, str(IP1), MAC1, "t", "port", "gwv1")
-    reg.sync_vm("vm2", 2, str(IP2), MAC2, "t", "port", "gwv2")
+    reg.sync_vm("vm1", 1, [str(IP1), str(IP1_6)], MAC1, "t", "port", "gwv1")
+    reg.sync_vm("vm2", 2, [str(IP2), str(IP2_6)], MAC2, "t", "port", "gwv2")
     clock = Clock()
     moves = []
 
@@ -69,6 +70,35 @@ def test_rarp_without_ip_and_na(env):
     clock.advance(3)
     assert m.announce(Announcement("na", MAC2, IP2, "gwv2c", clock())).result == "applied"
     assert [x[1] for x in moves] == ["gwv1c", "gwv2c"]
+
+
+def test_an_announcement_for_any_of_the_vms_addresses_moves_it(env):
+    """An unsolicited NA for the VM's IPv6 address moves it like a GARP for its IPv4 one."""
+    m, reg, clock, moves = env
+    out = m.announce(ann(clock, "gwv1b", ip=IP1_6, kind="na"))
+    assert (out.result, out.vm) == ("applied", "vm1")
+    clock.advance(3)                                            # past the hold-down
+    assert m.announce(ann(clock, "gwv1c", ip=IP1)).result == "applied"
+    assert moves == [("vm1", "gwv1b", None), ("vm1", "gwv1c", None)]
+    assert reg.vm("vm1").location == "gwv1c"
+    assert [(h["to_location"], h["detected_by"]) for h in reg.history("vm1")] == [("gwv1b", "na"), ("gwv1c", "garp")]
+    clock.advance(0.05)
+    assert m.announce(ann(clock, "gwv1c", ip=IP1_6, kind="na")).result == "current"
+    assert reg.events() == []
+
+
+def test_na_for_another_vms_address_is_spoofed(env):
+    m, reg, clock, moves = env
+    out = m.announce(ann(clock, "gwv1b", ip=IP2_6, kind="na"))  # vm1's MAC with vm2's IPv6 address
+    assert (out.result, out.vm, out.detail["owner"]) == ("spoofed", "vm1", "vm2")
+    assert out.detail["reason"] == (f"{IP2_6} is the address of vm2, not one of vm1's ({IP1}, {IP1_6}) "
+                                    f"whose MAC is {MAC1}")
+    assert moves == [] and reg.vm("vm1").location == "gwv1"
+    (e,) = reg.events("spoofed")
+    assert (e["vm"], e["detail"]["ip"], e["detail"]["kind"], e["detail"]["owner"]) == ("vm1", str(IP2_6), "na", "vm2")
+    out = m.announce(ann(clock, "gwv1b", ip=ipaddress.ip_address("2001:db8:999::2"), kind="na"))
+    assert (out.result, out.detail["owner"]) == ("spoofed", None) and "is no VM's address" in out.detail["reason"]
+    assert moves == []
 
 
 def test_spoofed_and_unknown_are_reported_not_applied(env):
@@ -124,7 +154,7 @@ def test_rate_limit_per_mac(env):
 
 def test_failed_local_move_changes_nothing(tmp_path):
     reg = Registry(str(tmp_path / "r.db"))
-    reg.sync_vm("vm1", 1, str(IP1), MAC1, None, "port", "gwv1")
+    reg.sync_vm("vm1", 1, [str(IP1)], MAC1, None, "port", "gwv1")
 
     def broken(name, **kw):
         raise RuntimeError("interface 'gwv1b' does not exist")
@@ -145,8 +175,8 @@ def test_every_gateway_applies_a_move_from_its_watch(tmp_path):
     announcements of the VM down like gw1 does."""
     store = SqliteStore(str(tmp_path / "state.db"))
     reg, peer_reg = Registry(store, "gw1"), Registry(store, "gw2")
-    reg.sync_vm("vm1", 1, str(IP1), MAC1, None, "port", "gwv1")
-    peer_reg.sync_vm("vm1", 1, str(IP1), MAC1, None, "port", "gwv1")
+    reg.sync_vm("vm1", 1, [str(IP1)], MAC1, None, "port", "gwv1")
+    peer_reg.sync_vm("vm1", 1, [str(IP1)], MAC1, None, "port", "gwv1")
     moves, peer_moves = [], []
     peer = MigrationManager(peer_reg, "gw2", lambda name, **kw: peer_moves.append((name, kw["port"])))
     m = MigrationManager(reg, "gw1", lambda name, **kw: moves.append((name, kw["port"])))
@@ -172,7 +202,7 @@ def test_two_gateways_writing_one_vm_at_once_one_wins(tmp_path):
     since it was read loses, and is reported as a conflict."""
     store = SqliteStore(str(tmp_path / "state.db"))
     reg1, reg2 = Registry(store, "gw1"), Registry(store, "gw2")
-    reg1.sync_vm("vm1", 1, str(IP1), MAC1, None, "port", "gwv1")
+    reg1.sync_vm("vm1", 1, [str(IP1)], MAC1, None, "port", "gwv1")
     seen_by_gw2 = reg2.vm("vm1")
     m1 = MigrationManager(reg1, "gw1", lambda name, **kw: None)
     m2 = MigrationManager(reg2, "gw2", lambda name, **kw: None, hold_down=0.0, conflict_window=0.0)

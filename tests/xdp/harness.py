@@ -14,10 +14,13 @@ Standard setup (addresses only from 198.18.0.0/15 and 2001:db8::/32):
            vm9  tunnel IPv4 endpoint 198.18.200.2, source 198.18.0.2
            vm10 tunnel IPv6 endpoint 2001:db8:200::2, source 2001:db8::2
            (next hop MAC 02:00:00:00:02:01, uplink MAC 02:00:00:00:02:02)
+  decap    tunnel packets to 198.18.0.2 / 2001:db8::2 (the tunnel sources) from
+           198.18.200.0/24 / 2001:db8:200::/48; GUE port 6080
 """
 from __future__ import annotations
 
 import ipaddress
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +56,9 @@ TUNNEL_VMS = {
     TUNNEL4_VM: ("198.18.200.2", "198.18.0.2"),
     TUNNEL6_VM: ("2001:db8:200::2", "2001:db8::2"),
 }
+DECAP_ADDRESSES = ("198.18.0.2", "2001:db8::2")
+DECAP_FROM = ("198.18.200.0/24", "2001:db8:200::/48")
+GUE_PORT = 6080
 
 
 @dataclass
@@ -129,6 +135,8 @@ class XdpHarness:
             dp.set_vm(vm_id, self.tunnel(vm_id))
         for sid in (WEB, DNS, WEB6):
             dp.set_maglev_table(sid, self.table([1, 2, 3]))
+        dp.set_decap([ipaddress.ip_address(a) for a in DECAP_ADDRESSES],
+                     [ipaddress.ip_network(n) for n in DECAP_FROM], GUE_PORT)
 
     # ---- frames ------------------------------------------------------------
     @staticmethod
@@ -159,6 +167,21 @@ class XdpHarness:
             outer = IPv6(version=6, tc=0, fl=0, nh=nh, hlim=64, src=source, dst=endpoint)
         return bytes(Ether(dst=NEXT_HOP_MAC, src=UPLINK_MAC) / outer / inner)
 
+    @staticmethod
+    def expected_gue(endpoint: str, source: str, l3, seed: int = HASH_SEED) -> bytes:
+        """GUE variant 1 as the design fixes it: outer IP / UDP (source port from the
+        inner flow's hash, checksum 0 over IPv4, computed by scapy over IPv6) / inner IP."""
+        from scapy.all import IP, UDP, IPv6, Ether
+
+        inner = bytes(l3)
+        if ipaddress.ip_address(endpoint).version == 4:
+            outer = IP(version=4, ihl=5, tos=0, id=0, flags=0, frag=0, ttl=64, proto=17, src=source, dst=endpoint)
+            udp = UDP(sport=gue_source_port(inner, seed), dport=GUE_PORT, chksum=0)
+        else:
+            outer = IPv6(version=6, tc=0, fl=0, nh=17, hlim=64, src=source, dst=endpoint)
+            udp = UDP(sport=gue_source_port(inner, seed), dport=GUE_PORT)
+        return bytes(Ether(dst=NEXT_HOP_MAC, src=UPLINK_MAC) / outer / udp / inner)
+
     # ---- running packets ---------------------------------------------------
     def run(self, pkt):
         return self.tr.run(bytes(pkt))
@@ -186,3 +209,37 @@ class XdpHarness:
         return Delta(after.regions - before.regions, after.services - before.services, after.vms - before.vms,
                      {k: after.drops[k] - before.drops[k] for k in after.drops},
                      {k: after.stats[k] - before.stats[k] for k in after.stats})
+
+
+def csum16(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of `data`: 0 when `data` includes a valid one."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def gue_source_port(inner: bytes, seed: int = HASH_SEED) -> int:
+    """The outer UDP source port the gateway gives a GUE packet: the flow hash of
+    the inner packet's flow key (fragments: ports 0) in the dynamic range."""
+    from dataplane import structs as S
+    from dataplane.flowhash import flow_hash
+    from scapy.all import IP, IPv6
+
+    pkt = IP(inner) if inner[0] >> 4 == 4 else IPv6(inner)
+    src = S.addr16(pkt.src)
+    if isinstance(pkt, IP):
+        proto, fragment, hdr = pkt.proto, bool(pkt.flags.MF or pkt.frag), pkt
+    else:
+        hdr, fragment = pkt, False
+        while hdr.nh in (0, 43, 44, 60):                # extension headers up to the transport
+            fragment |= hdr.nh == 44
+            hdr = hdr.payload
+        proto = hdr.nh
+    sport = dport = 0
+    if proto in (6, 17) and not fragment:
+        l4 = bytes(hdr.payload)
+        sport, dport = int.from_bytes(l4[0:2], "big"), int.from_bytes(l4[2:4], "big")
+    return S.GUE_SPORT_BASE | (flow_hash(bytes(src), sport, dport, proto, seed) & S.GUE_SPORT_MASK)

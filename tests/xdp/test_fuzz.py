@@ -9,7 +9,10 @@ headers and fragment headers with random offsets, ICMP/ICMPv6 errors with cut,
 garbage or other-family quotes), then mutated at the field level (any header
 field, length lies in tot_len / payload_len / UDP length / IHL / TCP doff) and
 at the byte level (truncation, byte flips, inserted/removed bytes, trailing
-bytes); or they are random bytes after a valid Ethernet header; or every prefix
+bytes); some are wrapped in a tunnel (IPIP, 6in4, 4in6, IP6IP6, GUE variant 1 and 0)
+to a decap address or elsewhere, from a trusted or an untrusted source, now and then
+nested, fragmented or with a wild GUE header, before those mutations; or they are
+random bytes after a valid Ethernet header; or every prefix
 of a valid frame (test_fuzz_truncation_every_offset). Addresses stay in
 198.18.0.0/15 and 2001:db8::/32 (`sanitize`). Hypothesis draws the seed and the
 shape of a batch (mutation weights, how wild); a `random.Random` generates the
@@ -18,17 +21,19 @@ shape of a batch (mutation weights, how wild); a `random.Random` generates the
 Checked on every packet (`Fuzzer.check_packet_invariants`):
  1. the verdict is PASS, DROP, TX or REDIRECT;
  2. a REDIRECT goes to the devmap slot of a local (not down) VM with that VM's
-    MACs; a TX is IP-in-IP to a configured tunnel VM's endpoint or offload
-    target, from the configured source, to the next hop's MAC; the bytes after
-    the new headers are exactly the input's from its IP header on (so the inner
+    MACs; a TX is IP-in-IP or GUE (as configured) to a tunnel VM's endpoint or
+    offload target, from the configured source, to the next hop's MAC (GUE: the
+    flow's source port, the GUE port, UDP checksum 0 over IPv4 and a valid one
+    over IPv6); the bytes after the new headers are exactly the input's from its
+    (inner, for a decapsulated packet) IP header on (so the inner
     IPv4 checksum is unchanged, VLAN tags are gone); the outer IPv4 checksum is
     valid; the outer tot_len / payload_len is exactly outer header + inner IP
     length; only TCP/UDP service traffic and ICMP errors of the packet's own
     family are forwarded; scapy dissects the output (every 4th forwarded frame
     in `make test` for time, every one in `make fuzz`);
  3. PASS leaves the bytes untouched;
- and against a reference model of the program (`Model`: the parser, region
- LPM, service map, flow table (read live before each packet), offload map and
+ and against a reference model of the program (`Model`: the parser with its
+ decap layer (decap addresses, trusted sources, GUE), region LPM, service map, flow table (read live before each packet), offload map and
  Maglev tables, in Python; `Fuzzer.check_packet_model`): the verdict, the drop
  reason (its counter is read after each DROP), the chosen VM / offload target.
 Checked on every batch (`Fuzzer.check_counter_invariants`, `check_counter_model`,
@@ -74,8 +79,9 @@ from hypothesis import strategies as st
 from dataplane import libbpf
 from dataplane import structs as S
 from dataplane.testrun import VERDICTS
-from tests.xdp.harness import (DNS, GW_MAC, LO_IFINDEX, LOCAL_VMS, NEXT_HOP_MAC, REGION_PREFIXES, ROUTER_MAC, SERVICES,
-                            TUNNEL4_VM, TUNNEL6_VM, TUNNEL_VMS, UPLINK_MAC, VIP4, VIP6, WEB, WEB6)
+from tests.xdp.harness import (DECAP_ADDRESSES, DECAP_FROM, DNS, GUE_PORT, GW_MAC, LO_IFINDEX, LOCAL_VMS, NEXT_HOP_MAC,
+                               REGION_PREFIXES, ROUTER_MAC, SERVICES, TUNNEL4_VM, TUNNEL6_VM, TUNNEL_VMS, UPLINK_MAC,
+                               VIP4, VIP6, WEB, WEB6, csum16)
 
 # ---- sizing ---------------------------------------------------------------------
 _ENV = "XDPGW_FUZZ_EXAMPLES"
@@ -116,8 +122,11 @@ V4MAPPED = b"\0" * 10 + b"\xff\xff"
 # (protocol, IP family, type) of the ICMP errors that follow their flow (ebpf/icmp.h)
 ICMP_ERRORS = {(ICMP, 4, 3), (ICMP6, 6, 1), (ICMP6, 6, 2)}
 # drop reasons that parse_l3 gives, i.e. before region accounting
+# (and, for a tunnel packet to a decap address, before its inner headers parse)
 PRE_ACCOUNTING = ("eth_trunc", "vlan_trunc", "vlan_too_deep", "ip4_trunc", "ip4_bad_version", "ip4_bad_ihl",
-                  "ip4_bad_len", "ip6_trunc", "ip6_bad_version", "ip6_bad_len", "ip6_ext_trunc", "ip6_ext_limit")
+                  "ip4_bad_len", "ip6_trunc", "ip6_bad_version", "ip6_bad_len", "ip6_ext_trunc", "ip6_ext_limit",
+                  "decap_untrusted", "decap_nested", "decap_fragment", "gue_bad")
+IPIP, IPV6_IN = 4, 41                     # IP protocols of IP-in-IP
 
 
 def a16(ip: str) -> bytes:
@@ -148,11 +157,17 @@ DOWN_VM = 4                                # local, state down, in no table: flo
 DOWN_VM_PORT = (4, "02:00:00:00:00:04", "02:00:00:00:01:04")
 TABLE_VMS = {WEB: [1, 2, 3, TUNNEL4_VM, TUNNEL6_VM], DNS: [1, 2, 3], WEB6: [1, 2, 3, TUNNEL6_VM],
              T4: [TUNNEL4_VM], T6: [TUNNEL6_VM], DNS6: [1, 2, 3, TUNNEL4_VM]}
-OFFLOADS = {  # (region, service) -> (endpoint, source)
-    (2, DNS): ("198.18.250.2", "198.18.0.2"),
-    (2, WEB6): ("2001:db8:250::2", "2001:db8::2"),
-    (1, T6): ("198.18.251.2", "198.18.0.2"),   # IPv6 in IPv4
+OFFLOADS = {  # (region, service) -> (endpoint, source, encap)
+    (2, DNS): ("198.18.250.2", "198.18.0.2", "ipip"),
+    (2, WEB6): ("2001:db8:250::2", "2001:db8::2", "gue"),
+    (1, T6): ("198.18.251.2", "198.18.0.2", "ipip"),   # IPv6 in IPv4
 }
+GUE_VM = TUNNEL6_VM                        # reached by GUE (TUNNEL4_VM by IP-in-IP)
+# tunnel packets: outer sources inside and outside gateway.decap_from, other destinations
+PEERS = {4: ["198.18.200.1", "198.18.200.77"], 6: ["2001:db8:200::1", "2001:db8:200::77"]}
+STRANGERS = {4: ["198.18.201.1", "198.18.2.1"], 6: ["2001:db8:201::1", "2001:db8:2::1"]}
+DECAP_TO = {4: DECAP_ADDRESSES[0], 6: DECAP_ADDRESSES[1]}
+NOT_DECAP_TO = {4: ["198.18.0.3", VIP4], 6: ["2001:db8::3", VIP6]}
 # where generated packets go: (family, dst, dport, proto); the first ones are services
 TARGETS = [
     (4, VIP4, 8080, TCP), (4, VIP4, 5353, UDP), (6, VIP6, 8080, TCP), (4, VIP4_T, 8080, TCP),
@@ -180,9 +195,12 @@ def fuzz_gw(gw, request):
     slot, vm_mac, port_mac = DOWN_VM_PORT
     dp.set_port(slot, LO_IFINDEX)
     dp.set_vm(DOWN_VM, gw.LocalPort(slot, vm_mac, port_mac), state="down")
-    endpoint_ids = [dp.set_offload(region, sid, gw.Tunnel(ipaddress.ip_address(endpoint),
-                                                          ipaddress.ip_address(source), NEXT_HOP_MAC, UPLINK_MAC))
-                    for (region, sid), (endpoint, source) in OFFLOADS.items()]
+    endpoint_ids = [dp.set_offload(region, sid, gw.Tunnel(ipaddress.ip_address(endpoint), ipaddress.ip_address(source),
+                                                          NEXT_HOP_MAC, UPLINK_MAC, encap))
+                    for (region, sid), (endpoint, source, encap) in OFFLOADS.items()]
+    endpoint, source = TUNNEL_VMS[GUE_VM]
+    dp.set_vm(GUE_VM, gw.Tunnel(ipaddress.ip_address(endpoint), ipaddress.ip_address(source), NEXT_HOP_MAC,
+                                UPLINK_MAC, "gue"))
     unused_endpoint = next(i for i in reversed(range(S.OFFLOAD_ENDPOINTS)) if i not in endpoint_ids)
     stale = set()
     for i, (fam, src, sport) in enumerate(HOT_FLOWS[:48]):
@@ -208,15 +226,6 @@ def fuzz_gw(gw, request):
 
 
 # ---- frame builders ---------------------------------------------------------------
-def csum16(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 # A layer is (bytes, fields); a field is (offset in the layer, size, tag). Tags name
 # what field mutations and length lies aim at; addresses are never fields (they stay
 # inside 198.18.0.0/15 and 2001:db8::/32).
@@ -497,12 +506,59 @@ class Gen:
         return Packet(*assemble([eth(self.vlan_tags(False), et), (r.randbytes(r.randrange(0, 64)), [])]),
                       kind="not_ip")
 
+    def tunnel(self, wild: bool, depth: int = 0) -> Packet:
+        """A data packet or ICMP error wrapped in IPIP / 6in4 / 4in6 / IP6IP6 / GUE
+        (variant 1 or 0) to a decap address (or elsewhere), from a trusted source
+        (or not); now and then nested, an outer fragment or a wild GUE header."""
+        r = self.r
+        if depth == 0 and self.chance(0.1):
+            inner = self.tunnel(wild, depth + 1)                # nested
+        else:
+            inner = self.data(wild and self.chance(0.5)) if self.chance(0.8) else self.icmp_error(wild)
+        at = l3_offset(inner.frame)
+        body = inner.frame[at:]
+        fields = [(o - at, size, tag) for o, size, tag in inner.fields if o >= at]
+        fam = r.choice([4, 6])
+        src = r.choice(PEERS[fam]) if self.chance(0.85) else r.choice(STRANGERS[fam])
+        dst = DECAP_TO[fam] if self.chance(0.85) else r.choice(NOT_DECAP_TO[fam])
+        inner_proto = IPV6_IN if body[:1] and body[0] >> 4 == 6 else IPIP
+        if wild and self.chance(0.1):
+            inner_proto = IPIP + IPV6_IN - inner_proto            # the other family's protocol
+        encap = r.choice(["ipip", "ipip", "gue", "gue", "gue0"])
+        layers = []
+        if encap != "ipip":
+            gue = b""
+            if encap == "gue0":
+                gue = bytes([0, inner_proto, 0, 0])
+                if wild and self.chance(0.3):
+                    gue = bytes([r.choice([0, 0x01, 0x20, 0x80, r.randrange(256)]), r.choice([inner_proto, 17, 0]),
+                                 r.choice([0, 0, 0x80]), r.choice([0, 0, 1])])
+            elif wild and self.chance(0.2):
+                body = bytes([r.choice([0x55, 0x85, 0xC5, 0x00, r.randrange(256)])]) + body[1:]
+            sport = r.choice([49152 + r.randrange(16384), r.randrange(1 << 16)])
+            layers = [udp_hdr(sport, GUE_PORT, len(gue) + len(body)), (gue, [(0, 4, "x")] if gue else [])]
+            proto = UDP
+        else:
+            proto = inner_proto
+        payload = sum(len(x[0]) for x in layers) + len(body)
+        tags = self.vlan_tags(wild and self.chance(0.2))
+        if fam == 4:
+            frag = r.choice([0x2000, 0x2000 | r.randrange(1, 0x2000), r.randrange(1, 0x2000)]) \
+                if self.chance(0.05) else 0
+            outer = ip4_hdr(src, dst, proto, payload, frag=frag, ident=r.randrange(1 << 16))
+        else:
+            outer = ip6_hdr(src, dst, proto, payload)
+        frame, fs = assemble([eth(tags, ETH_IP if fam == 4 else ETH_IP6), outer] + layers + [(body, fields)])
+        return Packet(frame, fs, kind=f"{encap}{fam}/" + inner.kind)
+
     def base(self, wild: bool) -> Packet:
         x = self.r.random()
-        if x < 0.72:
+        if x < 0.60:
             return self.data(wild)
-        if x < 0.95:
+        if x < 0.80:
             return self.icmp_error(wild)
+        if x < 0.95:
+            return self.tunnel(wild)
         return self.not_ip()
 
     def random_l3(self) -> Packet:
@@ -639,24 +695,51 @@ def _fix_ip(f: bytearray, off: int) -> int | None:
     return None
 
 
-def sanitize(frame: bytes) -> bytes:
-    """Keep the addresses of every IP header, and of the IP header an ICMP error quotes,
-    in 198.18.0.0/15 / 2001:db8::/32 (byte-level mutations may have hit them); every
-    other byte stays as it is."""
+def l3_offset(frame: bytes) -> int:
+    """Where the frame's L3 header starts: after Ethernet and up to two VLAN tags."""
     n = len(frame)
-    if n < 14:
-        return frame
     proto, off = struct.unpack_from("!H", frame, 12)[0], 14
     for _ in range(MAX_VLAN_DEPTH):
         if proto not in VLAN_TPIDS or off + 4 > n:
             break
         proto, off = struct.unpack_from("!H", frame, off + 2)[0], off + 4
-    if proto not in (ETH_IP, ETH_IP6):
+    return off
+
+
+def _tunnel_payload(f: bytearray, off: int) -> int | None:
+    """Where a tunnel's inner IP header may start if the IP header at `off` (no
+    options or extension headers assumed) carries IPIP or GUE, else None."""
+    n = len(f)
+    if off < n and f[off] >> 4 == 4 and off + 20 <= n:
+        proto, l4 = f[off + 9], off + (f[off] & 15) * 4
+    elif off < n and f[off] >> 4 == 6 and off + 40 <= n:
+        proto, l4 = f[off + 6], off + 40
+    else:
+        return None
+    if proto in (IPIP, IPV6_IN):
+        return l4
+    if proto == UDP and l4 + 9 <= n and struct.unpack_from("!H", f, l4 + 2)[0] == GUE_PORT:
+        return l4 + 8 + (4 if f[l4 + 8] & 0xC0 == 0 else 0)
+    return None
+
+
+def sanitize(frame: bytes) -> bytes:
+    """Keep the addresses of every IP header, of the IP header an ICMP error quotes
+    and of a tunnel's inner IP headers in 198.18.0.0/15 / 2001:db8::/32 (byte-level
+    mutations may have hit them); every other byte stays as it is."""
+    if len(frame) < 14:
+        return frame
+    off = l3_offset(frame)
+    if struct.unpack_from("!H", frame, off - 2)[0] not in (ETH_IP, ETH_IP6):
         return frame
     f = bytearray(frame)
-    l4 = _fix_ip(f, off)
-    if l4 is not None:
-        _fix_ip(f, l4 + 8)
+    for _ in range(3):                                  # an outer header, at most two nested inner ones
+        l4 = _fix_ip(f, off)
+        if l4 is not None:
+            _fix_ip(f, l4 + 8)
+        off = _tunnel_payload(f, off)
+        if off is None:
+            break
     return bytes(f)
 
 
@@ -680,6 +763,8 @@ class Pred:
     offload: bytes | None = None          # the offload endpoint (16 bytes) it is tunnelled to
     icmp: bool = False
     l4proto: int | None = None            # IP protocol / last next header of an IP packet
+    flow: tuple = ()                      # (src16, sport, dport, proto) of its flow key: GUE's source port
+    l4: tuple = ()                        # (L4 offset from the IP header, L4 length, fragment)
     stats: tuple = ()
     why: str = ""
 
@@ -705,6 +790,8 @@ class Model:
         self.endpoints = {i: t[0] for i, t in fz.endpoints.items()}
         self.m = fz.gw.m
         self.seed = fz.gw.seed
+        self.decap_addresses = {a16(a) for a in DECAP_ADDRESSES}
+        self.decap_from = [ipaddress.ip_network(n) for n in DECAP_FROM]
         from dataplane.flowhash import flow_hash
         self.flow_hash = flow_hash
 
@@ -715,7 +802,42 @@ class Model:
                 return region
         return 0
 
+    @staticmethod
+    def gue6_check(pseudo_udp: bytes, inner: bytes, pred: Pred) -> int:
+        """The outer UDP checksum of GUE over IPv6 as forward.h computes it: the inner
+        packet's sum taken from its own checksums where they vouch for its payload
+        (valid inner checksums: the true checksum; tests/xdp/test_gue.py checks that),
+        else summed byte by byte."""
+        def fold(x: int) -> int:
+            while x >> 16:
+                x = (x & 0xFFFF) + (x >> 16)
+            return x
+
+        def words(b: bytes) -> int:
+            b = b + b"\0" * (len(b) % 2)
+            return sum(struct.unpack(f"!{len(b) // 2}H", b))
+
+        l4_rel, l4_len, fragment = pred.l4
+        proto, rest = pred.l4proto, pred.l4proto + l4_len      # the pseudo-header past its addresses
+        body = None
+        if not fragment and pred.family == 4:
+            if proto == ICMP:
+                body = 0
+            elif proto == TCP or (proto == UDP and inner[l4_rel + 6:l4_rel + 8] != b"\0\0"):
+                body = ~fold(words(inner[12:20]) + rest) & 0xFFFF
+        elif not fragment and proto in (TCP, UDP, ICMP6) and l4_rel == 40:
+            body = fold(words(inner[:8]) + (~fold(rest) & 0xFFFF))
+        if body is None:
+            body = fold(words(inner))
+        return (~fold(words(pseudo_udp) + body) & 0xFFFF) or 0xFFFF
+
+    def trusted(self, src16: bytes, family: int) -> bool:
+        ip = ipaddress.ip_address(src16[12:] if family == 4 else src16)
+        return any(ip.version == net.version and ip in net for net in self.decap_from)
+
     def predict(self, f: bytes) -> Pred:
+        """parse_packet (decap.h) then the service path; a tunnel packet to a decap
+        address takes the loop's second round with its inner packet."""
         n = len(f)
         if n < 14:
             return Pred("DROP", "eth_trunc")
@@ -728,6 +850,42 @@ class Model:
             proto, off, depth = struct.unpack_from("!H", f, off + 2)[0], off + 4, depth + 1
         if proto in VLAN_TPIDS:
             return Pred("DROP", "vlan_too_deep")
+        end = None                                             # a tunnel's payload end, in the second round
+        for layer in (0, 1):
+            ip = self._ip(f, off, proto)
+            if isinstance(ip, Pred):
+                return ip
+            p, src, dst, l4_off, l4_len, l4proto, fragment = ip
+            if layer and off + p.l3_len > end:
+                return Pred("DROP", "ip4_bad_len" if p.family == 4 else "ip6_bad_len")
+            # ---- accounted
+            p.region, p.l4proto = self.region_of(src, p.family), l4proto
+            l4 = self._l4(f, p, l4_off, l4_len, l4proto, fragment)
+            if isinstance(l4, Pred):
+                return l4
+            sport, dport, icmp_type = l4
+            tunnel = l4proto in (IPIP, IPV6_IN) or (l4proto == UDP and not fragment and dport == GUE_PORT)
+            if not tunnel or dst not in self.decap_addresses:
+                break
+            if layer:
+                return Pred("DROP", "decap_nested")
+            if not self.trusted(src, p.family):
+                return Pred("DROP", "decap_untrusted")
+            if fragment:
+                return Pred("DROP", "decap_fragment")
+            inner = self._tunnel_inner(f, p, l4_off, l4proto)
+            if inner is None:
+                return Pred("DROP", "gue_bad")
+            off, end, proto = inner
+        p.flow, p.l4 = (src, sport, dport, l4proto), (l4_off - p.l3_off, l4_len, fragment)
+        result = self._serve(f, p, src, dst, sport, dport, l4proto, l4_off, icmp_type, fragment)
+        if layer:
+            result.stats = ("decap",) + tuple(result.stats)
+        return result
+
+    def _ip(self, f: bytes, off: int, proto: int):
+        """parse_ip: a Pred (PASS: not IP; DROP) or (Pred, src, dst, l4_off, l4_len, l4proto, fragment)."""
+        n = len(f)
         p = Pred("", l3_off=off)
         fragment = False
         if proto == ETH_IP:
@@ -777,33 +935,60 @@ class Model:
             l4_off, l4_len, l4proto = o, end - o, nh
         else:
             return Pred("PASS", nonip=True, stats=("pass",))
-        # ---- accounted
-        p.region, p.l4proto = self.region_of(src, p.family), l4proto
+        return p, src, dst, l4_off, l4_len, l4proto, fragment
+
+    def _l4(self, f: bytes, p: Pred, l4_off: int, l4_len: int, l4proto: int, fragment: bool):
+        """parse_transport: a DROP Pred (accounted) or (sport, dport, ICMP type)."""
+        n = len(f)
         sport = dport = 0
         icmp_type = None
-        if not fragment:
-            if l4proto == TCP:
-                if l4_off + 20 > n or l4_len < 20:
-                    return self._drop(p, "l4_trunc")
-                doff = (f[l4_off + 12] >> 4) * 4
-                if doff < 20:
-                    return self._drop(p, "tcp_bad_doff")
-                if doff > l4_len:
-                    return self._drop(p, "l4_trunc")
-                sport, dport = struct.unpack_from("!HH", f, l4_off)
-            elif l4proto == UDP:
-                if l4_off + 8 > n or l4_len < 8:
-                    return self._drop(p, "l4_trunc")
-                ulen = struct.unpack_from("!H", f, l4_off + 4)[0]
-                if ulen < 8 or ulen > l4_len:
-                    return self._drop(p, "udp_bad_len")
-                sport, dport = struct.unpack_from("!HH", f, l4_off)
-            elif l4proto in (ICMP, ICMP6):
-                if l4_off + 8 > n or l4_len < 8:
-                    return self._drop(p, "l4_trunc")
-                icmp_type = f[l4_off]
-            if (l4proto, p.family, icmp_type) in ICMP_ERRORS:
-                return self._icmp_error(f, p, l4proto, l4_off)
+        if fragment:
+            return sport, dport, icmp_type
+        if l4proto == TCP:
+            if l4_off + 20 > n or l4_len < 20:
+                return self._drop(p, "l4_trunc")
+            doff = (f[l4_off + 12] >> 4) * 4
+            if doff < 20:
+                return self._drop(p, "tcp_bad_doff")
+            if doff > l4_len:
+                return self._drop(p, "l4_trunc")
+            sport, dport = struct.unpack_from("!HH", f, l4_off)
+        elif l4proto == UDP:
+            if l4_off + 8 > n or l4_len < 8:
+                return self._drop(p, "l4_trunc")
+            ulen = struct.unpack_from("!H", f, l4_off + 4)[0]
+            if ulen < 8 or ulen > l4_len:
+                return self._drop(p, "udp_bad_len")
+            sport, dport = struct.unpack_from("!HH", f, l4_off)
+        elif l4proto in (ICMP, ICMP6):
+            if l4_off + 8 > n or l4_len < 8:
+                return self._drop(p, "l4_trunc")
+            icmp_type = f[l4_off]
+        return sport, dport, icmp_type
+
+    @staticmethod
+    def _tunnel_inner(f: bytes, p: Pred, l4_off: int, l4proto: int):
+        """tunnel_inner: (inner offset, tunnel payload end, inner ethertype) or None (gue_bad)."""
+        if l4proto != UDP:
+            return l4_off, p.l3_off + p.l3_len, ETH_IP if l4proto == IPIP else ETH_IP6
+        end = l4_off + struct.unpack_from("!H", f, l4_off + 4)[0]
+        g = l4_off + 8
+        if g + 1 > len(f) or g >= end:
+            return None
+        variant = f[g] & 0xC0
+        if variant == 0x40:
+            version = f[g] >> 4
+            return (g, end, ETH_IP if version == 4 else ETH_IP6) if version in (4, 6) else None
+        if variant != 0 or g + 4 > len(f) or g + 4 > end:
+            return None
+        if f[g] or f[g + 2] or f[g + 3] or f[g + 1] not in (IPIP, IPV6_IN):
+            return None
+        return g + 4, end, ETH_IP if f[g + 1] == IPIP else ETH_IP6
+
+    def _serve(self, f: bytes, p: Pred, src, dst, sport, dport, l4proto, l4_off, icmp_type, fragment) -> Pred:
+        """After the parse: ICMP errors follow their flow; service, flow table, offload, Maglev."""
+        if not fragment and (l4proto, p.family, icmp_type) in ICMP_ERRORS:
+            return self._icmp_error(f, p, l4proto, l4_off)
         key = (src, dst, sport, dport, l4proto, 1 if fragment else 0)
         sid = self._service(key, p.family)
         if sid is None:
@@ -946,14 +1131,15 @@ class Fuzzer:
                                    "state": {0: "active", 1: "draining", 2: "down"}[loc.state],
                                    "slot": loc.port_slot, "dst_mac": bytes(loc.dst_mac), "src_mac": bytes(loc.src_mac),
                                    "tunnel_dst": bytes(loc.tunnel_dst), "tunnel_src": bytes(loc.tunnel_src),
-                                   "family": loc.tunnel_family}
+                                   "family": loc.tunnel_family, "encap": loc.encap}
         # offload endpoints: id -> (endpoint, source, family); (region, service) -> endpoint id
-        self.endpoints = {i: (bytes(t.endpoint), bytes(t.src), t.family)
+        self.endpoints = {i: (bytes(t.endpoint), bytes(t.src), t.family, t.encap)
                           for i, t in self.dp.offload_endpoints().items()}
         self.region_offload = {(k.region_id, k.service_id): r.endpoint_id
                                for k, r in self.dp._table("region_offload").items()}
-        assert {k: self.endpoints[i][:2] for k, i in self.region_offload.items()} == \
-            {k: (a16(e), a16(src)) for k, (e, src) in OFFLOADS.items()}
+        assert {k: self.endpoints[i] for k, i in self.region_offload.items()} == \
+            {k: (a16(e), a16(src), ipaddress.ip_address(e).version, S.ENCAPS[encap])
+             for k, (e, src, encap) in OFFLOADS.items()}
         self.model = Model(self)
         self._flow_fd = self.dp._fd("flow_table")
         self._trace_fd = self.dp._fd("forward_traces")
@@ -1112,7 +1298,10 @@ class Fuzzer:
         pkt = None
         if self.forwarded % SCAPY_EVERY == 0:
             inner_hdr = (inner[0] & 15) * 4 if ver == 4 else 40
-            outer_len = 0 if verdict == "REDIRECT" else 20 if struct.unpack_from("!H", out, 12)[0] == ETH_IP else 40
+            outer_len = 0
+            if verdict == "TX":
+                v4 = struct.unpack_from("!H", out, 12)[0] == ETH_IP
+                outer_len = (20 if v4 else 40) + (8 if out[23 if v4 else 20] == UDP else 0)   # GUE: + UDP
             pkt = Ether(out if self.forwarded % (16 * SCAPY_EVERY) == 0 else out[:14 + outer_len + inner_hdr])
             self.scapy_parsed += 1
         if verdict == "REDIRECT":
@@ -1135,34 +1324,48 @@ class Fuzzer:
             vm = self.vms.get(vm_id)
             assert vm and vm["kind"] == "tunnel", f"TX to VM {vm_id}, not a tunnel VM"
             assert vm["state"] != "down", f"TX to VM {vm_id} which is down"
-            targets = {vm["tunnel_dst"]: (vm["tunnel_dst"], vm["tunnel_src"], vm["family"])}
+            targets = {vm["tunnel_dst"]: (vm["tunnel_dst"], vm["tunnel_src"], vm["family"], vm["encap"])}
         et = struct.unpack_from("!H", out, 12)[0]
-        nh = 4 if ver == 4 else 41
+        ip_len = 20 if et == ETH_IP else 40
+        dst16 = self.outer_dst(out)
+        assert dst16 in targets, f"tunnel to {S.addr_from16(dst16)}, not a configured endpoint"
+        endpoint, source, family, encap = targets[dst16]
+        udp = 8 if encap == S.ENCAP_GUE else 0
+        nh = 17 if udp else 4 if ver == 4 else 41
         if et == ETH_IP:
             o = out[14:34]
             assert csum16(o) == 0, "outer IPv4 checksum invalid"
             ver_ihl, _, tot, ident, frag, ttl, proto, _, osrc, odst = struct.unpack("!BBHHHBBH4s4s", o)
             assert ver_ihl == 0x45 and frag == 0 and ttl == 64, f"outer IPv4 header {o.hex()}"
             assert proto == nh, f"outer protocol {proto} for an IPv{ver} packet"
-            assert tot == 20 + inner_len, f"outer tot_len {tot}, inner IP length {inner_len}"
-            dst16, src16 = V4MAPPED + odst, V4MAPPED + osrc
-            rest = out[34:]
+            assert tot == 20 + udp + inner_len, f"outer tot_len {tot}, inner IP length {inner_len}"
+            src16 = V4MAPPED + osrc
             outer_cls = IP
         else:
             assert et == ETH_IP6, f"outer ethertype {et:#x}"
             o = out[14:54]
             vtf, plen, onh, hlim = struct.unpack_from("!IHBB", o)
             assert vtf == 6 << 28 and hlim == 64 and onh == nh, f"outer IPv6 header {o.hex()}"
-            assert plen == inner_len, f"outer payload_len {plen}, inner IP length {inner_len}"
-            src16, dst16 = o[8:24], o[24:40]
-            rest = out[54:]
+            assert plen == udp + inner_len, f"outer payload_len {plen}, inner IP length {inner_len}"
+            src16 = o[8:24]
             outer_cls = IPv6
-        assert dst16 in targets, f"tunnel to {S.addr_from16(dst16)}, not a configured endpoint"
-        endpoint, source, family = targets[dst16]
         assert src16 == source and (4 if et == ETH_IP else 6) == family, "tunnel source / family"
+        if udp:
+            sport, dport, ulen, check = struct.unpack_from("!HHHH", out, 14 + ip_len)
+            src, fsport, fdport, fproto = pred.flow
+            want = S.GUE_SPORT_BASE | (self.model.flow_hash(src, fsport, fdport, fproto, self.gw.seed) &
+                                       S.GUE_SPORT_MASK)
+            assert (sport, dport, ulen) == (want, GUE_PORT, 8 + inner_len), f"GUE UDP header {(sport, dport, ulen)}"
+            if et == ETH_IP:
+                assert check == 0, "GUE over IPv4: UDP checksum must be 0"
+            else:
+                pseudo_udp = o[8:40] + struct.pack("!IxxxBHHHH", 8 + inner_len, 17, sport, dport, ulen, 0)
+                assert check == self.model.gue6_check(pseudo_udp, inner[:inner_len], pred), \
+                    f"GUE over IPv6: UDP checksum {check:#06x}"
+        rest = out[14 + ip_len + udp:]
         assert rest == inner[:inner_len], "the inner IP packet changed in the tunnel (or kept trailing bytes)"
-        assert pkt is None or (isinstance(pkt.payload, outer_cls) and
-                               isinstance(pkt.payload.payload, IP if ver == 4 else IPv6)), f"scapy: {pkt.summary()}"
+        assert pkt is None or (isinstance(pkt.payload, outer_cls) and (udp or isinstance(
+            pkt.payload.payload, IP if ver == 4 else IPv6))), f"scapy: {pkt.summary()}"
 
     # -- a batch
     def run_batch(self, frames, label: str) -> BatchResult:

@@ -54,7 +54,7 @@ def make_port(ipr: IPRoute, name: str, n: int) -> int:
 
 
 def one_vm_gateway(gw, port: str) -> Gateway:
-    vm = VMConfig("vm1", ip=ip("198.18.150.1"), port=port, mac=VM_MAC)
+    vm = VMConfig("vm1", ips=(ip("198.18.150.1"),), port=port, mac=VM_MAC)
     svc = ServiceConfig("a", ip(VIP), 8080, "tcp", ("vm1",))
     g = Gateway(validate(Config(GatewayConfig("gwt", "lo", maglev_table_size=gw.m, hash_seed=gw.seed),
                                 services=(svc,), vms=(vm,))))

@@ -55,6 +55,9 @@ class FakeDataplane:
     def maglev_table(self, sid):
         return self.tables.get(sid)
 
+    def set_decap(self, addresses, trusted, gue_port) -> None:
+        pass
+
 
 def config_of(vms: list[tuple[str, int]], services: dict[str, list[str]], m: int = M_SMALL, seed: int = 7,
               port_vms: bool = False) -> Config:
@@ -63,7 +66,7 @@ def config_of(vms: list[tuple[str, int]], services: dict[str, list[str]], m: int
     vm_configs = []
     for i, (name, weight) in enumerate(vms, start=1):
         where = {"port": "lo", "mac": f"02:00:00:00:10:{i:02x}"} if port_vms else {"tunnel": ip("198.18.200.2")}
-        vm_configs.append(VMConfig(name, ip=ip(f"198.18.150.{i}"), weight=weight, **where))
+        vm_configs.append(VMConfig(name, ips=(ip(f"198.18.150.{i}"),), weight=weight, **where))
     svcs = tuple(ServiceConfig(name, ip(VIP), 8080 + i, "tcp", tuple(members))
                  for i, (name, members) in enumerate(services.items()))
     gw = GatewayConfig("gwt", "lo", tunnel_source=ip("198.18.0.2"), next_hop_mac="02:00:00:00:02:01",
