@@ -104,6 +104,8 @@ def _add_vm_commands(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--port", help="local host port (ifname) the VM is now behind")
     where.add_argument("--tunnel", help="remote endpoint address the VM is now behind")
     move.add_argument("--mac", help="the VM's MAC on its new port (default: unchanged)")
+    move.add_argument("--host", help="the [[host]] the new port is on (default: this gateway's own host whose "
+                      "ports match --port); a host it does not own is reached by tunnel")
     hist = _with_config(vm.add_parser("history", help="migrations (from, to, how detected, convergence)"))
     hist.add_argument("name", nargs="?")
     hist.add_argument("--json", action="store_true")
@@ -280,7 +282,10 @@ def _cmd_vm(args: argparse.Namespace) -> int:
     elif args.vm_command == "remove":
         _print_changes(call(path, "vm.remove", timeout=60.0, name=args.name))
     elif args.vm_command == "move":
-        _print(call(path, "vm.move", name=args.name, port=args.port, tunnel=args.tunnel, mac=args.mac))
+        if args.host is not None and args.port is None:
+            raise UsageError("vm move: --host goes with --port (a --tunnel is an endpoint, on no host)")
+        _print(call(path, "vm.move", name=args.name, port=args.port, tunnel=args.tunnel, mac=args.mac,
+                    host=args.host))
     elif args.vm_command == "history":
         r = call(path, "vm.history", name=args.name)
         if args.json:

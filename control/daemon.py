@@ -22,12 +22,14 @@ from control.deploy import notify
 from control.gateway import Gateway, GatewayError
 from control.health import HealthMonitor, checks_from_config
 from control.logs import event
+from control.migration.follow import START_WAIT_S
 from control.migration.service import MigrationService, open_gateway_store
 from control.offload.link import OffloadLink
 from control.offload.monitor import Monitor
 from control.rates import IdleTracker, RateTracker, Sampler
 from control.runtime import RuntimeAdditions
 from control.store import StoreError
+from control.store.base import within
 from dataplane.netns import enter_netns
 from dataplane.pinning import LayoutError
 
@@ -77,6 +79,7 @@ class Daemon:
         self.config = config                    # ... and the services and VMs added at run time (run())
         self.config_path = config_path          # what a reload re-reads
         self.additions: RuntimeAdditions | None = None
+        self._deferred: RuntimeAdditions | None = None  # additions not read yet: the store did not answer at start
         self._reloading = threading.Lock()      # one change of the config at a time: reloads, additions
         self.gateway = Gateway(config)
         self.rates = RateTracker()
@@ -152,7 +155,8 @@ class Daemon:
         if self.config.metrics is not None:
             from control.metrics import GatewayCollector, MetricsServer
 
-            self.metrics = MetricsServer(self.config.metrics.listen, GatewayCollector(self.gateway, self.monitor))
+            self.metrics = MetricsServer(self.config.metrics.listen, GatewayCollector(self.gateway, self.monitor,
+                                                                                     self.migration.store_status))
 
     def _monitor_sample(self, counters: dict, now: float) -> None:
         for change in self.monitor.update(counters["regions"], now=now):
@@ -204,7 +208,7 @@ class Daemon:
         with self._reloading:
             try:
                 if self.api is None or self.additions is None:
-                    raise GatewayError("the gateway is still starting: reload after it is up")
+                    raise GatewayError(f"the gateway is {self._not_ready()}: reload after that")
                 if self.config_path is None:
                     raise ConfigError(None, "the daemon was not started from a config file; nothing to re-read")
                 file = load_config(self.config_path)
@@ -219,6 +223,11 @@ class Daemon:
             event(log, "config.reloaded", file=self.config_path, **_change_fields(changes))
             return changes
 
+    def _not_ready(self) -> str:
+        if self._deferred is not None:
+            return "waiting for its store to read the services and VMs added at run time (xdpgw stats: store)"
+        return "still starting"
+
     def change_at_run_time(self, command: str, args: dict) -> dict:
         """service.add, service.remove, vm.add, vm.remove (control/runtime.py): the config
         with the change is validated as the file is, applied as a reload is, then kept
@@ -226,7 +235,7 @@ class Daemon:
         as a reload does. A refused change changes nothing: BadRequest naming the key."""
         with self._reloading:
             if self.api is None or self.additions is None:
-                raise GatewayError("the gateway is still starting: retry after it is up")
+                raise GatewayError(f"the gateway is {self._not_ready()}: retry after that")
             before = self.additions.tables
             try:
                 tables, name = runtime.changed(before, self.file_config, command, args)
@@ -284,19 +293,48 @@ class Daemon:
         the store and take them with the file's config. Additions that no longer fit
         the file (it changed while the daemon was down) are logged and not applied,
         but kept: the daemon comes up on the file, and a reload of a file that fits
-        them (or their removal) takes them."""
+        them (or their removal) takes them. A store that does not answer within
+        START_WAIT_S leaves them for when it answers (_adopt_deferred_additions): the
+        gateway comes up on the file, and until then refuses run-time changes and
+        reloads (they would be saved over additions it has not read)."""
         store, _ = open_gateway_store(self.config)
-        self.additions = RuntimeAdditions(store, self.config.gateway.name)
-        tables = self.additions.load()
-        if not any(tables.values()):
-            return
+        additions = RuntimeAdditions(store, self.config.gateway.name)
         try:
-            new = runtime.merged(self.file_config, tables, source=self.config_path)
+            tables = within(START_WAIT_S, additions.load)
+        except StoreError as exc:
+            event(log, "runtime.deferred", logging.WARNING, error=str(exc))
+            # a new reader: the one that timed out may still be reading, into itself
+            self._deferred = RuntimeAdditions(store, self.config.gateway.name)
+            return
+        self.additions = additions
+        new = self._with_additions(tables)
+        if new is not None:
+            self.config = new
+            self.gateway.configure(new)
+
+    def _adopt_deferred_additions(self) -> None:
+        """The store answers at last: read the additions _adopt_additions could not and
+        apply them as a reload does (StoreError if it cannot be read yet)."""
+        additions = self._deferred
+        if additions is None:
+            return
+        tables = additions.load()           # not under the lock: run-time changes are refused at once meanwhile
+        with self._reloading:
+            self.additions, self._deferred = additions, None
+            new = self._with_additions(tables)
+            if new is not None:
+                changes = self._apply(new, runtime.locate_errors(self.file_config, tables, self.config_path))
+                event(log, "runtime.adopted", **_change_fields(changes))
+
+    def _with_additions(self, tables: runtime.Tables) -> Config | None:
+        """The file's config with `tables`; None if there are none, or if they do not fit (logged)."""
+        if not any(tables.values()):
+            return None
+        try:
+            return runtime.merged(self.file_config, tables, source=self.config_path)
         except ConfigError as exc:
             event(log, "runtime.not_applied", logging.ERROR, error=str(exc))
-            return
-        self.config = new
-        self.gateway.configure(new)
+            return None
 
     def run(self, reset: bool = False) -> int:
         """Serve until SIGTERM/SIGINT (detach, exit 0) or SIGUSR2 (exit 0 leaving the
@@ -313,10 +351,10 @@ class Daemon:
         try:
             self._adopt_additions()
             took = self.gateway.start(reset=reset)
-            self.migration.start()
+            self.start_health()                 # before the store's first answer, which may reload (additions)
+            self.migration.start(on_store=self._adopt_deferred_additions)
             self.api = ApiServer(api_socket_path(self.config), self.commands())
             self.api.start()
-            self.start_health()
             self.start_offload()
             self.start_metrics()
             event(log, "gateway.up", gateway=self.config.gateway.name, interface=self.config.gateway.interface,
@@ -336,8 +374,9 @@ class Daemon:
             if self.api:
                 self.api.close()
             self.migration.stop()
-            if self.additions:
-                self.additions.store.close()
+            for additions in (self.additions, self._deferred):
+                if additions:
+                    additions.store.close()
             self.capture.close()                # also before an upgrade: the next program starts unarmed
             if not keep_attached.is_set():
                 self.gateway.stop()

@@ -14,7 +14,7 @@ This is the only gateway module that imports prometheus_client."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -63,10 +63,12 @@ def histogram(name: str, doc: str, labels: list[str], h: Histogram) -> Histogram
 
 
 def gateway_metrics(counters: dict, events: GatewayEvents, flow_capacity: int,
-                    offloads: list[tuple[str, str, str]], monitor: dict | None) -> Iterator[Metric]:
+                    offloads: list[tuple[str, str, str]], monitor: dict | None,
+                    store: dict | None = None) -> Iterator[Metric]:
     """The gateway's metric families from a Gateway.counters() reading, its events, the
-    flow table's size, its offloads (region, service, endpoint) and the region
-    monitor's snapshot (None without a [monitor])."""
+    flow table's size, its offloads (region, service, endpoint), the region
+    monitor's snapshot (None without a [monitor]) and the store as the gateway
+    follows it (its status(); None without one)."""
     regions, services, vms = counters["regions"], counters["services"], counters["vms"]
     stats = counters["datapath"]
     yield counter("xdpgw_region_packets", "IP packets received from each source region (region=\"unknown\": "
@@ -130,14 +132,22 @@ def gateway_metrics(counters: dict, events: GatewayEvents, flow_capacity: int,
                   sorted(events.maglev_rebuilds.values().items()))
     yield histogram("xdpgw_maglev_swap_duration_seconds", "One Maglev rebuild: building the changed services' "
                     "tables, writing and swapping them in", [], events.maglev_swap)
+    if store is not None:
+        yield GaugeMetricFamily("xdpgw_store_degraded", "1 while the shared store does not answer: the gateway "
+                                "forwards with what it has and catches up when it answers",
+                                value=float(store["state"] == "degraded"))
+        if store["revision"] is not None:
+            yield GaugeMetricFamily("xdpgw_store_revision", "The store revision whose changes this gateway has "
+                                    "applied", value=store["revision"])
 
 
 class GatewayCollector(Collector):
     """The gateway daemon's metrics, read from the gateway (and the region monitor) at scrape time."""
 
-    def __init__(self, gateway, monitor=None) -> None:
+    def __init__(self, gateway, monitor=None, store: Callable[[], dict | None] | None = None) -> None:
         self.gateway = gateway
         self.monitor = monitor
+        self.store = store
 
     def collect(self) -> Iterator[Metric]:
         gw = self.gateway
@@ -145,7 +155,8 @@ class GatewayCollector(Collector):
         with gw.lock:
             offloads = [(r, s, str(e)) for (r, s), e in sorted(gw.offload_targets.items())]
         snapshot = self.monitor.snapshot() if self.monitor is not None else None
-        return gateway_metrics(counters, gw.events, gw.sizes.flow_entries, offloads, snapshot)
+        store = self.store() if self.store is not None else None
+        return gateway_metrics(counters, gw.events, gw.sizes.flow_entries, offloads, snapshot, store)
 
 
 class MetricsServer:

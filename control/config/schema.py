@@ -69,6 +69,10 @@ class GatewayConfig:
     hosts: tuple[str, ...] = ()      # the [[host]] names whose ports are this gateway's own (local ports)
     registry: str = ""  # "" means the default, /var/lib/xdpgw/<name>.db (the VM registry, SQLite)
     migration_hold_down: float = 2.0  # s after a move in which announcements moving the VM again are refused
+    # what the store keeps of migration history and of refused announcements, each: the newest
+    # history_rows rows of the fleet, none older than history_max_age s (0: no age limit)
+    history_rows: int = 10000
+    history_max_age: float = 30 * 86400.0
     orchestrator: tuple[str, ...] = ()  # argv + [vm, host] live-migrates a VM (defrag apply); prints the new port
     # decapsulation (ebpf/decap.h): IP-in-IP and GUE packets to one of decap_addresses from a source in
     # decap_from are served by their inner packet; gue_port is GUE's UDP port, sending and receiving

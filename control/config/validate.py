@@ -94,7 +94,12 @@ def _check_hosts(hosts: Any, gateway: GatewayConfig,
         checked.append(dataclasses.replace(h, ports=ports))
     _check_locations(gateway, lists["hosts"], tuple(checked), vms)
     hold = _seconds(gateway.migration_hold_down, "gateway.migration_hold_down", 3600.0)
-    return dataclasses.replace(gateway, migration_hold_down=hold, **lists), tuple(checked)
+    check_int(gateway.history_rows, "gateway.history_rows", 1, 1 << 24)
+    max_age = check_number(gateway.history_max_age, "gateway.history_max_age", "a number of seconds (0: no limit)")
+    if max_age != 0:
+        max_age = _seconds(max_age, "gateway.history_max_age", 100 * 365 * 86400.0)
+    return (dataclasses.replace(gateway, migration_hold_down=hold, history_max_age=float(max_age), **lists),
+            tuple(checked))
 
 
 def _check_locations(gateway: GatewayConfig, own: tuple[str, ...], hosts: tuple[HostConfig, ...],

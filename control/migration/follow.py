@@ -8,6 +8,9 @@ follower lists again and applies the difference as one batch, so the gateway
 never forwards on part of a snapshot. While the store cannot be reached the
 gateway keeps forwarding with what it has and reports itself degraded
 (`status()`: the store's URL, ok | degraded, the revision applied, since when).
+That includes a gateway that starts while the store is unreachable: it comes up
+on its config's locations, and its first list (and whatever must precede it,
+`prepare`) happens when the store first answers, as after a reconnect.
 
 What it delivered is also the gateway's copy of the VM records (`record`,
 `by_mac`), which a migration reads instead of the store: a stale copy can only
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 
 # Applies records to the gateway as one batch; returns the names it could not apply here.
 Apply = Callable[[list[VmRecord]], set[str]]
+START_WAIT_S = 2.0   # a starting gateway's wait for the store before it comes up degraded on what it has
 
 
 class Follower:
@@ -38,8 +42,10 @@ class Follower:
     renews the gateway's `membership` when its lease was lost."""
 
     def __init__(self, registry: Registry, apply: Apply, known: dict[str, Location] | None = None,
-                 url: str = "", probe_s: float = 1.0, membership: "Membership | None" = None) -> None:
+                 url: str = "", probe_s: float = 1.0, membership: "Membership | None" = None,
+                 prepare: Callable[[], None] = lambda: None) -> None:
         self.registry = registry
+        self.prepare = prepare
         self.membership = membership
         self.apply = apply
         self.url = url
@@ -55,14 +61,21 @@ class Follower:
         self.lock = threading.RLock()        # one apply at a time: an event never interleaves a batch
         self.applied = threading.Condition(self.lock)
         self.watch: Watch | None = None
+        self._listed = threading.Event()     # the first list is applied
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        """List and apply (raises StoreError if the store cannot be reached), then follow."""
-        self._relist()
+    def start(self, wait_s: float = START_WAIT_S) -> bool:
+        """Follow from a thread of its own: `prepare`, list and apply (the first batch),
+        then watch. Waits up to `wait_s` for the first batch: True once it is applied;
+        False if the store did not answer by then: the follower is degraded and the
+        thread lists when the store answers."""
         self._thread = threading.Thread(target=self._run, name="xdpgw-follow", daemon=True)
         self._thread.start()
+        if self._listed.wait(wait_s):
+            return True
+        self._set_state("degraded", f"no answer from the store within {wait_s:g} s of starting")
+        return False
 
     def stop(self) -> None:
         self._stop.set()
@@ -154,14 +167,20 @@ class Follower:
 
     # ---- the store's health and the watch's
     def _run(self) -> None:
-        while not self._stop.wait(self.probe_s):
+        while not self._stop.is_set():
             try:
-                self._check()
+                if self._listed.is_set():
+                    self._check()
+                else:
+                    self.prepare()
+                    self._relist()
+                    self._listed.set()
                 self._set_state("ok")
             except StoreError as exc:
                 self._set_state("degraded", str(exc))
             except Exception:   # noqa: BLE001 - the loop must go on
                 log.exception("store follower check failed")
+            self._stop.wait(self.probe_s)
 
     def _check(self) -> None:
         watch = self.watch

@@ -114,7 +114,8 @@ class MigrationManager:
     location against this gateway and returns it as a Location, before the write.
     `known`: where the gateway has each VM now (default: where the registry says).
     `membership`: this gateway's live key; the live gateways are recorded with each move. `host_of(port)`: the
-    own host a port is on. Each migration's convergence time goes to `events`."""
+    own host a port is on. Each migration's convergence time goes to `events`. `prepare`: what
+    must happen before the first list of the store (Follower), e.g. registering the VMs."""
 
     def __init__(self, registry: Registry, gateway_name: str, move_local: Callable[..., dict],
                  check_local: Callable[..., Location] | None = None, known: dict[str, Location] | None = None,
@@ -122,7 +123,8 @@ class MigrationManager:
                  global_rate: float = 1000.0,
                  clock: Callable[[], int] = time.monotonic_ns, max_tracked: int = 4096,
                  events: GatewayEvents | None = None, membership: Membership | None = None,
-                 host_of: Callable[[str], str | None] = lambda port: None, store_url: str = "") -> None:
+                 host_of: Callable[[str], str | None] = lambda port: None, store_url: str = "",
+                 prepare: Callable[[], None] = lambda: None) -> None:
         self.registry = registry
         self.gateway_name = gateway_name
         self.move_local = move_local
@@ -140,7 +142,8 @@ class MigrationManager:
         self.global_bucket = TokenBucket(global_rate, global_rate, self._now())
         self.track: dict[str, _VmTrack] = {}
         self.counts: dict[str, int] = {}
-        self.follower = Follower(registry, self._apply_records, known, url=store_url, membership=membership)
+        self.follower = Follower(registry, self._apply_records, known, url=store_url, membership=membership,
+                                 prepare=prepare)
         self.follower.start()
 
     def _now(self) -> float:
@@ -221,6 +224,8 @@ class MigrationManager:
              source: str = "explicit", host: str | None = None) -> dict[str, Any]:
         if (port is None) == (tunnel is None):
             raise MigrationError("vm move: give exactly one of port or tunnel")
+        if host is not None and port is None:
+            raise MigrationError("vm move: host goes with port (a tunnel is an endpoint, on no host)")
         with self.lock:
             try:
                 return self._apply(name, port=port, mac=mac, tunnel=tunnel, detected_by=source, t0_ns=self.clock(),

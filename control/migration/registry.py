@@ -8,7 +8,8 @@ the last move (by whom, how detected, when): a migration is one compare-and-swap
 write of that key, which every gateway applies from its watch. Beside it, a
 history of every migration (when, from, to, how detected, convergence time) and
 of every announcement that was refused (spoofed, conflicting, flapping), which is
-how those are "reported".
+how those are "reported". Both are bounded by a Retention, enforced as each row is
+written.
 
 VM states move only along TRANSITIONS; anything else raises InvalidTransition
 and changes nothing."""
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import logging
 import sqlite3
 import threading
 import time
@@ -24,9 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from control.config.schema import GatewayConfig
 from control.storage import journal_mode
-from control.store.base import Conflict, Entry, Store
+from control.store.base import Conflict, Entry, Store, StoreError
 from control.vms import Location
+
+log = logging.getLogger(__name__)
 
 VMS = "/xdpgw/vms/"
 SYNC_WRITERS = 8      # registrations in flight at once when a gateway starts
@@ -120,12 +125,27 @@ def _location_value(kind: str, location: str, mac: str | None, host: str | None)
             "tunnel": location if kind == "tunnel" else None, "mac": mac.lower() if mac else None}
 
 
+@dataclass(frozen=True)
+class Retention:
+    """What the store keeps of each history (migrations; refused announcements), fleet-wide:
+    the newest `rows` rows, none older than `max_age_s` (0: no age limit)."""
+    rows: int = GatewayConfig.history_rows
+    max_age_s: float = GatewayConfig.history_max_age
+
+    @property
+    def trim_to(self) -> int:
+        """How many rows a trim leaves: a tenth below the bound, so that the writes after
+        it find room and a trim (two requests) happens once in rows/10 writes, not at each."""
+        return self.rows - self.rows // 10
+
+
 class Registry:
     """The VMs, history and refusals in `store` (a Store, or the path of a SQLite file
-    that becomes one); `gateway` names the writer in history and event keys.
+    that becomes one); `gateway` names the writer in history and event keys; the
+    histories are kept within `retention`.
     Thread-safe: every write is one store operation (VM records by compare-and-swap)."""
 
-    def __init__(self, store: Store | str, gateway: str = "") -> None:
+    def __init__(self, store: Store | str, gateway: str = "", retention: Retention = Retention()) -> None:
         if isinstance(store, str):
             from control.store.sqlite import SqliteStore
 
@@ -135,6 +155,7 @@ class Registry:
             self._owned = False
         self.store = store
         self.gateway = gateway
+        self.retention = retention
         path = getattr(store, "path", None)
         self.path = path or ""
         self.journal_mode = _journal_mode(path) if path else None
@@ -241,9 +262,35 @@ class Registry:
         return list(self.vm(name).holders)
 
     # ---- history
-    def _key(self, prefix: str) -> str:
-        # time first: keys sort in the order they were written, across gateways
-        return f"{prefix}{time.time_ns():020d}-{self.gateway}-{next(self._seq)}"
+    def _key(self, prefix: str, at_ns: int) -> str:
+        # time first: keys sort in the order they were written, across gateways, and
+        # the rows older than a time are one key range
+        return f"{prefix}{at_ns:020d}-{self.gateway}-{next(self._seq)}"
+
+    def _append(self, prefix: str, row: dict[str, Any]) -> int:
+        """Write a history row, then hold the history to the retention: the rows older than
+        max_age_s are one range delete; past `rows`, the oldest go down to trim_to. The
+        check is one request (the oldest key and the count); a failed prune is logged and
+        left to the next write, the row stays written."""
+        revision = self.store.put(self._key(prefix, time.time_ns()), row)
+        try:
+            self._prune(prefix)
+        except StoreError as exc:
+            log.warning("history %s not pruned (the next write tries again): %s", prefix, exc)
+        return revision
+
+    def _prune(self, prefix: str) -> None:
+        """Hold the history under `prefix` (MIGRATIONS or EVENTS) to the retention."""
+        r = self.retention
+        oldest, count = self.store.keys(prefix, 1)
+        if r.max_age_s and oldest:
+            cutoff = f"{prefix}{int((time.time() - r.max_age_s) * 1e9):020d}"   # above older keys only
+            if oldest[0] < cutoff:
+                count -= self.store.delete_range(prefix, cutoff)
+        if count > r.rows:
+            old, _ = self.store.keys(prefix, count - r.trim_to)
+            if old:
+                self.store.delete_range(prefix, old[-1] + "\0")
 
     def record_migration(self, vm: str, from_loc: tuple[str, str] | None, to_loc: tuple[str, str],
                          detected_by: str, convergence_ms: float | None, gateways: dict[str, Any],
@@ -252,14 +299,14 @@ class Registry:
                "from_location": (from_loc or (None, None))[1], "to_kind": to_loc[0], "to_location": to_loc[1],
                "detected_by": detected_by, "convergence_ms": convergence_ms, "gateways": gateways,
                "status": status, "detail": detail, "gateway": self.gateway}
-        return self.store.put(self._key(MIGRATIONS), row)
+        return self._append(MIGRATIONS, row)
 
     def history(self, vm: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         return _rows(self.store.range(MIGRATIONS)[0], lambda r: vm is None or r["vm"] == vm, limit)
 
     def record_event(self, kind: str, detail: dict[str, Any], vm: str | None = None) -> int:
-        return self.store.put(self._key(EVENTS), {"at": time.time(), "vm": vm, "kind": kind,
-                                                  "detail": _jsonable(detail), "gateway": self.gateway})
+        return self._append(EVENTS, {"at": time.time(), "vm": vm, "kind": kind, "detail": _jsonable(detail),
+                                     "gateway": self.gateway})
 
     def events(self, kind: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         return _rows(self.store.range(EVENTS)[0], lambda r: kind is None or r["kind"] == kind, limit)

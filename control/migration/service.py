@@ -4,13 +4,14 @@ daemon: `start()` after the gateway is up, `stop()` before it goes, and
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from control.api.commands import CommandTable, arg, int_arg
 from control.config import Config
-from control.gateway import Gateway, GatewayError
+from control.gateway import Gateway, GatewayError, UnknownName
 from control.migration.manager import MigrationError, MigrationManager, convergence_summary
 from control.migration.follow import Membership
-from control.migration.registry import InvalidTransition, Registry, RegistryError, VmIdentity
+from control.migration.registry import InvalidTransition, Registry, RegistryError, Retention, VmIdentity
 from control.store import Store, open_configured, open_store
 from control.vms import Location, host_of_port
 
@@ -36,31 +37,43 @@ class MigrationService:
         self.watcher = None
 
     # ---- lifecycle
-    def start(self) -> None:
+    def start(self, on_store: Callable[[], None] = lambda: None) -> None:
         """Register the configured VMs, join the live gateways and follow the store:
         a VM the store has elsewhere (moved before a restart, or by another gateway)
-        is re-pointed there as the watch's first batch."""
+        is re-pointed there as the watch's first batch. A store that does not answer
+        within START_WAIT_S leaves the gateway degraded on the locations it has; all of
+        that (after `on_store`, the daemon's own first reads) happens once it answers."""
         g = self.config.gateway
         self.store, url = open_gateway_store(self.config)
-        self.registry = reg = Registry(self.store, g.name)
+        self.registry = Registry(self.store, g.name, Retention(g.history_rows, g.history_max_age))
         gw = self.gateway
-        for rec in reg.sync_vms([self._identity(name) for name in gw.vms]):
-            if rec.state == "migrating":           # a move was cut short by a restart
-                reg.transition(rec.name, "running")
         self.membership = Membership(self.store, g.name, info={"hosts": list(g.hosts)})
-        self.membership.renew()
+
+        def prepare() -> None:
+            on_store()
+            self._register()
+            self.membership.renew()
+
         # two ports claiming a VM within the conflict window is a conflict; it never outlasts the hold-down
-        self.manager = MigrationManager(reg, g.name, self._move_local, check_local=gw.check_move,
+        self.manager = MigrationManager(self.registry, g.name, self._move_local, check_local=gw.check_move,
                                         known={name: vm.location for name, vm in gw.vms.items()},
                                         hold_down=g.migration_hold_down,
                                         conflict_window=min(0.5, g.migration_hold_down), events=gw.events,
                                         membership=self.membership,
-                                        host_of=lambda port: host_of_port(port, self.config), store_url=url)
+                                        host_of=lambda port: host_of_port(port, self.config), store_url=url,
+                                        prepare=prepare)
         if g.vm_ports:
             from control.migration.watcher import PortWatcher
 
             self.watcher = PortWatcher(g.vm_ports, self.manager.announce, on_link_gone=self._link_gone)
             self.watcher.start()
+
+    def _register(self) -> None:
+        """The gateway's VMs into the registry; a move cut short by a restart is over."""
+        reg = self.registry
+        for rec in reg.sync_vms([self._identity(name) for name in self.gateway.vms]):
+            if rec.state == "migrating":
+                reg.transition(rec.name, "running")
 
     def _identity(self, name: str) -> VmIdentity:
         """The gateway's VM `name` as the registry registers it (identity from its
@@ -128,6 +141,10 @@ class MigrationService:
     def move(self, name: str, port: str | None = None, mac: str | None = None, tunnel: str | None = None,
              source: str = "explicit", host: str | None = None) -> dict:
         self.gateway.vm(name)
+        hosts = sorted(h.name for h in self.config.hosts)
+        if host is not None and host not in hosts:
+            raise UnknownName(f"vm.move: unknown host {host!r} (not a [[host]] of this gateway's config; "
+                              f"hosts: {', '.join(hosts) or 'none'})")
         try:
             result = self.manager.move(name, port=port, mac=mac, tunnel=tunnel, source=source, host=host)
         except (MigrationError, RegistryError) as exc:

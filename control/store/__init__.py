@@ -12,6 +12,9 @@ A Store maps string keys to JSON objects, with etcd's model on both backends:
     put_if(key, value, mod_revision, lease=None)    compare-and-swap on the key's mod_revision (0: must not
                                                     exist); Conflict if it lost
     delete(key, mod_revision=None) -> bool          Conflict if mod_revision is given and is not the key's
+    delete_range(start, end) -> int                 every key in [start, end), as one revision; how many
+    keys(prefix, limit) -> (keys, count)            the first `limit` keys under prefix in key order (not their
+                                                    values), and how many keys the prefix holds
     watch(prefix, start_revision, on_event)         events >= start_revision in order, from a thread, resumed by
                                                     itself after a lost connection; stops with Watch.error =
                                                     Compacted when that revision is gone (re-list, watch again)

@@ -9,12 +9,13 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from control.store.election import Leadership
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StoreError(RuntimeError):
@@ -40,6 +41,29 @@ class Conflict(StoreError):
 
 class Cancelled(StoreError):
     """A campaign gave up because its caller's stop event was set."""
+
+
+def within(seconds: float, call: Callable[[], T]) -> T:
+    """call()'s result, if the store answers it within `seconds`; Unavailable if not (the
+    call goes on in a thread of its own and its late answer is dropped). For a start-up
+    that must not wait a whole request window for a store that is down."""
+    answer: list = []
+
+    def run() -> None:
+        try:
+            answer.append((True, call()))
+        except BaseException as exc:   # noqa: BLE001 - handed to the caller below
+            answer.append((False, exc))
+
+    thread = threading.Thread(target=run, name="store-first-answer", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not answer:
+        raise Unavailable(f"no answer from the store within {seconds:g} s")
+    ok, value = answer[0]
+    if not ok:
+        raise value
+    return value
 
 
 @dataclass(frozen=True)
@@ -235,6 +259,8 @@ class Store(Protocol):
     def put(self, key: str, value: dict, lease: int | None = None) -> int: ...
     def put_if(self, key: str, value: dict, mod_revision: int, lease: int | None = None) -> int: ...
     def delete(self, key: str, mod_revision: int | None = None) -> bool: ...
+    def delete_range(self, start: str, end: str) -> int: ...
+    def keys(self, prefix: str, limit: int) -> tuple[list[str], int]: ...
     def watch(self, prefix: str, start_revision: int, on_event: Callable[[Event], None]) -> Watch: ...
     def lease(self, ttl_s: float) -> Lease: ...
     def campaign(self, election: str, name: str, ttl_s: float,

@@ -112,6 +112,13 @@ class EtcdStore:
                 return entries, revision
             start = base64.b64decode(kvs[-1]["key"]) + b"\0"
 
+    def keys(self, prefix: str, limit: int) -> tuple[list[str], int]:
+        """One range request: etcd counts every key of the range, and returns the first `limit`."""
+        key = prefix.encode()
+        reply = self._call("/v3/kv/range", {"key": _b64(key or b"\0"), "range_end": _b64(prefix_end(key)),
+                                            "limit": max(1, limit), "keys_only": True})
+        return [_unb64(kv["key"]) for kv in reply.get("kvs", [])][:max(0, limit)], int(reply.get("count", 0))
+
     def revision(self) -> int:
         return int(self._call("/v3/kv/range", {"key": _b64("\0"), "count_only": True})["header"]["revision"])
 
@@ -127,6 +134,10 @@ class EtcdStore:
             return int(self._call("/v3/kv/deleterange", request).get("deleted", 0)) > 0
         self._txn(key, mod_revision, {"request_delete_range": request})
         return mod_revision != 0
+
+    def delete_range(self, start: str, end: str) -> int:
+        reply = self._call("/v3/kv/deleterange", {"key": _b64(start), "range_end": _b64(end)})
+        return int(reply.get("deleted", 0))
 
     def _txn(self, key: str, mod_revision: int, operation: dict) -> int:
         reply = self._call("/v3/kv/txn", {

@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 from control.storage import open_db, transaction
 from control.store import election
-from control.store.base import Compacted, Conflict, Entry, Event, Held, Lease, StoreError, Watch, encode
+from control.store.base import (Compacted, Conflict, Entry, Event, Held, Lease, StoreError, Watch, encode,
+                                prefix_end)
 
 HISTORY = 10000  # revisions a watch can resume from
 _POLL_S = 0.05  # a watcher's look for writes by other processes
@@ -97,6 +98,18 @@ class SqliteStore:
                 revision = self._meta("revision")
         return [_entry(r) for r in rows], revision
 
+    def keys(self, prefix: str, limit: int) -> tuple[list[str], int]:
+        end = _end(prefix)
+        with self._lock:
+            self._expire()
+            with transaction(self._db):
+                keys = [r[0] for r in self._db.execute(
+                    "SELECT key FROM store_kv WHERE key >= ? AND key < ? ORDER BY key LIMIT ?",
+                    (prefix, end, max(0, limit)))]
+                count = self._db.execute("SELECT COUNT(*) FROM store_kv WHERE key >= ? AND key < ?",
+                                         (prefix, end)).fetchone()[0]
+        return keys, int(count)
+
     def revision(self) -> int:
         with self._lock:
             self._expire()
@@ -123,6 +136,21 @@ class SqliteStore:
                 self._remove(key, revision)
         self._notify()
         return True
+
+    def delete_range(self, start: str, end: str) -> int:
+        with self._lock:
+            self._expire()
+            with transaction(self._db, immediate=True):
+                revision = self._meta("revision") + 1
+                # the watches' record of the deletes, then the one DELETE (both by the primary key's index)
+                deleted = self._db.execute("INSERT INTO store_changes SELECT ?, key, NULL FROM store_kv"
+                                           " WHERE key >= ? AND key < ?", (revision, start, end)).rowcount
+                if deleted == 0:
+                    return 0
+                self._bump()
+                self._db.execute("DELETE FROM store_kv WHERE key >= ? AND key < ?", (start, end))
+        self._notify()
+        return deleted
 
     def _write(self, key: str, text: str, mod_revision: int | None, lease: int | None) -> int:
         with self._lock:
@@ -254,6 +282,13 @@ class SqliteStore:
 
     def _notify(self) -> None:
         self._changed.notify()
+
+
+def _end(prefix: str) -> str:
+    """The smallest text above every key starting with `prefix` (keys compare as UTF-8 bytes)."""
+    if not prefix:
+        raise ValueError("a key prefix must not be empty")
+    return prefix_end(prefix.encode()).decode("utf-8", "surrogateescape")
 
 
 def _entry(row: sqlite3.Row) -> Entry:

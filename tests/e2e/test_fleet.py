@@ -1,7 +1,8 @@
 """Gateways following one etcd (a real 3-member cluster on loopback,
 tests/etcd_cluster.py): a migration is one compare-and-swap write that every
 gateway applies from its watch; members die, a gateway is cut off, history is
-compacted behind its back, and every gateway ends on the same locations.
+compacted behind its back, and every gateway ends on the same locations; the
+migration history stays within its bound.
 
 Each "gateway" here is the gateway's control plane (control/migration: registry,
 manager, follower, membership) on its own store connection, with the dataplane
@@ -19,7 +20,7 @@ import pytest
 
 from control.migration.follow import Membership
 from control.migration.manager import MigrationManager
-from control.migration.registry import Registry
+from control.migration.registry import MIGRATIONS, Registry, Retention
 from control.store import open_store
 from tests.etcd_cluster import EtcdCluster
 from tests.waiting import wait_for
@@ -148,3 +149,18 @@ def test_a_gateway_cut_off_keeps_what_it_has_reports_degraded_and_catches_up_aft
     assert cut.locations() == {**before, **moved}
     assert cut.manager.follower.status()["relists"] >= 1
     assert "dc2b" in gws[0].membership.members()
+
+
+def test_history_stays_within_its_bound_over_many_moves(fleet):
+    """120 moves through three gateways with history_rows = 40: after every move the
+    store holds at most 40 migration rows, and they are the newest moves, in order."""
+    cluster, gws = fleet
+    for g in gws:
+        g.registry.retention = Retention(rows=40, max_age_s=0)
+    ports = []
+    for i in range(120):
+        move(gws[i % 3], VMS[i % len(VMS)], f"h{i}")
+        ports.append(f"h{i}")
+        assert gws[3].store.keys(MIGRATIONS, 0)[1] <= 40
+    kept = [h["to_location"] for h in gws[3].registry.history(limit=1000)]
+    assert 36 <= len(kept) <= 40 and kept == ports[-len(kept):]

@@ -47,7 +47,7 @@ from control.config import Config, HostConfig, StoreConfig, validate
 from testbed.addresses import DC2_ENDPOINT, DC2_ENDPOINT6, DC2_IF, GW2_ROLE, ROUTER_DC2_MAC, UPLINK_IP, VIP4
 from testbed.config import WEB_PORT
 from testbed.config import testbed_config as make_config
-from testbed.kit import GatewayDaemon, LineConn, start_server, vm_binds
+from testbed.kit import GatewayDaemon, LineConn, start_server, vm_binds, xdpgw_executable
 from testbed.ports import VmPort, add_port, garp, port_for
 from testbed.topology import Testbed
 from tests.e2e.conftest import running_testbed, unique_prefix
@@ -458,3 +458,76 @@ def test_a_gateway_cut_off_re_lists_after_a_compaction_it_missed(fleet):
     r = _cut_and_migrate(fleet, "gw2", compact=True)
     assert r["relists"] >= 1, r
     MEASURED.append(_report("3b. history compacted while cut off", r))
+
+
+def test_a_gateway_started_while_the_store_is_unreachable_forwards_and_converges(fleet):
+    """gw2 restarted while cut off from etcd (mgmt0 down), after vm1 and vm2 moved in
+    the store: it comes up (XDP attached, its ready line), forwards real connections on
+    its config's locations, reports degraded, refuses run-time changes it could not
+    save over additions it has not read; reconnected, it lists and applies the store's
+    locations, as after a reconnect, and the connection goes on."""
+    f = fleet
+    gw = "gw2"
+    now = f.where("gw1")
+    moved = {vm: next(f"gwv{vm[2:]}{s}" for s in NEW_PORTS if f"gwv{vm[2:]}{s}" != now[vm][0][1]) for vm in VMS}
+    for vm, port in moved.items():                           # none where gw2's config has it
+        move(f, "gw1", vm, port)
+    old = f.daemons[gw]
+    old.stop()
+    f.net.cut(gw)
+    try:
+        daemon = GatewayDaemon(f.tb, old.config_path)
+        f.daemons[gw] = daemon                      # stopped by the fixture, whatever happens here
+        t0 = time.monotonic()
+        daemon.start(timeout=60)
+        up_s = time.monotonic() - t0
+        assert daemon.ready_line is not None, "\n".join(daemon.stderr[-20:])
+        status = f.call(gw, "status")["store"]
+        assert status["state"] == "degraded" and status["revision"] == 0, status
+        assert f.call(gw, "stats")["store"]["state"] == "degraded"
+        configured = {vm: (("ha", f"gwv{vm[2:]}"), f"gwv{vm[2:]}") for vm in VMS}
+        assert f.where(gw) == configured                     # the config's locations, not the store's
+        conns = conns_on(f, "vm1", want=1)                   # opened through gw1, then carried by gw2
+        f.tb.steer(gw)
+        assert conns[0].ask("through gw2, store unreachable") == "vm1"
+        with pytest.raises(api.ApiError, match="waiting for its store"):
+            f.call(gw, "vm.remove", name="vm1")
+    finally:
+        f.net.connect(gw)
+    t_back = time.monotonic()
+    wait_for(lambda: f.call(gw, "status")["store"]["state"] == "ok", timeout=30, what=f"{gw} reaches the store")
+    wait_for(lambda: f.agree(moved), timeout=30, what=f"{gw} on the store's locations")
+    caught_s = time.monotonic() - t_back
+    f.tb.steer(gw)
+    assert conns[0].ask("through gw2, store back") == "vm1"
+    f.tb.steer("gw1")
+    conns[0].close()
+    assert f.call(gw, "config.reload")["vms"]["added"] == []   # its run-time additions were read
+    wait_for(lambda: gw in f.call("gw1", "migration.status")["gateways"], timeout=15, what=f"{gw} joined")
+    MEASURED.append(f"4. gw2 started cut off from etcd: up (ready) in {up_s:.1f} s, degraded, forwarding on its "
+                    f"config's locations; reconnected: on the store's locations in {caught_s:.2f} s")
+
+
+def test_vm_move_with_host_from_the_cli(fleet):
+    """`xdpgw vm move NAME --host HOST --port PORT` through gw1's API: every daemon ends
+    on (host, port); an unknown host is one line naming it and the hosts there are,
+    nothing moved; --host with --tunnel is a usage error."""
+    f = fleet
+
+    def cli(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([xdpgw_executable(), "vm", *argv, "--config", f.daemons["gw1"].config_path],
+                              capture_output=True, text=True, timeout=60)
+
+    now = f.where("gw1")["vm3"][0][1]
+    port = next(f"gwv3{s}" for s in NEW_PORTS if f"gwv3{s}" != now)
+    r = cli("move", "vm3", "--host", "ha", "--port", port)
+    assert r.returncode == 0, r.stderr
+    assert wait_for(lambda: f.agree({"vm3": port}), timeout=10, what="every daemon on the CLI's move")
+    before = f.where("gw1")
+    r = cli("move", "vm3", "--host", "hz", "--port", now)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == ("xdpgw: vm.move: unknown host 'hz' (not a [[host]] of this gateway's config; "
+                        "hosts: ha)\n"), r.stderr
+    r = cli("move", "vm3", "--host", "ha", "--tunnel", HA_ENDPOINT)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--host goes with --port" in r.stderr, r.stderr
+    assert f.where("gw1") == before

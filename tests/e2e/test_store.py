@@ -113,6 +113,28 @@ def test_get_put_range_delete(backend: Backend) -> None:
     assert [e.key for e in backend.open().range("")[0]] == ["/u/c"]
 
 
+def test_keys_and_delete_range(backend: Backend) -> None:
+    """keys(): the first keys under a prefix in key order and how many there are;
+    delete_range(): a key range as one revision, which a watch delivers as deletes;
+    neighbouring prefixes untouched, an empty range no revision."""
+    store = backend.open()
+    for k in ("/h/03", "/h/01", "/h/05", "/h/02", "/h/04", "/hz", "/g/01"):
+        store.put(k, {"k": k})
+    assert store.keys("/h/", 2) == (["/h/01", "/h/02"], 5)
+    assert store.keys("/h/", 0) == ([], 5)
+    assert store.keys("/none/", 3) == ([], 0)
+    events: list[Event] = []
+    watch = store.watch("/h", store.revision() + 1, events.append)
+    assert store.delete_range("/h/", "/h/04") == 3
+    revision = store.revision()
+    wait_until(lambda: len(events) == 3, "the watch delivers the three deletes")
+    watch.cancel()
+    assert [(e.kind, e.key, e.revision) for e in events] == \
+        [("delete", k, revision) for k in ("/h/01", "/h/02", "/h/03")]
+    assert [e.key for e in store.range("/")[0]] == ["/g/01", "/h/04", "/h/05", "/hz"]
+    assert store.delete_range("/h/", "/h/04") == 0 and store.revision() == revision
+
+
 def test_put_if_racing_writers_exactly_one_wins(backend: Backend) -> None:
     writers = [backend.open(), backend.open()]
     rounds = 30

@@ -285,3 +285,18 @@ def test_health_probes_are_counted_as_they_happen() -> None:
     assert set(probes) == {("vm1", "ok"), ("vm2", "failed")}
     (rtt,) = events.probe_rtt.values().values()
     assert rtt.buckets[-1][1] == monitor.probes == sum(probes.values())
+
+
+def test_store_state_as_the_gateway_follows_it() -> None:
+    """Degraded is 1 exactly while the follower says so; no store, no store families."""
+    def families(store):
+        return scrape(lambda: gateway_metrics(counters(), GatewayEvents(), 8, [], None, store))
+
+    got = families({"url": "etcd://198.18.0.1:2379", "state": "degraded", "revision": 41, "since": 1.0,
+                    "relists": 0})
+    assert got[("xdpgw_store_degraded", ())] == 1
+    assert got[("xdpgw_store_revision", ())] == 41
+    got = families({"url": "etcd://198.18.0.1:2379", "state": "ok", "revision": 42, "since": 2.0, "relists": 1})
+    assert got[("xdpgw_store_degraded", ())] == 0
+    assert got[("xdpgw_store_revision", ())] == 42
+    assert not any(name.startswith("xdpgw_store") for name, _ in families(None))

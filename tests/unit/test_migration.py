@@ -1,14 +1,19 @@
 """MigrationManager (control/migration/manager.py) with a fake clock and a fake
 gateway on the SQLite store: validation, rate limit, hold-down (flapping),
-conflicts, and every gateway applying a move from its watch of the store."""
+conflicts, and every gateway applying a move from its watch of the store; a
+gateway that starts while its store (a real etcd) is unreachable."""
 import ipaddress
 import threading
+import time
 
 import pytest
 
-from control.migration.manager import Announcement, MigrationManager, convergence_summary
+from control.migration.follow import START_WAIT_S
+from control.migration.manager import Announcement, MigrationError, MigrationManager, convergence_summary
 from control.migration.registry import Registry
+from control.store import open_store
 from control.store.sqlite import SqliteStore
+from control.vms import Location
 
 MAC1, MAC2 = "02:00:00:00:00:01", "02:00:00:00:00:02"
 IP1, IP2 = ipaddress.ip_address("198.18.101.2"), ipaddress.ip_address("198.18.102.2")
@@ -210,6 +215,7 @@ def test_two_gateways_writing_one_vm_at_once_one_wins(tmp_path):
         assert m1.announce(Announcement("garp", MAC1, IP1, "gwv1b", m1.clock())).result == "applied"
         stale = iter([seen_by_gw2])                 # gw2 decided on what it read before gw1's write
         reg2.vm = lambda name: next(stale, None) or Registry.vm(reg2, name)
+        m2.follower.record = lambda name: None      # ... before its watch delivered that write, too
         out = m2.announce(Announcement("garp", MAC1, IP1, "gwv1c", m2.clock()))
         assert out.result == "conflict" and "by gw1" in out.detail["reason"]
         assert reg1.vm("vm1").location == "gwv1b"
@@ -238,3 +244,52 @@ def test_convergence_summary():
     s = convergence_summary(rows)
     assert (s["count"], s["median_ms"], s["max_ms"]) == (5, 3, 5)
     assert convergence_summary([]) == {"count": 0}
+
+
+def test_a_gateway_starting_without_its_store_comes_up_degraded_and_converges(etcd_cluster):
+    """A real etcd that has lost its quorum (two of three members killed): the manager
+    starts within the start wait, degraded, forwarding where its config says (nothing
+    applied, nothing registered); once the members are back it registers (`prepare`),
+    lists, applies the store's location and follows the next move, state ok."""
+    writer = open_store(etcd_cluster.url)
+    Registry(writer, "gw0").sync_vm("vm1", 1, [str(IP1)], MAC1, None, "port", "gwv1b")   # moved before we start
+    for i in (1, 2):
+        etcd_cluster.kill_member(i)
+    store = open_store(etcd_cluster.url)
+    moves, prepared = [], []
+    t0 = time.monotonic()
+    m = MigrationManager(Registry(store, "gw1"), "gw1", lambda name, **kw: moves.append((name, kw["port"])),
+                         known={"vm1": Location(port="gwv1", mac=MAC1)},
+                         prepare=lambda: prepared.append(store.revision()))
+    try:
+        started_s = time.monotonic() - t0
+        assert started_s < START_WAIT_S + 1.0, started_s
+        status = m.follower.status()
+        assert status["state"] == "degraded" and status["revision"] == 0, status
+        assert moves == [] and prepared == []
+        for i in (1, 2):
+            etcd_cluster.restart_member(i)
+        deadline = time.monotonic() + 30
+        while m.follower.status()["state"] != "ok" or not moves:
+            assert time.monotonic() < deadline, (m.follower.status(), moves)
+            time.sleep(0.1)
+        assert moves == [("vm1", "gwv1b")] and len(prepared) == 1     # once, when the store answered
+        rec = Registry(writer, "gw0").vm("vm1")
+        moved = Registry(writer, "gw0").move(rec, Location(port="gwv1c", mac=MAC1), {"by": "gw0"}, ["gw0"])
+        assert m.follower.wait_applied(moved.revision, 10.0)
+        assert moves[-1] == ("vm1", "gwv1c")
+    finally:
+        m.close()
+        store.close()
+        writer.close()
+
+
+def test_an_explicit_move_to_a_host_names_a_port(env):
+    """A host is where a port is: with a tunnel (an endpoint, on no host) the move is
+    refused before anything is written; with a port it is recorded in the location."""
+    m, reg, clock, moves = env
+    with pytest.raises(MigrationError, match="host goes with port"):
+        m.move("vm1", tunnel="198.18.50.1", host="ha")
+    assert moves == [] and reg.history() == []
+    m.move("vm1", port="gwv1b", host="ha")
+    assert moves == [("vm1", "gwv1b", None)] and reg.vm("vm1").host == "ha"

@@ -1,11 +1,16 @@
 """The VM registry (control/registry.py): WAL, state transitions, locations,
 holders, history; and that it survives a reopen (a daemon restart). A VM's
-addresses round-trip through both stores (SQLite and a real etcd)."""
+addresses round-trip through both stores (SQLite and a real etcd), and the
+histories stay within their retention in both."""
 import ipaddress
+import json
+import time
 
 import pytest
 
-from control.migration.registry import TRANSITIONS, VMS, InvalidTransition, Registry, RegistryError
+from control.config import ConfigError, parse_config
+from control.migration.registry import (EVENTS, MIGRATIONS, TRANSITIONS, VMS, InvalidTransition, Registry,
+                                        RegistryError, Retention)
 from control.store import open_store
 from control.vms import Location
 
@@ -107,3 +112,56 @@ def test_addresses_round_trip_in_both_stores(store_url):
                                                                   ("vm2", ("198.18.102.2",), "gwv2")}
     finally:
         store.close()
+
+
+def test_history_is_bounded_and_keeps_the_newest(store_url):
+    """Two gateways record 70 migrations and 70 refused announcements into one store
+    with a bound of 20 rows each: after every write the store holds at most 20 of
+    each, and what it holds is the newest, in order; `history(vm)` still finds a VM's
+    latest moves."""
+    retention = Retention(rows=20, max_age_s=0)
+    store = open_store(store_url)
+    try:
+        gw1, gw2 = Registry(store, "gw1", retention), Registry(store, "gw2", retention)
+        for i in range(70):
+            r = (gw1, gw2)[i % 2]
+            r.record_migration(f"vm{i % 3}", ("port", f"p{i}"), ("port", f"p{i + 1}"), "garp", 1.0, {})
+            r.record_event("spoofed", {"n": i}, vm=f"vm{i % 3}")
+            assert store.keys(MIGRATIONS, 0)[1] <= 20 and store.keys(EVENTS, 0)[1] <= 20
+        kept = gw1.history(limit=100)
+        assert 18 <= len(kept) <= 20          # trimmed to a tenth below the bound, then filled again
+        assert [h["to_location"] for h in kept] == [f"p{i + 1}" for i in range(70 - len(kept), 70)]
+        assert [e["detail"]["n"] for e in gw2.events(limit=100)] == list(range(70 - len(gw2.events()), 70))
+        assert [h["to_location"] for h in gw2.history("vm0", limit=2)] == ["p67", "p70"]
+        assert len(store.range(MIGRATIONS)[0]) == len(kept)
+    finally:
+        store.close()
+
+
+def test_history_older_than_the_age_bound_goes_at_the_next_write(store_url):
+    """Rows written two hours ago (keys begin with their time) go, as one range, at the
+    first write under a one-hour bound; the recent ones and the new one stay."""
+    store = open_store(store_url)
+    try:
+        now_ns = time.time_ns()
+        for k, age_s in enumerate((7300, 7200, 1800, 60)):
+            store.put(f"{MIGRATIONS}{now_ns - age_s * 10**9:020d}-gw0-{k}",
+                      {"vm": "vm1", "at": time.time() - age_s, "to_location": f"age{age_s}"})
+        r = Registry(store, "gw1", Retention(rows=100, max_age_s=3600))
+        r.record_migration("vm1", ("port", "a"), ("port", "now"), "garp", 1.0, {})
+        assert [h["to_location"] for h in r.history("vm1")] == ["age1800", "age60", "now"]
+        assert store.keys(MIGRATIONS, 10)[1] == 3
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("history_rows", 0, "gateway.history_rows"),
+    ("history_rows", "many", "gateway.history_rows"),
+    ("history_max_age", -5, "gateway.history_max_age: -5 is not a number of seconds"),
+    ("history_max_age", "1d", "gateway.history_max_age: expected a number of seconds (0: no limit)"),
+])
+def test_retention_keys_are_validated(key, value, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[gateway]\nname = "gw1"\ninterface = "eth0"\n{key} = {json.dumps(value)}\n')
+    assert expected in str(info.value) and "\n" not in str(info.value)
