@@ -32,29 +32,6 @@ from .testrun import Rotated, run_repeat
 
 SECTION = "breakdown"
 
-FLOW_FIRST = """
-    {   /* bench prototype: flow table first -- a hit needs no service lookup */
-        struct flow_entry *fe0 = flow_table.lookup(&p->key);
-        if (fe0) {
-            struct choice c0 = {};
-            c0.loc = usable_vm(fe0->vm_id);
-            if (c0.loc) {
-                __u32 sid0 = fe0->service_id;
-                struct service_counter *sc0 = service_counters.lookup(&sid0);
-                if (sc0) {
-                    sc0->packets += 1;
-                    sc0->bytes += p->len;
-                }
-                stat_inc(STAT_FLOW_HITS);
-                c0.vm_id = fe0->vm_id;
-                return deliver(ctx, p, &c0, sid0);
-            }
-        }
-    }
-"""
-FLOW_FIRST_ANCHOR = "    struct service_info *svc = find_service(&p->key, p->family);\n"
-
-
 # The program as it is, and without capture, timed side by side on a hot set of
 # hit flows and on passed packets: with 10k flows, where each program's own flow
 # table lands in memory moves a program by tens of ns, far more than the check.
@@ -71,18 +48,11 @@ def _stub(src: str | None, signature: str, statement: str) -> str | None:
     return src[:j + 1] + "\n    " + statement + "\n" + src[j + 1:]
 
 
-def _before(src: str | None, anchor: str, text: str) -> str | None:
-    if src is None or anchor not in src:
-        return None
-    return src.replace(anchor, text + anchor, 1)
-
-
 def variants() -> dict[str, tuple[str, str | None]]:
     from dataplane.program import TEST_TRACE, program_source
 
     src = program_source()
     no_region = _stub(src, "static __always_inline __u32 region_account(", "return XDPGW_REGION_UNKNOWN;")
-    flow_first = _before(src, FLOW_FIRST_ANCHOR, FLOW_FIRST)
     asm = '        asm volatile("" : "+r"(region));\n'
     unfixed = src.replace(asm, "", 1) if asm in src else None
     return {
@@ -95,16 +65,12 @@ def variants() -> dict[str, tuple[str, str | None]]:
                              "return NULL;")),
         "no_stats": ("without the global stats counters",
                      _stub(src, "static __always_inline void stat_inc(", "return;")),
-        "flow_first": ("prototype: flow table first, service lookup only on a miss", flow_first),
-        "flow_first_no_region": ("prototype: flow first + no region lookup on hits (region kept in the flow entry)",
-                                 _stub(flow_first, "static __always_inline __u32 region_account(",
-                                       "return XDPGW_REGION_UNKNOWN;")),
     }
 
 
 PRIMITIVES = [
-    ("prim_lru40_lookup", "LRU hash lookup, 40-byte key (flow_table shape)"),
-    ("prim_lru16_lookup", "LRU hash lookup, 16-byte key (IPv4-only flow key)"),
+    ("prim_lru40_lookup", "LRU hash lookup, 40-byte key (flow_table6 shape: IPv6 flows)"),
+    ("prim_lru16_lookup", "LRU hash lookup, 16-byte key (flow_table4 shape: IPv4 flows)"),
     ("prim_lru40_update", "LRU hash insert into a full table (evicts), 40-byte key"),
     ("prim_lru40_insert_free", "LRU hash insert, free entries left, 40-byte key"),
     ("prim_hash20_lookup", "hash lookup, 20-byte key (services shape)"),
@@ -176,7 +142,7 @@ def run(ctx: Context) -> dict:
         base.set_target(0, "02:00:00:0c:00:01", "02:00:00:0b:00:01", 1)
         rotator = load_rotator()
         prims, prim_fns = _load_primitives(hit_flows)
-        _load_variants(progs, ("as_is", "flow_first", "no_capture") if ctx.quick else None, info, p)
+        _load_variants(progs, ("as_is", "no_capture") if ctx.quick else None, info, p)
         info["xlated_calls"] = {key: xlated_calls(g.fd) for key, (_, g) in progs.items() if key == "as_is"}
         with pinned(ctx.cpu):
             frame0 = F.flows4("tcp4", F.SRC["hit"], 0, 1)[0]

@@ -129,12 +129,12 @@ def _flows_read(ctx: Context, results: list, info: dict) -> None:
         keys = F.flow_keys4(F.SRC["fill"], 0, n)
         fill_flows(gw.flow_fd(), keys, np.ones(n, dtype=np.uint32), WEB, possible_cpus())
         fd = gw.flow_fd()
-        ks, vs = F.FLOW_KEY_DTYPE.itemsize, F.FLOW_ENTRY_DTYPE.itemsize
+        ks, vs = F.FLOW_KEY4_DTYPE.itemsize, F.FLOW_ENTRY_DTYPE.itemsize
         resident = count_entries(fd, ks, vs, cap)
         info["flows_resident"] = resident
 
         ctx.progress(f"reading {resident} flows: bcc per-key iteration (bounded {budget:.0f} s)")
-        table = gw.dp._table("flow_table")
+        table = gw.dp._table("flow_table4")
         seen = 0
         t0 = time.perf_counter()
         deadline = t0 + budget
@@ -150,7 +150,7 @@ def _flows_read(ctx: Context, results: list, info: dict) -> None:
         ctx.progress(f"reading {resident} flows: batch reads")
         runs = ctx.size(3, 1)
         api = best_of(lambda: gw.dp.flows(), ctx.size(2, 1), budget_s=30)
-        raw = best_of(lambda: libbpf.lookup_batch(fd, ks, vs, cap, "flow_table"), runs)
+        raw = best_of(lambda: libbpf.lookup_batch(fd, ks, vs, cap, "flow_table4"), runs)
         got_api = len(gw.dp.flows()) if n <= 100_000 else None
         base_note = "measured" if complete else f"extrapolated from {seen} entries in {iter_s:.1f} s"
         common = {"entries": resident, "bcc_iteration_s": iter_full, "bcc_iteration": base_note}

@@ -79,11 +79,7 @@ def _gw_counters() -> dict:
 
 
 def _gw_flow_count() -> int:
-    from .programs import count_entries
-
-    dp = _STATE["gateway"].dataplane
-    return count_entries(dp._fd("flow_table"), F.FLOW_KEY_DTYPE.itemsize, F.FLOW_ENTRY_DTYPE.itemsize,
-                         dp.sizes.flow_entries)
+    return _STATE["gateway"].dataplane.flow_count()
 
 
 def _gw_stop() -> None:

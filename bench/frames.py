@@ -17,7 +17,7 @@ import struct
 
 import numpy as np
 
-from dataplane import structs as S
+from dataplane.maps import FLOW_ENTRY_DTYPE, FLOW_KEY4_DTYPE
 
 PORT_BASE = 10000
 PORT_SPAN = 50000
@@ -148,22 +148,15 @@ def flows6(start: int, count: int) -> list[bytes]:
     return [patch6(tmpl, 1 + i // PORT_SPAN, PORT_BASE + i % PORT_SPAN) for i in range(start, start + count)]
 
 
-FLOW_KEY_DTYPE = np.dtype(S.FlowKey)
-FLOW_ENTRY_DTYPE = np.dtype(S.FlowEntry)
-
-
 def flow_keys4(base: str, start: int, count: int, dst: str = VIP4, dport: int = WEB_PORT,
                proto: int = 6) -> np.ndarray:
-    """Flow-table keys (numpy, the layout of struct flow_key) of flows start.. from base:
-    exactly the keys the XDP program records for flows4(...) frames."""
+    """flow_table4 keys (numpy, the layout of struct flow_key4) of flows start.. from
+    base: exactly the keys the XDP program records for flows4(...) frames."""
     i = np.arange(start, start + count, dtype=np.int64)
     src = (int(ipaddress.ip_address(base)) + i // PORT_SPAN).astype(">u4")
-    keys = np.zeros(count, dtype=FLOW_KEY_DTYPE)
-    addr = np.zeros((count, 16), dtype=np.uint8)
-    addr[:, 10:12] = 0xFF
-    addr[:, 12:16] = src.view(np.uint8).reshape(count, 4)
-    keys["src"] = addr
-    keys["dst"] = np.frombuffer(bytes(S.addr16(dst)), dtype=np.uint8)
+    keys = np.zeros(count, dtype=FLOW_KEY4_DTYPE)
+    keys["src"] = src.view(np.uint8).reshape(count, 4)
+    keys["dst"] = np.frombuffer(ipaddress.IPv4Address(dst).packed, dtype=np.uint8)
     keys["sport"] = (PORT_BASE + i % PORT_SPAN).astype(np.uint16)
     keys["dport"] = dport
     keys["proto"] = proto

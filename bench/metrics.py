@@ -94,7 +94,7 @@ def run(ctx: Context) -> dict:
     try:
         ctx.progress(f"filling {n_flows} flow entries")
         keys = F.flow_keys4(F.SRC["fill"], 0, n_flows)
-        fill_flows(big.dataplane._fd("flow_table"), keys, np.arange(n_flows, dtype=np.uint32) % N_VMS + 1,
+        fill_flows(big.dataplane._fd("flow_table4"), keys, np.arange(n_flows, dtype=np.uint32) % N_VMS + 1,
                    big.service_ids["web"], possible_cpus())
         walk_s, (walked, _) = timed(big.dataplane.flows_array)
         resident = big.dataplane.flow_count()          # loads the iterator once: not timed

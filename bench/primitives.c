@@ -5,9 +5,9 @@
  * different key where the real path's key differs per flow:
  *
  *   prim_lru40_lookup   LRU hash, 40-byte key (IP + TCP header bytes 14..54),
- *                       per-CPU LRU lists: the shape of xdpgw's flow_table
+ *                       per-CPU LRU lists: the shape of xdpgw's flow_table6
  *   prim_lru16_lookup   the same with a 16-byte key (bytes 26..42: addresses,
- *                       ports, sequence): an IPv4-only flow key
+ *                       ports, sequence): the shape of xdpgw's flow_table4
  *   prim_lru40_update   insert into a full 40-byte-key LRU hash (evicts)
  *   prim_lru40_insert_free  insert into a 40-byte-key LRU hash with free entries
  *   prim_hash20_lookup  hash, 20-byte key, the same key for every flow

@@ -101,7 +101,8 @@ class Xdpgw:
         self.n_vms = n_vms
 
     def flow_fd(self) -> int:
-        return self.dp._fd("flow_table")
+        """flow_table4's: the bench fills IPv4 flows."""
+        return self.dp._fd("flow_table4")
 
     def close(self) -> None:
         self.bpf.cleanup()
@@ -167,7 +168,7 @@ def fill_flows(fd: int, keys: np.ndarray, vm_ids: np.ndarray, service_id: int, c
             step = 1 << 16
             for a in range(lo, hi, step):
                 b = min(hi, a + step)
-                libbpf.update_batch(fd, keys[a:b].tobytes(), values[a:b].tobytes(), b - a, "flow_table")
+                libbpf.update_batch(fd, keys[a:b].tobytes(), values[a:b].tobytes(), b - a, "flow_table4")
     finally:
         os.sched_setaffinity(0, before)
 

@@ -4,8 +4,8 @@ service's VM set grows (1, 100, 1000 VMs), each next to the minimal redirect
 baseline timed in the same phase.
 
 Flow-table sizes: xdpgw is loaded with Sizes(flow_entries=N) and filled to N
-entries with batch updates of synthetic flow keys (struct flow_key, built with
-numpy), in random order, an equal share from each CPU: the table's LRU lists
+entries with batch updates of synthetic IPv4 flow keys (struct flow_key4 of
+flow_table4, built with numpy), in random order, an equal share from each CPU: the table's LRU lists
 are per CPU (BPF_F_NO_COMMON_LRU), each CPU owns N / ncpus entries and evicts
 only from its own list. Hits then rotate over all N resident flows; new flows
 (timed in a second phase, so their evictions cannot turn the timed hits into
@@ -105,7 +105,7 @@ def run(ctx: Context) -> dict:
                     order = rng.permutation(n)
                     vm_ids = (1 + np.arange(n) % gw.n_vms).astype(np.uint32)
                     fill_flows(gw.flow_fd(), keys[order], vm_ids[order], WEB, cpus)
-                    resident = count_entries(gw.flow_fd(), F.FLOW_KEY_DTYPE.itemsize, F.FLOW_ENTRY_DTYPE.itemsize, n)
+                    resident = count_entries(gw.flow_fd(), F.FLOW_KEY4_DTYPE.itemsize, F.FLOW_ENTRY_DTYPE.itemsize, n)
                     info["flow_tables"][n] = {"capacity": n, "resident_after_fill": resident}
                     hit_rot = Rotation.v4("tcp4", F.SRC["fill"], n)
                     new_rot = Rotation.v4("tcp4", F.SRC["new"], NEW_PERIOD)

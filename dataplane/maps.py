@@ -22,6 +22,10 @@ from .program import Sizes
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 VM_STATES = {"active": S.VM_STATE_ACTIVE, "draining": S.VM_STATE_DRAINING, "down": S.VM_STATE_DOWN}
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+FLOW_TABLES = ("flow_table4", "flow_table6")
+FLOW_KEY_DTYPE = np.dtype(S.FlowKey)
+FLOW_KEY4_DTYPE = np.dtype(S.FlowKey4)
+FLOW_ENTRY_DTYPE = np.dtype(S.FlowEntry)
 
 
 def possible_cpus() -> int:
@@ -368,36 +372,64 @@ class Dataplane:
                 "trusted": sorted(trusted, key=lambda n: (n.version, n)), "gue_port": cfg.gue_port}
 
     # ---- flows ---------------------------------------------------------
-    def _read_flows(self) -> tuple[bytes, bytes, int]:
-        """The flow table read with batch operations: (keys, entries, count)."""
-        return libbpf.lookup_batch(self._fd("flow_table"), ct.sizeof(S.FlowKey), ct.sizeof(S.FlowEntry),
-                                   self.sizes.flow_entries, "flow_table")
+    # One table per family (ebpf/maps.h): IPv4 flows under their compact key
+    # (struct flow_key4), IPv6 flows under struct flow_key. The methods below take
+    # and return flows as struct flow_key (IPv4-mapped) whatever their table.
+    def _flow_slot(self, key: S.FlowKey) -> tuple[str, S.FlowKey4 | S.FlowKey]:
+        """The table that holds this flow and the flow's key in it."""
+        return ("flow_table4", S.flow_key4(key)) if S.flow_family(key) == 4 else ("flow_table6", key)
+
+    def _read_flows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Both flow tables read with batch operations: keys as struct flow_key
+        records, entries as struct flow_entry records."""
+        vs = ct.sizeof(S.FlowEntry)
+        k4, v4, n4 = libbpf.lookup_batch(self._fd("flow_table4"), ct.sizeof(S.FlowKey4), vs,
+                                         self.sizes.flow_entries, "flow_table4")
+        k6, v6, n6 = libbpf.lookup_batch(self._fd("flow_table6"), ct.sizeof(S.FlowKey), vs,
+                                         self.sizes.flow_entries, "flow_table6")
+        keys = np.zeros(n4 + n6, dtype=FLOW_KEY_DTYPE)
+        compact = np.frombuffer(k4, dtype=FLOW_KEY4_DTYPE, count=n4)
+        mapped = np.frombuffer(S.IPV4_MAPPED, dtype=np.uint8)
+        keys["src"][:n4, :12] = mapped
+        keys["dst"][:n4, :12] = mapped
+        keys["src"][:n4, 12:] = compact["src"]
+        keys["dst"][:n4, 12:] = compact["dst"]
+        for field in ("sport", "dport", "proto", "flags"):
+            keys[field][:n4] = compact[field]
+        keys[n4:] = np.frombuffer(k6, dtype=FLOW_KEY_DTYPE, count=n6)
+        values = np.frombuffer(v4 + v6, dtype=FLOW_ENTRY_DTYPE, count=n4 + n6)
+        return keys, values
 
     def flows(self) -> list[tuple[S.FlowKey, S.FlowEntry]]:
-        """Every flow-table entry, read with batch operations."""
-        ks, vs = ct.sizeof(S.FlowKey), ct.sizeof(S.FlowEntry)
-        keys, values, n = self._read_flows()
-        return [(S.FlowKey.from_buffer_copy(keys, i * ks), S.FlowEntry.from_buffer_copy(values, i * vs))
-                for i in range(n)]
+        """Every flow-table entry of both families, read with batch operations."""
+        keys, values = self._read_flows()
+        kb, vb, ks, vs = keys.tobytes(), values.tobytes(), keys.itemsize, values.itemsize
+        return [(S.FlowKey.from_buffer_copy(kb, i * ks), S.FlowEntry.from_buffer_copy(vb, i * vs))
+                for i in range(keys.size)]
 
     def clear_flows(self) -> None:
-        self._table("flow_table").clear()
+        for name in FLOW_TABLES:
+            self._table(name).clear()
 
     def flow(self, key: S.FlowKey) -> S.FlowEntry | None:
+        name, table_key = self._flow_slot(key)
         value = S.FlowEntry()
-        return value if libbpf.lookup_elem(self._fd("flow_table"), key, value, "flow_table") else None
+        return value if libbpf.lookup_elem(self._fd(name), table_key, value, name) else None
+
+    def put_flow(self, key: S.FlowKey, entry: S.FlowEntry) -> None:
+        """Record a flow as the program would (a flow of an earlier daemon, a test's fixture)."""
+        name, table_key = self._flow_slot(key)
+        libbpf.update_elem(self._fd(name), table_key, entry, name)
 
     def flows_array(self) -> tuple[np.ndarray, np.ndarray]:
         """Every flow-table entry as numpy structured arrays (keys, entries) with the
         layouts of S.FlowKey and S.FlowEntry: the same batch reads as flows() without
         one Python object per entry."""
-        keys, values, n = self._read_flows()
-        return (np.frombuffer(keys, dtype=np.dtype(S.FlowKey), count=n),
-                np.frombuffer(values, dtype=np.dtype(S.FlowEntry), count=n))
+        return self._read_flows()
 
     def flow_map_ids(self) -> list[int]:
         """The kernel ids of the maps that hold flow entries."""
-        return [libbpf.map_info(self._fd("flow_table")).id]
+        return [libbpf.map_info(self._fd(name)).id for name in FLOW_TABLES]
 
     def flow_count(self, walk: bool = True) -> int | None:
         """Entries in the flow table: the sum of the kernel's element counts of the
@@ -407,7 +439,7 @@ class Dataplane:
         counts = elemcount.elem_counts(self.flow_map_ids())
         if counts is not None:
             return sum(counts.values())
-        return self._read_flows()[2] if walk else None
+        return len(self._read_flows()[0]) if walk else None
 
     # ---- counters ------------------------------------------------------
     def _percpu(self, name: str, n_keys: int, value_type) -> np.ndarray:

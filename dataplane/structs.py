@@ -133,6 +133,11 @@ class FlowKey(ct.Structure):
                 ("proto", ct.c_uint8), ("flags", ct.c_uint8), ("pad", ct.c_uint16)]
 
 
+class FlowKey4(ct.Structure):
+    _fields_ = [("src", ct.c_uint8 * 4), ("dst", ct.c_uint8 * 4), ("sport", ct.c_uint16), ("dport", ct.c_uint16),
+                ("proto", ct.c_uint8), ("flags", ct.c_uint8), ("pad", ct.c_uint16)]
+
+
 class FlowEntry(ct.Structure):
     _fields_ = [("vm_id", ct.c_uint32), ("service_id", ct.c_uint32), ("region", ct.c_uint32),
                 ("generation", ct.c_uint32)]
@@ -215,7 +220,8 @@ class VmPairKey(ct.Structure):
 
 # Every mirrored struct with its C name, for the layout test.
 MIRRORS: dict[str, type[ct.Structure]] = {
-    "service_key": ServiceKey, "service_info": ServiceInfo, "flow_key": FlowKey, "flow_entry": FlowEntry,
+    "service_key": ServiceKey, "service_info": ServiceInfo, "flow_key": FlowKey, "flow_key4": FlowKey4,
+    "flow_entry": FlowEntry,
     "vm_location": VmLocation, "offload_key": OffloadKey, "offload_ref": OffloadRef,
     "offload_target": OffloadTarget, "decap_key": DecapKey, "tunnel_config": TunnelConfig,
     "lpm_v4_key": LpmV4Key, "lpm_v6_key": LpmV6Key, "traffic_counter": TrafficCounter,
@@ -224,11 +230,25 @@ MIRRORS: dict[str, type[ct.Structure]] = {
 }
 
 
+IPV4_MAPPED = b"\0" * 10 + b"\xff\xff"  # the prefix of an IPv4-mapped address (ebpf/addr.h)
+
+
 def addr16(ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> Addr16:
     """16-byte form used by every key: IPv4 is stored IPv4-mapped."""
     a = ipaddress.ip_address(ip)
-    raw = (b"\0" * 10 + b"\xff\xff" + a.packed) if a.version == 4 else a.packed
+    raw = (IPV4_MAPPED + a.packed) if a.version == 4 else a.packed
     return Addr16.from_buffer_copy(raw)
+
+
+def flow_family(key: FlowKey) -> int:
+    """4 when the flow is IPv4 (its destination IPv4-mapped, as the program decides), else 6."""
+    return 4 if bytes(key.dst[:12]) == IPV4_MAPPED else 6
+
+
+def flow_key4(key: FlowKey) -> FlowKey4:
+    """flow_table4's key of an IPv4 flow (ebpf/lb.h flow_key4_of)."""
+    raw = bytes(key)
+    return FlowKey4.from_buffer_copy(raw[12:16] + raw[28:40])
 
 
 def addr_from16(raw: bytes | Addr16) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

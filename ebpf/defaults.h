@@ -5,7 +5,7 @@
 #define XDPGW_DEFAULTS_H
 
 #ifndef XDPGW_FLOW_ENTRIES
-#define XDPGW_FLOW_ENTRIES 65536       /* flow_table entries */
+#define XDPGW_FLOW_ENTRIES 65536       /* entries of each flow table (flow_table4, flow_table6) */
 #endif
 #ifndef XDPGW_MAX_SERVICES
 #define XDPGW_MAX_SERVICES 64

@@ -49,13 +49,35 @@ static __always_inline __u32 flow_generation_now(void)
     return g ? *g : 0;
 }
 
-/* Choose where the flow goes, given its flow-table entry `fe` (NULL: none).
+/* The IPv4 table's key of an IPv4 flow (`key` holds its addresses IPv4-mapped). */
+static __always_inline void flow_key4_of(const struct flow_key *key, struct flow_key4 *k4)
+{
+    __builtin_memcpy(k4->src, key->src + IPV4_MAPPED_PREFIX, 4);
+    __builtin_memcpy(k4->dst, key->dst + IPV4_MAPPED_PREFIX, 4);
+    __builtin_memcpy(&k4->sport, &key->sport, 8);
+}
+
+/* The flow's entry in its family's table, or NULL. Callers read what they need
+ * at once: a pointer that may be into either table, kept live, would keep the
+ * verifier from pruning the paths after it. */
+static __always_inline struct flow_entry *flow_find(const struct flow_key *key, __u8 family)
+{
+    if (family == 4) {
+        struct flow_key4 k4;
+        flow_key4_of(key, &k4);
+        return flow_table4.lookup(&k4);
+    }
+    return flow_table6.lookup((void *)key);
+}
+
+/* Choose where the flow goes, given the VM id of its flow-table entry
+ * (`flow_vm`; XDPGW_NO_VM: no entry, which no entry ever holds).
  * `is_new` is set when the choice must be recorded. */
-static __always_inline int choose(const struct flow_key *key, const struct flow_entry *fe,
+static __always_inline int choose(const struct flow_key *key, __u32 flow_vm,
                                   __u32 service_id, __u32 region, struct choice *c, int *is_new)
 {
-    if (fe) {
-        __u32 vm_id = fe->vm_id;
+    if (flow_vm != XDPGW_NO_VM) {
+        __u32 vm_id = flow_vm;
         if (vm_id & FLOW_OFFLOADED)
             c->offload = offload_endpoint(vm_id & ~FLOW_OFFLOADED);
         else
@@ -114,8 +136,8 @@ static __always_inline int under_flood(void)
     return ++w->new_flows > XDPGW_NEW_FLOW_LIMIT;
 }
 
-static __always_inline void record_flow(const struct flow_key *key, __u32 vm_id, __u32 service_id,
-                                        __u32 region, __u32 generation)
+static __always_inline void record_flow(const struct flow_key *key, __u8 family, __u32 vm_id,
+                                        __u32 service_id, __u32 region, __u32 generation)
 {
     if (under_flood()) {
         stat_inc(STAT_FLOOD_UNRECORDED);
@@ -123,7 +145,16 @@ static __always_inline void record_flow(const struct flow_key *key, __u32 vm_id,
     }
     struct flow_entry fe = {.vm_id = vm_id, .service_id = service_id, .region = region,
                             .generation = generation};
-    flow_table.update((void *)key, &fe);
+    if (family == 4) {
+        struct flow_key4 k4;
+        flow_key4_of(key, &k4);
+        flow_table4.update(&k4, &fe);
+        /* keeps clang from merging the two updates into one call through a map
+         * pointer in a register, which the verifier cannot bind to one map */
+        asm volatile("" ::: "memory");
+    } else {
+        flow_table6.update((void *)key, &fe);
+    }
 }
 
 #endif

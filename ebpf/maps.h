@@ -35,8 +35,12 @@ STATE_TABLE("percpu_array", __u32, struct service_counter, service_counters, XDP
 BPF_F_TABLE("array", __u32, __u32, maglev_inner, XDPGW_MAGLEV_M, BPF_F_MMAPABLE);
 BPF_ARRAY_OF_MAPS(maglev_tables, "maglev_inner", XDPGW_MAX_SERVICES);
 
-/* 5-tuple -> VM id. LRU lists per CPU (no common LRU) so CPUs do not contend. */
-STATE_TABLE("lru_hash", struct flow_key, struct flow_entry, flow_table, XDPGW_FLOW_ENTRIES,
+/* 5-tuple -> VM id, one table per family, each of XDPGW_FLOW_ENTRIES (a
+ * gateway may carry one family alone): IPv4 keys are 16 bytes, IPv6 keys 40.
+ * LRU lists per CPU (no common LRU) so CPUs do not contend. */
+STATE_TABLE("lru_hash", struct flow_key4, struct flow_entry, flow_table4, XDPGW_FLOW_ENTRIES,
+            BPF_F_NO_COMMON_LRU);
+STATE_TABLE("lru_hash", struct flow_key, struct flow_entry, flow_table6, XDPGW_FLOW_ENTRIES,
             BPF_F_NO_COMMON_LRU);
 /* [0]: the generation of services and region prefixes (struct flow_entry);
  * pinned with the flows, so entries of an earlier daemon are never taken for current */

@@ -59,13 +59,26 @@ struct service_info {
     __u32 flags;
 };
 
-struct flow_key {
+struct flow_key {                     /* the parsed flow of either family; flow_table6's key */
     __u8 src[16];
     __u8 dst[16];
     __u16 sport;                      /* host byte order; 0 for fragments */
     __u16 dport;
     __u8 proto;
     __u8 flags;                       /* FLOW_F_* */
+    __u16 pad;
+};
+
+/* flow_table4's key: an IPv4 flow without the mapped prefixes, so the LRU
+ * hashes and compares 16 bytes instead of 40. Its last 8 bytes are laid out
+ * as flow_key's (flow_key4_of copies them in one piece). */
+struct flow_key4 {
+    __u8 src[4];
+    __u8 dst[4];
+    __u16 sport;
+    __u16 dport;
+    __u8 proto;
+    __u8 flags;
     __u16 pad;
 };
 

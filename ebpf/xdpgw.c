@@ -99,8 +99,9 @@ static __always_inline int icmp_error_choice(void *data, void *data_end, struct 
     if (!svc)
         goto pass;
     p->service_id = svc->id;
+    struct flow_entry *fe = flow_find(&flow, p->family);
     int is_new = 0;
-    if (choose(&flow, flow_table.lookup(&flow), svc->id, region, c, &is_new))
+    if (choose(&flow, fe ? fe->vm_id : XDPGW_NO_VM, svc->id, region, c, &is_new))
         return drop_pkt(p, c->drop_reason);
     stat_inc(STAT_ICMP_ERR_FWD);
     return CHOSEN;
@@ -119,7 +120,8 @@ static __always_inline int flow_choice(struct pkt *p, struct choice *c)
         return XDP_PASS;
     }
     __u32 generation = flow_generation_now();
-    struct flow_entry *fe = flow_table.lookup(&p->key);
+    struct flow_entry *fe = flow_find(&p->key, p->family);
+    __u32 flow_vm = fe ? fe->vm_id : XDPGW_NO_VM;
     __u32 service_id;
     if (fe && fe->generation == generation) {
         p->region = fe->region;
@@ -147,10 +149,10 @@ static __always_inline int flow_choice(struct pkt *p, struct choice *c)
     }
 
     int is_new = 0;
-    if (choose(&p->key, fe, service_id, p->region, c, &is_new))
+    if (choose(&p->key, flow_vm, service_id, p->region, c, &is_new))
         return drop_pkt(p, c->drop_reason);
     if (is_new) {
-        record_flow(&p->key, c->vm_id, service_id, p->region, generation);
+        record_flow(&p->key, p->family, c->vm_id, service_id, p->region, generation);
         if (sc)
             sc->new_flows += 1;
     }

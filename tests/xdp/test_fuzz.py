@@ -212,8 +212,7 @@ def fuzz_gw(gw, request):
               FLOW_OFFLOADED | unused_endpoint][(i // 2) % 4]         # its endpoint is gone: re-selected
         if vm == FLOW_OFFLOADED | unused_endpoint:
             stale.add((key, vm))
-        libbpf.update_elem(dp._fd("flow_table"), S.FlowKey.from_buffer_copy(key),
-                           S.FlowEntry(vm_id=vm, service_id=WEB if fam == 4 else WEB6), "flow_table")
+        dp.put_flow(S.FlowKey.from_buffer_copy(key), S.FlowEntry(vm_id=vm, service_id=WEB if fam == 4 else WEB6))
     fz = Fuzzer(gw, stale_pins=stale)
     scapy_log = logging.getLogger("scapy.runtime")    # random payloads dissected as DNS make it warn
     level = scapy_log.level
@@ -1141,7 +1140,6 @@ class Fuzzer:
             {k: (a16(e), a16(src), ipaddress.ip_address(e).version, S.ENCAPS[encap])
              for k, (e, src, encap) in OFFLOADS.items()}
         self.model = Model(self)
-        self._flow_fd = self.dp._fd("flow_table")
         self._trace_fd = self.dp._fd("forward_traces")
         self._drop_fd = self.dp._fd("drop_counters")
         self._trace_buf = (S.ForwardTrace * self.ncpus)()
@@ -1171,10 +1169,8 @@ class Fuzzer:
 
     # -- map access (raw libbpf: bcc's tables cost ~100 us per access)
     def flow_lookup(self, key: bytes) -> int | None:
-        v = S.FlowEntry()
-        if libbpf.lookup_elem(self._flow_fd, (ct.c_uint8 * len(key)).from_buffer_copy(key), v, "flow_table"):
-            return v.vm_id
-        return None
+        entry = self.dp.flow(S.FlowKey.from_buffer_copy(key))
+        return None if entry is None else entry.vm_id
 
     def read_trace(self):
         libbpf.lookup_elem(self._trace_fd, ct.c_uint32(0), self._trace_buf, "forward_traces")
