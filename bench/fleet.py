@@ -54,6 +54,7 @@ ETCD_IPS = ("198.18.250.1", "198.18.250.2", "198.18.250.3")
 WRITERS = 4
 WATCHER_BATCH = 8
 RATE = 200.0
+FOLLOW_WAIT_S = 120.0            # after the daemons are up, until every one follows the store
 MGMT_IF = "mgmt0"
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -469,7 +470,7 @@ def run(ctx: Context) -> dict:
                     daemons.append(GatewayDaemon(procs, str(path)))
                     socks.append(config.gateway.api_socket)
                 ctx.progress(f"starting {gateways} gateway daemons together ({n_vms} VMs each, XDP on up0)")
-                # together: each spends most of its start registering the VMs, one store round trip at a time
+                # together, as a fleet restarts: each lists the VM records and registers its own
                 starts = [threading.Thread(target=d.start, kwargs={"timeout": 600}) for d in daemons]
                 for t in starts:
                     t.start()
@@ -480,10 +481,16 @@ def run(ctx: Context) -> dict:
                     raise RuntimeError(f"gateway daemons {down} did not come up: {daemons[down[0]].stderr[-3:]}")
                 info["gateways_start_s"] = round(time.monotonic() - t0, 1)
                 info["xdp_modes"] = sorted({d.mode for d in daemons})
+                # a daemon whose first listing takes longer than its start wait comes up degraded
+                # and follows once the listing is in: the moves start when every one follows
+                deadline = time.monotonic() + FOLLOW_WAIT_S
                 for i, s in enumerate(socks):
-                    st = api.call(s, "status")["store"]
-                    if st["state"] != "ok":
-                        raise RuntimeError(f"gateway {i}: store {st}")
+                    while (st := api.call(s, "status")["store"])["state"] != "ok":
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"gateway {i}: not following the store {FOLLOW_WAIT_S:g} s "
+                                               f"after the start: {st}")
+                        time.sleep(0.2)
+                info["gateways_following_s"] = round(time.monotonic() - t0, 1)
                 for k, n_procs in enumerate(fleets):
                     try:
                         runs.append(_run_once(ctx, net, url, daemons, socks, max(0, n_procs - gateways),
