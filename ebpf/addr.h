@@ -5,13 +5,13 @@
 
 #define IPV4_MAPPED_PREFIX 12          /* bytes before the IPv4 address: 10 zero, 2 0xff */
 
-/* Taken by value: a pointer would make clang copy byte by byte. */
+/* Taken by value: a pointer would make clang copy byte by byte. Written as
+ * whole words, as the readers of keys load them: a load that spans several
+ * narrower stores cannot be forwarded from them and waits for them to retire. */
 static __always_inline void ipv4_mapped(__u8 *dst, __be32 addr)
 {
-    __builtin_memset(dst, 0, IPV4_MAPPED_PREFIX - 2);
-    dst[IPV4_MAPPED_PREFIX - 2] = 0xff;
-    dst[IPV4_MAPPED_PREFIX - 1] = 0xff;
-    __builtin_memcpy(dst + IPV4_MAPPED_PREFIX, &addr, sizeof(addr));
+    __u32 w[4] = {0, 0, bpf_htonl(0xffff), addr};
+    __builtin_memcpy(dst, w, sizeof(w));
 }
 
 static __always_inline int is_ipv4_mapped(const __u8 *a)

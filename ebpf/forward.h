@@ -77,11 +77,6 @@ static __always_inline __u16 csum_neg(__u64 sum)
     return ~csum_reduce(sum);
 }
 
-static __always_inline __u16 ipv4_csum(const struct iphdr *iph)
-{
-    return csum_neg(csum_words(0, iph, sizeof(*iph)));
-}
-
 /* Adds the `size` bytes (a constant: the helper takes at most 512) at `off`
  * to `sum`; -1 if they are not in the frame. */
 static __always_inline int csum_piece(void *data, void *data_end, __u32 off, __u32 size, __u64 *sum)
@@ -249,15 +244,15 @@ static __always_inline int tunnel_out(struct xdp_md *ctx, struct pkt *p, __u8 fa
         if ((void *)(uh + 1) > data_end)
             return drop_pkt(p, DROP_ENCAP);
         eth->h_proto = bpf_htons(ETH_P_IP);
-        __builtin_memset(o, 0, sizeof(*o));
-        o->version = 4;
-        o->ihl = IP4_MIN_IHL;
-        o->tot_len = bpf_htons(sizeof(*o) + udp + p->l3_len);
-        o->ttl = OUTER_TTL;
-        o->protocol = next;
-        __builtin_memcpy(&o->saddr, src + IPV4_MAPPED_PREFIX, 4);
-        __builtin_memcpy(&o->daddr, dst + IPV4_MAPPED_PREFIX, 4);
-        o->check = ipv4_csum(o);
+        /* the header as five words in registers (as laid out in memory, byte 0
+         * lowest), summed there and stored once: reading a just-written header
+         * back for its checksum would wait for every narrow store in it */
+        __u32 w[5] = {(4 << 4 | IP4_MIN_IHL) | (__u32)bpf_htons(sizeof(*o) + udp + p->l3_len) << 16, 0,
+                      OUTER_TTL | (__u32)next << 8};
+        __builtin_memcpy(&w[3], src + IPV4_MAPPED_PREFIX, 4);
+        __builtin_memcpy(&w[4], dst + IPV4_MAPPED_PREFIX, 4);
+        w[2] |= (__u32)csum_neg((__u64)w[0] + w[2] + w[3] + w[4]) << 16;
+        __builtin_memcpy(o, w, sizeof(w));
         if (udp)
             set_udp(uh, p);
     }

@@ -49,12 +49,18 @@ static __always_inline __u32 flow_generation_now(void)
     return g ? *g : 0;
 }
 
-/* The IPv4 table's key of an IPv4 flow (`key` holds its addresses IPv4-mapped). */
+/* The IPv4 table's key of an IPv4 flow (`key` holds its addresses IPv4-mapped),
+ * built in registers and stored as the two words the cache and the table's
+ * hash load (see ipv4_mapped). */
 static __always_inline void flow_key4_of(const struct flow_key *key, struct flow_key4 *k4)
 {
-    __builtin_memcpy(k4->src, key->src + IPV4_MAPPED_PREFIX, 4);
-    __builtin_memcpy(k4->dst, key->dst + IPV4_MAPPED_PREFIX, 4);
-    __builtin_memcpy(&k4->sport, &key->sport, 8);
+    __u32 src, dst;
+    __builtin_memcpy(&src, key->src + IPV4_MAPPED_PREFIX, 4);
+    __builtin_memcpy(&dst, key->dst + IPV4_MAPPED_PREFIX, 4);
+    __u64 w[2] = {(__u64)src | (__u64)dst << 32,
+                  (__u64)key->sport | (__u64)key->dport << 16 | (__u64)key->proto << 32 |
+                  (__u64)key->flags << 40};
+    __builtin_memcpy(k4, w, sizeof(w));
 }
 
 /* The flow's entry in its family's table, or NULL. Callers read what they need
