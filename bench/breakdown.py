@@ -27,7 +27,7 @@ import numpy as np
 from . import frames as F
 from .common import Context, Measurement, median, pinned
 from .programs import Rotation, compile_bench, load_baselines, load_rotator, load_xdpgw, xlated_calls
-from .profiling import perf_profile
+from .profiling import bpf_line_profile, perf_profile
 from .testrun import Rotated, run_repeat
 
 SECTION = "breakdown"
@@ -281,6 +281,10 @@ def _perf_profiles(rotator, g, hit_rot: Rotation, new_rot: Rotation, hit_flows: 
 
     p("perf profile: flow hits")
     info["perf_flow_hit"] = perf_profile(hits_workload, pid=os.getpid())
+    p("perf profile: flow hits, by source line")
+    info["perf_flow_hit_lines"] = bpf_line_profile(hits_workload, g.fd, pid=os.getpid())
     p("perf profile: new flows (full table)")
     rotator.run(new_rot, g.fd, 65536, 1 << 19)       # fill: the steady state evicts
     info["perf_new_flow"] = perf_profile(new_workload, pid=os.getpid())
+    p("perf profile: new flows, by source line")
+    info["perf_new_flow_lines"] = bpf_line_profile(new_workload, g.fd, pid=os.getpid())

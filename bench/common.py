@@ -5,7 +5,8 @@ Every figure is a `Measurement`: a value, the baseline it is compared with
 (measured in the same run, interleaved where possible) and their ratio
 (value / baseline). Absolute numbers drift between machines and with the load
 colleagues put on the same two cores; ratios measured side by side drift much
-less."""
+less, and ratios of pairs measured back to back (the median of the per-pair
+ratios: `paired_ratio`) least."""
 from __future__ import annotations
 
 import math
@@ -41,9 +42,15 @@ class Measurement:
     params: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    # the median of value / baseline over pairs measured back to back (a round,
+    # a pair of trials); when set it is the ratio reported, as load that comes
+    # and goes during a run moves both halves of a pair alike
+    paired_ratio: float | None = None
 
     @property
     def ratio(self) -> float:
+        if self.paired_ratio is not None:
+            return self.paired_ratio
         if not self.baseline_value or math.isnan(self.baseline_value) or math.isnan(self.value):
             return float("nan")
         return self.value / self.baseline_value
@@ -54,6 +61,13 @@ class Measurement:
         d["value"] = _finite(self.value)
         d["baseline_value"] = _finite(self.baseline_value)
         return d
+
+
+def paired_ratio(values: Iterable[float], baselines: Iterable[float]) -> float | None:
+    """The median of the ratios of pairs measured back to back; None without a
+    pair that has a positive baseline."""
+    ratios = [v / b for v, b in zip(values, baselines) if b > 0]
+    return median(ratios) if ratios else None
 
 
 def _finite(x: float) -> float | None:

@@ -29,7 +29,7 @@ from dataplane import libbpf
 
 from . import frames as F
 from . import topology as T
-from .common import Context, Measurement, median
+from .common import Context, Measurement, median, paired_ratio
 from .programs import load_baselines, load_trafficgen, possible_cpus
 from .worker import NsWorker
 
@@ -224,28 +224,34 @@ def _two_cpus(cpu: int) -> tuple[int, int] | None:
     return (others[-1], cpu) if others else None
 
 
-def _two_cpu(run_: "_Run", n: int, reps: int, trials: int, one_x: float, one_b: float, table: int, info: dict,
-             p) -> list[Measurement]:
+def _two_cpu(run_: "_Run", n: int, reps: int, trials: int, table: int, info: dict, p) -> list[Measurement]:
     """Both gateways with a generator on each of two CPUs (each its own n flows,
-    its own veth queues), in alternating trials, against their one-CPU Mpps."""
+    its own veth queues), each trial paired with a one-CPU trial of the same
+    gateway right after it, gateways alternating: the scaling is the median of
+    the pairs' ratios."""
     cpus = tuple(info["two_cpus"])
     run_.worker.call("attach", "xdpgw")
     p(f"{n} flows, 2 CPUs: warming up (xdpgw records every CPU's flows)")
     run_.generate(n + 10_000, cpus)
-    got = {"xdpgw": [], "baseline": []}
+    got: dict[str, list[tuple[dict, dict]]] = {"xdpgw": [], "baseline": []}
     for t in range(trials):
         for which in (("xdpgw", "baseline") if t % 2 == 0 else ("baseline", "xdpgw")):
-            p(f"{n} flows, 2 CPUs: trial {t + 1}/{trials}, {which}, {reps} frames per CPU")
             run_.worker.call("attach", which)
-            tr = run_.trial(reps, which, cpus)
-            tr.update({"flows": n, "trial": t, "cpus": list(cpus)})
-            got[which].append(tr)
-            info["trials_detail"].append(tr)
+            pair = []
+            for on in (cpus, None):
+                p(f"{n} flows, {2 if on else 1} CPU{'s' if on else ''}: trial {t + 1}/{trials}, {which}, "
+                  f"{reps} frames per CPU")
+                tr = run_.trial(reps, which, on) if on else run_.trial(reps, which)
+                tr.update({"flows": n, "trial": t, "cpus": list(on) if on else [run_.ctx.cpu]})
+                info["trials_detail"].append(tr)
+                pair.append(tr)
+            got[which].append((pair[0], pair[1]))
     run_.worker.call("attach", "xdpgw")
     out = []
-    for which, one, label in (("xdpgw", one_x, "xdpgw"), ("baseline", one_b, "minimal redirect gateway")):
-        trs = got[which]
-        two = median(t["mpps"] for t in trs)
+    for which, label in (("xdpgw", "xdpgw"), ("baseline", "minimal redirect gateway")):
+        pairs = got[which]
+        trs = [two for two, _ in pairs]
+        two, one = median(t["mpps"] for t, _ in pairs), median(o["mpps"] for _, o in pairs)
         checks = {"lossless": all(t["lossless"] for t in trs), "accounted": all(t["accounted"] for t in trs),
                   "generated": sum(t["generated"] for t in trs), "delivered": sum(t["delivered"] for t in trs)}
         checks["ok"] = checks["lossless"] and checks["accounted"]
@@ -254,10 +260,12 @@ def _two_cpu(run_: "_Run", n: int, reps: int, trials: int, one_x: float, one_b: 
         key = "mpps_2cpu" if which == "xdpgw" else "mpps_2cpu_baseline"
         out.append(Measurement(
             SECTION, f"{key}@flows={n}", f"delivered Mpps, 2 CPUs, {n} flows per CPU, {label}", two, "Mpps",
-            f"{label}, one CPU (same run)", one,
-            f"a live-frames generator per CPU, {reps} frames each per trial, median of {trials} alternating trials",
+            f"{label}, one CPU (paired trials)", one,
+            f"a live-frames generator per CPU, {reps} frames each per trial, each 2-CPU trial followed by a "
+            f"one-CPU trial of the same gateway; median of {trials} pairs' ratios",
             params={"flows_per_cpu": n, "cpus": list(cpus), "flow_table_size": table,
-                    "mpps": [t["mpps"] for t in trs]}, checks=checks))
+                    "mpps": [t["mpps"] for t, _ in pairs], "one_cpu_mpps": [o["mpps"] for _, o in pairs]},
+            checks=checks, paired_ratio=paired_ratio([t["mpps"] for t, _ in pairs], [o["mpps"] for _, o in pairs])))
     x2, b2 = out[0].value, out[1].value
     out[0].params["vs_redirect_2cpu"] = x2 / b2 if b2 else None
     return out
@@ -266,7 +274,7 @@ def _two_cpu(run_: "_Run", n: int, reps: int, trials: int, one_x: float, one_b: 
 def run(ctx: Context) -> dict:
     p = ctx.progress
     flow_counts = ctx.size([1, 1000, 100_000, 1_000_000], [1, 1000])
-    trials = ctx.size(3, 1)
+    trials = ctx.size(5, 1)
     per_trial = ctx.size(2_000_000, 20_000)
     k = ctx.vms
     ncpus = len(possible_cpus())
@@ -330,6 +338,7 @@ def run(ctx: Context) -> dict:
             worker.call("attach", "xdpgw")
             x = median(t["mpps"] for t in trials_["xdpgw"])
             b = median(t["mpps"] for t in trials_["baseline"])
+            paired = paired_ratio([t["mpps"] for t in trials_["xdpgw"]], [t["mpps"] for t in trials_["baseline"]])
             all_x = trials_["xdpgw"]
             checks = {
                 "lossless": all(t["lossless"] for t in all_x),
@@ -344,12 +353,13 @@ def run(ctx: Context) -> dict:
             results.append(Measurement(
                 SECTION, f"mpps@flows={n}", f"delivered Mpps, {n} flow{'s' if n != 1 else ''}", x, "Mpps",
                 "minimal redirect gateway", b,
-                f"live-frames generator, {reps} frames/trial, median of {trials} alternating trials",
+                f"live-frames generator, {reps} frames/trial, {trials} alternating pairs of trials: medians, and "
+                f"the median of the pairs' ratios",
                 params={"flows": n, "flow_table_size": table_for(n), "xdpgw_mpps": [t["mpps"] for t in all_x],
                         "baseline_mpps": [t["mpps"] for t in trials_["baseline"]]},
-                checks=checks))
+                checks=checks, paired_ratio=paired))
             if n == TWO_CPU_FLOWS and gen_cpus:
-                results += _two_cpu(run_, n, reps, trials, x, b, table_for(n), info, p)
+                results += _two_cpu(run_, n, reps, trials, table_for(n), info, p)
             if ctx.perf and not ctx.quick and n == 1000:
                 info["perf_1k_flows"] = _profile(run_, worker, reps)
     finally:

@@ -42,7 +42,7 @@ import numpy as np
 from dataplane import libbpf
 
 from . import frames as F
-from .common import Context, Measurement, pinned
+from .common import Context, Measurement, paired_ratio, pinned
 from .programs import Rotation, load_baselines, load_rotator, load_xdpgw, possible_cpus
 from .testrun import (STATES, FlowTables, Timed, counter_check, fresh_and_steady, rotated_entry, rotated_value,
                       run_repeat)
@@ -396,7 +396,7 @@ def _measurements(states: dict, drop_repeat: float, with_katran: bool, info: dic
                for name in ("xdp_drop_min", "xdp_redirect_min", *(c.key for c in classes))}
         drop, redirect = net["xdp_drop_min"], net["xdp_redirect_min"]
         method = (f"rotated: repeat={repeat}, a different flow every repetition, net of the rotator, median of "
-                  f"{trials} interleaved rounds, {STATE_NAMES[state]}")
+                  f"{trials} interleaved rounds (against Katran: median of the rounds' ratios), {STATE_NAMES[state]}")
         suffix = f"@{state}"
         for name, label in (("xdp_drop_min", "baseline: XDP_DROP"),
                             ("xdp_redirect_min", "baseline: MAC rewrite + redirect")):
@@ -409,6 +409,9 @@ def _measurements(states: dict, drop_repeat: float, with_katran: bool, info: dic
             vs = COMPARED.get(c.key) if with_katran else None
             baseline, baseline_value = (f"Katran, same class ({STATE_NAMES[state]})", net[vs]) if vs else (
                 "minimal redirect", redirect)
+            # against Katran: the median of the rounds' ratios (both ran in every round, back to back)
+            paired = paired_ratio([x - overhead for x in e.results],
+                                  [x - overhead for x in rotated_entry(phases, vs).results]) if vs else None
             results.append(Measurement(
                 SECTION, c.key + suffix, f"{c.name} ({STATE_NAMES[state]})", value, "ns/pkt", baseline,
                 baseline_value, method,
@@ -416,6 +419,7 @@ def _measurements(states: dict, drop_repeat: float, with_katran: bool, info: dic
                         "flows": "new every repetition" if c.new_flows else hit_flows,
                         "xdp_drop_ns": drop, "redirect_ns": redirect,
                         "ratio_to_redirect": value / redirect if redirect > 0 else None,
-                        "ratio_to_xdp_drop": value / drop if drop > 0 else None},
-                checks=counter_check(c.expect, e.runs, e.counter_delta)))
+                        "ratio_to_xdp_drop": value / drop if drop > 0 else None,
+                        "ratio_of_medians": value / baseline_value if baseline_value > 0 else None},
+                checks=counter_check(c.expect, e.runs, e.counter_delta), paired_ratio=paired))
     return results

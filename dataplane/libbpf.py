@@ -58,6 +58,27 @@ class MapInfo(ct.Structure):
                 ("map_extra", ct.c_uint64)]
 
 
+class ProgInfo(ct.Structure):
+    """struct bpf_prog_info up to the fields read here (the kernel fills what fits)."""
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8),
+                ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32),
+                ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64), ("load_time", ct.c_uint64),
+                ("created_by_uid", ct.c_uint32), ("nr_map_ids", ct.c_uint32), ("map_ids", ct.c_uint64),
+                ("name", ct.c_char * 16), ("ifindex", ct.c_uint32), ("gpl_compatible", ct.c_uint32),
+                ("netns_dev", ct.c_uint64), ("netns_ino", ct.c_uint64), ("nr_jited_ksyms", ct.c_uint32),
+                ("nr_jited_func_lens", ct.c_uint32), ("jited_ksyms", ct.c_uint64), ("jited_func_lens", ct.c_uint64),
+                ("btf_id", ct.c_uint32), ("func_info_rec_size", ct.c_uint32), ("func_info", ct.c_uint64),
+                ("nr_func_info", ct.c_uint32), ("nr_line_info", ct.c_uint32), ("line_info", ct.c_uint64),
+                ("jited_line_info", ct.c_uint64), ("nr_jited_line_info", ct.c_uint32),
+                ("line_info_rec_size", ct.c_uint32), ("jited_line_info_rec_size", ct.c_uint32)]
+
+
+class LineInfo(ct.Structure):
+    """struct bpf_line_info."""
+    _fields_ = [("insn_off", ct.c_uint32), ("file_name_off", ct.c_uint32), ("line_off", ct.c_uint32),
+                ("line_col", ct.c_uint32)]
+
+
 # int (*)(void *ctx, void *data, size_t size): libbpf's ring buffer callback
 RingBufferSample = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
 
@@ -89,11 +110,14 @@ _SIGNATURES = {
     "btf__load_vmlinux_btf": [],
     "btf__find_by_name_kind": [ct.c_void_p, ct.c_char_p, ct.c_uint32],
     "btf__free": [ct.c_void_p],
+    "btf__load_from_kernel_by_id": [ct.c_uint32],
+    "btf__name_by_offset": [ct.c_void_p, ct.c_uint32],
     "libbpf_strerror": [ct.c_int, ct.c_char_p, ct.c_size_t],
 }
 _RESTYPES = {"ring_buffer__new": ct.c_void_p, "bpf_object__open_mem": ct.c_void_p,
              "bpf_object__find_program_by_name": ct.c_void_p, "bpf_program__attach_iter": ct.c_void_p,
-             "bpf_object__close": None, "btf__load_vmlinux_btf": ct.c_void_p, "btf__free": None}
+             "bpf_object__close": None, "btf__load_vmlinux_btf": ct.c_void_p, "btf__free": None,
+             "btf__load_from_kernel_by_id": ct.c_void_p, "btf__name_by_offset": ct.c_char_p}
 BTF_KIND_FUNC = 12
 
 
@@ -227,6 +251,40 @@ def map_info(map_fd: int) -> MapInfo:
     n = ct.c_uint32(ct.sizeof(info))
     _check(lib().bpf_obj_get_info_by_fd(map_fd, ct.byref(info), ct.byref(n)), f"reading info of map fd {map_fd}")
     return info
+
+
+def _prog_info(prog_fd: int, info: ProgInfo) -> ProgInfo:
+    n = ct.c_uint32(ct.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(prog_fd, ct.byref(info), ct.byref(n)), f"reading info of program fd {prog_fd}")
+    return info
+
+
+def prog_tag(prog_fd: int) -> str:
+    """The program's tag as in its kernel symbol bpf_prog_<tag>_<name>."""
+    return bytes(_prog_info(prog_fd, ProgInfo()).tag).hex()
+
+
+def prog_jited_lines(prog_fd: int) -> list[tuple[int, int, str]]:
+    """Where each source line of a JIT-compiled program starts: (kernel address,
+    line number, source text), sorted by address; empty without BTF line info."""
+    first = _prog_info(prog_fd, ProgInfo())
+    n, jn = first.nr_line_info, first.nr_jited_line_info
+    if not n or n != jn or first.line_info_rec_size != ct.sizeof(LineInfo):
+        return []
+    lines, addrs = (LineInfo * n)(), (ct.c_uint64 * n)()
+    info = ProgInfo(nr_line_info=n, line_info_rec_size=ct.sizeof(LineInfo), line_info=ct.addressof(lines),
+                    nr_jited_line_info=n, jited_line_info_rec_size=8, jited_line_info=ct.addressof(addrs))
+    _prog_info(prog_fd, info)
+    btf = lib().btf__load_from_kernel_by_id(first.btf_id)
+    if not btf:
+        return []
+    try:
+        def text(off: int) -> str:
+            raw = lib().btf__name_by_offset(btf, off)
+            return raw.decode(errors="replace").strip() if raw else ""
+        return sorted((addrs[i], lines[i].line_col >> 10, text(lines[i].line_off)) for i in range(n))
+    finally:
+        lib().btf__free(btf)
 
 
 def obj_pin(fd: int, path: str) -> None:

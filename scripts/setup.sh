@@ -31,7 +31,7 @@ STAMP="$VENV/.xdpgw-install-stamp"
 PIP_LOG="$VENV/pip-install.log"
 
 DEB_PACKAGES=(python3-bpfcc python3-venv python3-dev iproute2 ethtool bpftool libbpf1 gcc make tcpdump prometheus systemd
-              clang llvm libbpf-dev
+              clang llvm libbpf-dev linux-perf
               etcd-server etcd-client
               openssl)
 # Extension modules that must import after the install; read from setup.py below,
