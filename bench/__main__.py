@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="a facebookincubator/katran checkout: build its balancer and time it beside xdpgw "
                          "(section katran; needs clang and llc)")
     ap.add_argument("--list", action="store_true", help="list the sections and exit")
-    ap.add_argument("--cleanup", metavar="PREFIX", help="remove the namespaces of a crashed run (e.g. xgb3f2) and exit")
+    ap.add_argument("--cleanup", metavar="PREFIX",
+                    help="remove what a crashed run (e.g. xgb3f2) left: namespaces, pins, the fleet's processes and "
+                         "data dirs; then exit")
     args = ap.parse_args(argv)
 
     if args.list:
@@ -107,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<11} {(mod.__doc__ or '').strip().splitlines()[0]}")
         return 0
     if args.cleanup:
-        from .topology import cleanup
+        from . import fleet, topology
 
-        removed = cleanup(args.cleanup)
+        removed = topology.cleanup(args.cleanup) + fleet.cleanup(args.cleanup)
         print("removed:", " ".join(removed) or "nothing")
         return 0
     if args.katran_src is not None:

@@ -3,8 +3,9 @@
 Set-up (all in namespaces of this run, removed at the end with every process
 and data dir, also on failure):
 
-* {p}-fe: the etcd members (tests/etcd_cluster.py) on 198.18.250.1-3; the
-  writer and the watcher-only processes run here too.
+* {p}-fe: the etcd members (testbed/etcd_cluster.py) on 198.18.250.1-3; the
+  writer and the watcher-only processes run here too. The members' data dirs
+  are in the run's directory, xdpgw-fleet-{p}-* in the temporary directory.
 * {p}-fgN, one per gateway: a real `xdpgw run` daemon, XDP attached to up0 (a
   veth whose peer stays in the namespace: no traffic, the cost measured is the
   control plane's), reaching the members by mgmt0, a veth to {p}-fe.
@@ -30,13 +31,18 @@ all processes applied it (one host clock). Apply cost per change: the CPU time
 (measured over a quiet window just before), over the number of changes. Runs
 are repeated with more watchers (8, 32, 64 processes) to show how the figures
 move with the fleet. The machine's CPU use during each run is reported beside
-them: on a small machine the fleet's processes and etcd share the same cores."""
+them: on a small machine the fleet's processes and etcd share the same cores.
+
+What a crashed run left (processes, namespaces, pins, its directory) goes with
+`python -m bench --cleanup PREFIX` (cleanup() below)."""
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,6 +56,7 @@ from .common import Context, Measurement
 
 SECTION = "fleet"
 HOSTS = 16
+GATEWAYS = 8                     # gateway daemons of a full run (2 with --quick)
 ETCD_IPS = ("198.18.250.1", "198.18.250.2", "198.18.250.3")
 WRITERS = 4
 WATCHER_BATCH = 8
@@ -90,6 +97,10 @@ class Net:
     def gw_ns(self, i: int) -> str:
         return f"{self.prefix}-fg{i}"
 
+    def gw_name(self, i: int) -> str:
+        """Gateway i's gateway.name: its pins and API socket are named after it."""
+        return f"{self.prefix}-g{i}"
+
     def up(self) -> None:
         """{p}-fe with the members' addresses; per gateway its namespace, mgmt0 to {p}-fe, up0/up1."""
         _ip("netns", "add", self.etcd_ns)
@@ -121,6 +132,74 @@ class Net:
         self.made.clear()
 
 
+def _run_dir_stem(prefix: str) -> str:
+    return f"xdpgw-fleet-{prefix}-"
+
+
+def cleanup(prefix: str) -> list[str]:
+    """Remove what a crashed run with this exact prefix left: the processes inside its
+    namespaces (etcd members, gateway daemons, watchers: all started by the run;
+    SIGTERM by pid, SIGKILL after a grace), the namespaces (their veths go with them),
+    the gateways' pins and API sockets, the run's directory (etcd data, configs)."""
+    from control.config import GatewayConfig
+    from dataplane.pinning import PIN_ROOT, remove_pins
+    from testbed.netns import netns_exists
+
+    net = Net(prefix, GATEWAYS)
+    namespaces = [ns for ns in [net.etcd_ns, *(net.gw_ns(i) for i in range(GATEWAYS))] if netns_exists(ns)]
+    pids = []
+    for ns in namespaces:
+        out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=20).stdout
+        pids += [int(p) for p in out.split()]
+    removed = [f"pid {p}" for p in _end(pids)]
+    net.made = list(namespaces)
+    net.down()
+    removed += namespaces
+    for i in range(GATEWAYS):
+        if remove_pins(PIN_ROOT / net.gw_name(i)):
+            removed.append(str(PIN_ROOT / net.gw_name(i)))
+        sock = GatewayConfig(name=net.gw_name(i), interface="up0").api_socket
+        if os.path.exists(sock):
+            os.unlink(sock)
+            removed.append(sock)
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), glob.escape(_run_dir_stem(prefix)) + "*")):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _end(pids: list[int], grace: float = 15.0) -> list[int]:
+    """SIGTERM each pid (a daemon detaches XDP and closes its store session), SIGKILL
+    those still alive after `grace` seconds; the pids that were signalled."""
+    signalled = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            signalled.append(pid)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    alive = signalled
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if _running(p)]
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return signalled
+
+
+def _running(pid: int) -> bool:
+    """The pid exists and is not a zombie (a zombie's parent reaps it; it holds nothing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 # ------------------------------------------------------------------ the gateways
 
 class _Procs:
@@ -147,7 +226,7 @@ def gateway_config(net: Net, i: int, url: str, n_vms: int):
                   for k in range(HOSTS))
     vms = tuple(VMConfig(name=vm_name(v), port=f"p{v}", mac=_mac(v), host=host_of(v)) for v in range(n_vms))
     return validate(Config(
-        gateway=GatewayConfig(name=f"{net.prefix}-g{i}", interface="up0", netns=net.gw_ns(i),
+        gateway=GatewayConfig(name=net.gw_name(i), interface="up0", netns=net.gw_ns(i),
                               tunnel_source=ip(f"198.18.{230 + i}.1"), next_hop_mac="02:fd:00:00:00:02",
                               flow_table_size=1024, max_vms=max(1024, n_vms), maglev_table_size=251),
         vms=vms, hosts=hosts, store=StoreConfig(url)))
@@ -346,7 +425,7 @@ def _run_once(ctx: Context, net: Net, url: str, daemons: list, socks: list[str],
         time.sleep(idle_s)
         cpu1 = {k: [_cpu_s(p) for p in v] for k, v in pids.items()}
         names = [vm_name(v) for v in range(first, first + n_moves)]
-        members = [f"{net.prefix}-g{i}" for i in range(len(daemons))]
+        members = [net.gw_name(i) for i in range(len(daemons))]
         ctx.progress(f"{procs} processes: {n_moves} migrations at {RATE:.0f}/s")
         m0 = _machine_busy()
         t_run = time.monotonic()
@@ -435,26 +514,26 @@ def _run_once(ctx: Context, net: Net, url: str, daemons: list, socks: list[str],
 def run(ctx: Context) -> dict:
     from control.api import unix as api
     from dataplane.pinning import PIN_ROOT, remove_pins
+    from testbed.etcd_cluster import EtcdCluster
     from testbed.kit import GatewayDaemon
     from testbed.netns import run_in_netns
-    from tests.etcd_cluster import EtcdCluster
 
     n_vms = ctx.size(10_000, 1000)
     n_moves = ctx.size(1000, 100)
-    gateways = ctx.size(8, 2)
+    gateways = ctx.size(GATEWAYS, 2)
     fleets = ctx.size([8, 32, 64], [8])               # processes per run: gateways + watcher-only processes
     results: list[Measurement] = []
     info: dict = {"vms": n_vms, "migrations_per_run": n_moves, "rate_per_s": RATE, "gateways": gateways,
                   "hosts": HOSTS, "etcd_members": 3, "cpus": os.cpu_count(), "writer_threads": WRITERS}
     net = Net(ctx.prefix, gateways)
-    tmp = tempfile.mkdtemp(prefix="xdpgw-fleet-")
+    tmp = tempfile.mkdtemp(prefix=_run_dir_stem(ctx.prefix))
     procs = _Procs()
     daemons: list = []
     runs: list[dict] = []
     try:
         ctx.progress(f"namespaces for etcd and {gateways} gateways")
         net.up()
-        with EtcdCluster(hosts=ETCD_IPS, netns=net.etcd_ns) as cluster:
+        with EtcdCluster(hosts=ETCD_IPS, netns=net.etcd_ns, parent=tmp) as cluster:
             url = cluster.url
             ctx.progress(f"registering {n_vms} VMs in etcd")
             t0 = time.monotonic()
@@ -507,9 +586,7 @@ def run(ctx: Context) -> dict:
     finally:
         net.down()
         for i in range(gateways):
-            remove_pins(PIN_ROOT / f"{ctx.prefix}-g{i}")
-        import shutil
-
+            remove_pins(PIN_ROOT / net.gw_name(i))
         shutil.rmtree(tmp, ignore_errors=True)
     _measurements(runs, results, info)
     return {"results": results, "info": info}

@@ -262,16 +262,17 @@ class Gateway:
             for kind, ids in fresh.items():
                 dp.zero_counters(kind, ids)
 
-            def write(rt: VmRuntime) -> None:
-                name = rt.config.name
-                if name in placed:
-                    dp.set_vm(rt.vm_id, self._location(rt), rt.state)
-                elif rt.state != old_vms[name].state:
-                    dp.set_vm_state(rt.vm_id, rt.state)
+            def write(group: list[VmRuntime]) -> None:
+                # the placed VMs' locations in one batch (a start places every VM)
+                locations = []
+                for rt in group:
+                    if rt.config.name in placed:
+                        locations.append((rt.vm_id, self._location(rt), rt.state))
+                    elif rt.state != old_vms[rt.config.name].state:
+                        dp.set_vm_state(rt.vm_id, rt.state)
+                dp.set_vms(locations)
 
-            for rt in vms.values():
-                if rt.state != "down":
-                    write(rt)
+            write([rt for rt in vms.values() if rt.state != "down"])
             self.config, self.vms, self.region_ids, self.service_ids = config, vms, region_ids, service_ids
             dp.set_region_prefixes({net: region_ids[r.name] for r in config.regions for net in r.prefixes})
             self._rebuild_tables()
@@ -279,9 +280,7 @@ class Gateway:
             for sid in old_sids - set(service_ids.values()):
                 dp.remove_maglev_table(sid)
                 self.tables.pop(sid, None)
-            for rt in vms.values():
-                if rt.state == "down":
-                    write(rt)
+            write([rt for rt in vms.values() if rt.state == "down"])
             for name in old_vms.keys() - vms.keys():
                 dp.clear_vm(old_vms[name].vm_id)
             self._release_unused_ports()

@@ -9,6 +9,7 @@ import os
 import socket
 import struct
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -230,6 +231,26 @@ class Dataplane:
                 if libbpf.lookup_elem(fd, ct.c_uint32(slot), ifindex, f"tx_ports[{slot}]")}
 
     def set_vm(self, vm_id: int, where: LocalPort | Tunnel, state: str = "active") -> None:
+        self._table("vm_location")[ct.c_uint32(vm_id)] = self._vm_location(vm_id, where, state)
+
+    def set_vms(self, vms: Iterable[tuple[int, LocalPort | Tunnel, str]]) -> None:
+        """set_vm of every (vm_id, where, state) with one batch update (a start with
+        thousands of VMs): each checked as set_vm checks it, none written unless all pass."""
+        ids: list[int] = []
+        values: list[bytes] = []
+        built: dict[tuple[LocalPort | Tunnel, str], bytes] = {}
+        for vm_id, where, state in vms:
+            self._check_vm(vm_id, state)
+            # many VMs share a location (a host's tunnel): it is checked and encoded once
+            if (where, state) not in built:
+                built[where, state] = bytes(self._vm_location(vm_id, where, state))
+            ids.append(vm_id)
+            values.append(built[where, state])
+        if ids:
+            libbpf.update_batch(self._fd("vm_location"), struct.pack(f"={len(ids)}I", *ids), b"".join(values),
+                                len(ids), "vm_location")
+
+    def _vm_location(self, vm_id: int, where: LocalPort | Tunnel, state: str) -> S.VmLocation:
         self._check_vm(vm_id, state)
         loc = S.VmLocation(state=VM_STATES[state])
         if isinstance(where, LocalPort):
@@ -243,7 +264,7 @@ class Dataplane:
             loc.encap = _encap(f"VM {vm_id}", where)
             loc.tunnel_dst, loc.tunnel_src = S.addr16(where.endpoint), S.addr16(where.source)
             loc.dst_mac, loc.src_mac = S.mac_bytes(where.next_hop_mac), S.mac_bytes(where.uplink_mac)
-        self._table("vm_location")[ct.c_uint32(vm_id)] = loc
+        return loc
 
     def set_vm_state(self, vm_id: int, state: str) -> None:
         self._check_vm(vm_id, state)

@@ -44,6 +44,13 @@ def netns_exists(name: str) -> bool:
     return os.path.exists(os.path.join(NETNS_RUN_DIR, name))
 
 
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A loopback port nobody listens on (bound, then released) in this process's network namespace."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _read_all(fd: int, deadline: float) -> bytes:
     chunks = []
     while True:

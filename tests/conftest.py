@@ -3,7 +3,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.etcd_cluster import EtcdCluster
+from testbed.etcd_cluster import EtcdCluster
 
 
 @pytest.fixture

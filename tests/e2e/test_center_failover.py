@@ -1,4 +1,4 @@
-"""The control center's fail-over on a real 3-member etcd cluster (tests/etcd_cluster.py):
+"""The control center's fail-over on a real 3-member etcd cluster (testbed/etcd_cluster.py):
 three `xdpgw center` processes on one store, a distribution request started, the leader
 killed (SIGKILL, by pid) while the target data center's agent is preparing; a standby
 takes over when the leader's lease expires and finishes the request, and the target
@@ -26,8 +26,8 @@ from aiohttp import web
 from control.center.client import CenterClient, CenterError
 from control.center.kvstore import LEADER_KEY
 from control.store import open_store
-from tests.etcd_cluster import EtcdCluster
-from tests.sockets import free_port
+from testbed.etcd_cluster import EtcdCluster
+from testbed.netns import free_port
 from tests.waiting import wait_for
 
 TOKEN = "c3nter"

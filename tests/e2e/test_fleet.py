@@ -1,5 +1,5 @@
 """Gateways following one etcd (a real 3-member cluster on loopback,
-tests/etcd_cluster.py): a migration is one compare-and-swap write that every
+testbed/etcd_cluster.py): a migration is one compare-and-swap write that every
 gateway applies from its watch; members die, a gateway is cut off, history is
 compacted behind its back, and every gateway ends on the same locations; the
 migration history stays within its bound.
@@ -22,7 +22,7 @@ from control.migration.follow import Membership
 from control.migration.manager import MigrationManager
 from control.migration.registry import MIGRATIONS, Registry, Retention
 from control.store import open_store
-from tests.etcd_cluster import EtcdCluster
+from testbed.etcd_cluster import EtcdCluster
 from tests.waiting import wait_for
 
 VMS = [f"vm{i}" for i in range(1, 9)]

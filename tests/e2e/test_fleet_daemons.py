@@ -1,6 +1,6 @@
 """Real gateway daemons (`xdpgw run`, XDP attached) in the testbed's namespaces,
 four of them (two data centers x two gateways), following one real 3-member
-etcd (tests/etcd_cluster.py): a migration is one store write that every daemon
+etcd (testbed/etcd_cluster.py): a migration is one store write that every daemon
 applies from its watch.
 
 Data center 1: Testbed(prefix, gateways=2) gives gw1 and gw2, each with its own
@@ -47,11 +47,11 @@ from control.config import Config, HostConfig, StoreConfig, validate
 from testbed.addresses import DC2_ENDPOINT, DC2_ENDPOINT6, DC2_IF, GW2_ROLE, ROUTER_DC2_MAC, UPLINK_IP, VIP4
 from testbed.config import WEB_PORT
 from testbed.config import testbed_config as make_config
+from testbed.etcd_cluster import EtcdCluster
 from testbed.kit import GatewayDaemon, LineConn, start_server, vm_binds, xdpgw_executable
 from testbed.ports import VmPort, add_port, garp, port_for
 from testbed.topology import Testbed
 from tests.e2e.conftest import running_testbed, unique_prefix
-from tests.etcd_cluster import EtcdCluster
 from tests.waiting import wait_for
 
 PREFIX = unique_prefix("xgf")

@@ -17,9 +17,6 @@ import threading
 import time
 
 import pytest
-
-from tests.sockets import free_port
-from tests.waiting import wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -27,6 +24,8 @@ from control.config import HealthConfig
 from control.health import (DEFAULT_PAYLOAD, Check, HealthMonitor, Hysteresis, checks_from_config, combine,
                             probe)
 from testbed.config import testbed_config as make_config
+from testbed.netns import free_port
+from tests.waiting import wait_for
 
 LO = ipaddress.ip_address("127.0.0.1")
 LO6 = ipaddress.ip_address("::1")

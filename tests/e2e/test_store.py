@@ -1,5 +1,5 @@
 """The store's behaviour, the same suite on both backends: SQLite in a temp dir and
-a real 3-member etcd cluster on loopback (tests/etcd_cluster.py). Processes that
+a real 3-member etcd cluster on loopback (testbed/etcd_cluster.py). Processes that
 must die without cleaning up (a leader, a lease holder) are subprocesses killed by pid."""
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import pytest
 from control.config import StoreConfig
 from control.store import (Compacted, Conflict, Entry, Event, Store, StoreError, StoreTLS, open_configured,
                            open_store)
+from testbed.etcd_cluster import EtcdCluster
 from tests.certs import CA
-from tests.etcd_cluster import EtcdCluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WAIT_S = 20.0  # bound on every wait for the store to do something

@@ -24,9 +24,9 @@ from control.migration.manager import Announcement, MigrationError, MigrationMan
 from control.migration.registry import Registry
 from control.vms import Location
 from dataplane import structs as S
+from testbed.netns import free_port
 from tests.configs import MINIMAL
 from tests.prom import Samples, samples, value
-from tests.sockets import free_port
 from tests.unit.center_fixtures import document
 from tests.unit.test_center_api import REQ, post, wait_state, with_center
 from tests.waiting import wait_for

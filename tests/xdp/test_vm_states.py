@@ -44,6 +44,10 @@ class FakeDataplane:
         self.states[vm_id] = state
         self.log.append(("vm", vm_id, state))
 
+    def set_vms(self, vms) -> None:
+        for vm_id, where, state in vms:
+            self.set_vm(vm_id, where, state)
+
     def set_vm_state(self, vm_id, state) -> None:
         self.states[vm_id] = state
         self.log.append(("state", vm_id, state))

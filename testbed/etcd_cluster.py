@@ -1,7 +1,10 @@
-"""A real etcd cluster for tests: N members (3 by default) started as subprocesses,
-each with its own data dir, on loopback (or on addresses the caller gives, in a
-network namespace the caller made). Used as a context manager; at its end every
-member process is killed by pid and the data dirs are removed, also on failure.
+"""A real etcd cluster for the lab: N members (3 by default) started as
+subprocesses, each with its own data dir, on loopback (or on addresses the caller
+gives, in a network namespace the caller made). What the shared store
+(control/store/etcd.py) is tested and measured against: the store, fleet and
+center fail-over tests, and the bench's fleet section. Used as a context manager;
+at its end every member process is killed by pid and the data dirs are removed,
+also on failure.
 
     with EtcdCluster() as cluster:
         store = open_store(cluster.url)
@@ -22,7 +25,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from tests.sockets import free_port
+from testbed.netns import free_port, netns_argv
 
 _START_TIMEOUT_S = 30.0
 # Short raft timings: a lost leader is replaced within about a second, and the
@@ -56,16 +59,17 @@ class EtcdCluster:
     `netns`, the members run inside that namespace (`ip netns exec`), and the health
     checks too. With `tls` = (ca, cert, key) files, clients speak https to the members
     and must present a certificate signed by `ca` (mutual TLS); the cluster's own
-    checks use `cert` and `key` as their client certificate."""
+    checks use `cert` and `key` as their client certificate. The members' data dirs and
+    logs go in a new directory under `parent` (default: the system's temporary directory)."""
 
     def __init__(self, size: int = 3, hosts: tuple[str, ...] | None = None, netns: str | None = None,
-                 tls: tuple[str, str, str] | None = None) -> None:
+                 tls: tuple[str, str, str] | None = None, parent: str | None = None) -> None:
         hosts = hosts or ("127.0.0.1",) * size
         if len(hosts) != size:
             raise ValueError(f"{size} members need {size} hosts, got {len(hosts)}")
         self.netns = netns
         self.tls = tls
-        self._dir = tempfile.mkdtemp(prefix="xdpgw-etcd-")
+        self._dir = tempfile.mkdtemp(prefix="xdpgw-etcd-", dir=parent)
         self.members = [Member(f"m{i}", host, free_port(), free_port(), os.path.join(self._dir, f"m{i}.data"),
                                os.path.join(self._dir, f"m{i}.log"), "https" if tls else "http")
                         for i, host in enumerate(hosts)]
@@ -148,9 +152,9 @@ class EtcdCluster:
     def _etcdctl(self, members: list[Member], *argv: str, timeout_s: int = 5) -> subprocess.CompletedProcess:
         """etcdctl inside the members' namespace (netns mode: HTTP from this process cannot reach them)."""
         tls = [f"--cacert={self.tls[0]}", f"--cert={self.tls[1]}", f"--key={self.tls[2]}"] if self.tls else []
-        return subprocess.run(["ip", "netns", "exec", self.netns, "etcdctl",
-                               "--endpoints=" + ",".join(m.client_url for m in members), *tls,
-                               f"--command-timeout={timeout_s}s", *argv],
+        endpoints = "--endpoints=" + ",".join(m.client_url for m in members)
+        return subprocess.run(netns_argv(self.netns, ["etcdctl", endpoints, *tls, f"--command-timeout={timeout_s}s",
+                                                      *argv]),
                               capture_output=True, text=True, timeout=4 * timeout_s)
 
     def enable_auth(self, password: str) -> None:
@@ -209,7 +213,7 @@ class EtcdCluster:
             argv += ["--trusted-ca-file", self.tls[0], "--cert-file", self.tls[1], "--key-file", self.tls[2],
                      "--client-cert-auth"]
         if self.netns is not None:
-            argv = ["ip", "netns", "exec", self.netns, *argv]
+            argv = netns_argv(self.netns, argv)
         with open(m.log_path, "ab") as log:
             m.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
 
