@@ -182,20 +182,26 @@ class Dataplane:
             raise ValueError(f"Maglev table for service {service_id} has {table.size} slots, expected {m}")
         if not 0 <= service_id < self.sizes.max_services:
             raise ValueError(f"service id {service_id} out of range 0..{self.sizes.max_services - 1}")
-        inner = libbpf.map_create(libbpf.BPF_MAP_TYPE_ARRAY, f"maglev_{service_id}", 4, 4, m,
-                                  libbpf.BPF_F_MMAPABLE)
+        lines = self._maglev_lines
+        inner = libbpf.map_create(libbpf.BPF_MAP_TYPE_ARRAY, f"maglev_{service_id}", 4, ct.sizeof(S.MaglevLine),
+                                  lines, libbpf.BPF_F_MMAPABLE)
         try:
-            # one copy through a shared mapping instead of a batch syscall of M updates;
-            # an array map keeps each value in an 8-byte slot
-            slots = np.zeros(m, dtype=np.uint64)
-            slots[:] = table
-            size = (m * 8 + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+            # one copy through a shared mapping instead of a batch syscall per line
+            slots = np.full(lines * S.MAGLEV_LINE_SLOTS, S.XDPGW_NO_VM, dtype=np.uint32)
+            slots[:m] = table
+            raw = slots.tobytes()
+            size = (len(raw) + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
             with mmap.mmap(inner, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE) as mem:
-                mem[:m * 8] = slots.tobytes()
+                mem[:len(raw)] = raw
             libbpf.update_elem(self._fd("maglev_tables"), ct.c_uint32(service_id), ct.c_uint32(inner),
                                f"maglev_tables[{service_id}]")
         finally:
             os.close(inner)  # the outer map holds its own reference
+
+    @property
+    def _maglev_lines(self) -> int:
+        """Values of a Maglev table (ebpf/maps.h MAGLEV_LINES)."""
+        return -(-self.sizes.maglev_m // S.MAGLEV_LINE_SLOTS)
 
     def remove_maglev_table(self, service_id: int) -> None:
         """The service then has no table: its new flows drop as no_vm."""
@@ -210,8 +216,9 @@ class Dataplane:
         fd = libbpf.map_fd_by_id(inner_id.value)
         try:
             m = self.sizes.maglev_m
-            _, values, n = libbpf.lookup_batch(fd, 4, 4, m, f"Maglev table of service {service_id}")
-            return np.frombuffer(values, dtype=np.uint32, count=n).copy()
+            _, values, n = libbpf.lookup_batch(fd, 4, ct.sizeof(S.MaglevLine), self._maglev_lines,
+                                               f"Maglev table of service {service_id}")
+            return np.frombuffer(values, dtype=np.uint32, count=n * S.MAGLEV_LINE_SLOTS)[:m].copy()
         finally:
             os.close(fd)
 

@@ -15,6 +15,7 @@ EBPF_DIR = Path(str(files("ebpf")))
 STRUCTS_H = EBPF_DIR / "structs.h"
 
 XDPGW_NO_VM = 0xFFFFFFFF              # Maglev slot / flow value with no VM
+MAGLEV_LINE_SLOTS = 16                 # Maglev slots per value of a table (struct maglev_line)
 XDPGW_REGION_UNKNOWN = 0              # region id of unmatched sources
 
 # vm_location.kind
@@ -128,6 +129,10 @@ class ServiceInfo(ct.Structure):
     _fields_ = [("id", ct.c_uint32), ("flags", ct.c_uint32)]
 
 
+class MaglevLine(ct.Structure):
+    _fields_ = [("vm", ct.c_uint32 * MAGLEV_LINE_SLOTS)]
+
+
 class FlowKey(ct.Structure):
     _fields_ = [("src", Addr16), ("dst", Addr16), ("sport", ct.c_uint16), ("dport", ct.c_uint16),
                 ("proto", ct.c_uint8), ("flags", ct.c_uint8), ("pad", ct.c_uint16)]
@@ -220,7 +225,7 @@ class VmPairKey(ct.Structure):
 
 # Every mirrored struct with its C name, for the layout test.
 MIRRORS: dict[str, type[ct.Structure]] = {
-    "service_key": ServiceKey, "service_info": ServiceInfo, "flow_key": FlowKey, "flow_key4": FlowKey4,
+    "service_key": ServiceKey, "service_info": ServiceInfo, "maglev_line": MaglevLine, "flow_key": FlowKey, "flow_key4": FlowKey4,
     "flow_entry": FlowEntry,
     "vm_location": VmLocation, "offload_key": OffloadKey, "offload_ref": OffloadRef,
     "offload_target": OffloadTarget, "decap_key": DecapKey, "tunnel_config": TunnelConfig,

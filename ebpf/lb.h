@@ -24,8 +24,9 @@ static __always_inline __u32 maglev_pick(const struct flow_key *key, __u32 servi
         return XDPGW_NO_VM;
     __u32 slot = flow_hash(key->src, key->sport, key->dport, key->proto, XDPGW_HASH_SEED) %
                  XDPGW_MAGLEV_M;
-    __u32 *vm = bpf_map_lookup_elem(table, &slot);
-    return vm ? *vm : XDPGW_NO_VM;
+    __u32 line = slot / MAGLEV_LINE_SLOTS;
+    struct maglev_line *l = bpf_map_lookup_elem(table, &line);
+    return l ? l->vm[slot % MAGLEV_LINE_SLOTS] : XDPGW_NO_VM;
 }
 
 static __always_inline struct offload_target *offload_endpoint(__u32 id)

@@ -30,9 +30,11 @@ BPF_HASH(services, struct service_key, struct service_info, 2 * XDPGW_MAX_SERVIC
 BPF_ARRAY(vip_filter, __u32, 1 << VIP_FILTER_BITS);
 STATE_TABLE("percpu_array", __u32, struct service_counter, service_counters, XDPGW_MAX_SERVICES, 0);
 
-/* One Maglev table per service, swapped whole by replacing the inner map. */
+/* One Maglev table per service, swapped whole by replacing the inner map;
+ * XDPGW_MAGLEV_M slots in lines of MAGLEV_LINE_SLOTS. */
+#define MAGLEV_LINES ((XDPGW_MAGLEV_M + MAGLEV_LINE_SLOTS - 1) / MAGLEV_LINE_SLOTS)
 /* mmapable, so the control plane fills a new table with one memory copy */
-BPF_F_TABLE("array", __u32, __u32, maglev_inner, XDPGW_MAGLEV_M, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", __u32, struct maglev_line, maglev_inner, MAGLEV_LINES, BPF_F_MMAPABLE);
 BPF_ARRAY_OF_MAPS(maglev_tables, "maglev_inner", XDPGW_MAX_SERVICES);
 
 /* 5-tuple -> VM id, one table per family, each of XDPGW_FLOW_ENTRIES (a

@@ -59,6 +59,14 @@ struct service_info {
     __u32 flags;
 };
 
+/* A cache line of a service's Maglev table: slot i is vm[i % MAGLEV_LINE_SLOTS] of
+ * line i / MAGLEV_LINE_SLOTS. An array map keeps every value in a slot of at
+ * least 8 bytes, so one VM id per value would take twice the memory. */
+#define MAGLEV_LINE_SLOTS 16
+struct maglev_line {
+    __u32 vm[MAGLEV_LINE_SLOTS];      /* VM ids; XDPGW_NO_VM: none */
+};
+
 struct flow_key {                     /* the parsed flow of either family; flow_table6's key */
     __u8 src[16];
     __u8 dst[16];
