@@ -4,6 +4,7 @@
 #ifndef XDPGW_HASH_H
 #define XDPGW_HASH_H
 
+#include "addr.h"
 #include "structs.h"
 
 static __always_inline __u32 rotl32(__u32 x, __u32 r)
@@ -27,10 +28,17 @@ static __always_inline __u32 flow_hash(const __u8 *src, __u16 sport, __u16 dport
     __u32 h = seed;
     __u32 w;
 
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        __builtin_memcpy(&w, src + 4 * i, 4);
+    if (is_ipv4_mapped(src)) {
+        /* its first three words are the mapped prefix: their rounds fold to a constant */
+        h = murmur_round(murmur_round(murmur_round(h, 0), 0), 0xffff);
+        __builtin_memcpy(&w, src + IPV4_MAPPED_PREFIX, 4);
         h = murmur_round(h, bpf_ntohl(w));
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            __builtin_memcpy(&w, src + 4 * i, 4);
+            h = murmur_round(h, bpf_ntohl(w));
+        }
     }
     h = murmur_round(h, ((__u32)sport << 16) | dport);
     h = murmur_round(h, proto);
