@@ -10,15 +10,16 @@ Sections (run in this order; `--only NAME` picks some):
   breakdown   where xdpgw's per-packet time goes: variants, map primitives, perf
   metrics     a Prometheus scrape of a gateway with 1k regions and 1M flows
   fleet       migrations through a 3-member etcd, applied by 8 daemons + watchers
+  ab          this tree's XDP program beside another build of it (--ab-ebpf DIR)
 
 Every figure is reported with a baseline measured in the same run and the
 ratio to it."""
 from __future__ import annotations
 
-SECTIONS = ("per_packet", "katran", "scaling", "e2e", "control", "breakdown", "metrics", "fleet")
+SECTIONS = ("per_packet", "katran", "scaling", "e2e", "control", "breakdown", "metrics", "fleet", "ab")
 MODULES = {"per_packet": "perpacket", "katran": "katran", "scaling": "scaling", "e2e": "e2e",
            "control": "controlplane", "breakdown": "breakdown", "metrics": "metrics",
-           "fleet": "fleet"}
+           "fleet": "fleet", "ab": "ab"}
 
 
 def run(sections=SECTIONS, quick: bool = False, out_dir: str = "bench/results", **options):

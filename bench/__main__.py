@@ -34,12 +34,12 @@ def _on_sigterm(signum, frame):
 
 def run_sections(sections: list[str], quick: bool = False, out_dir: str = "bench/results", vms: int = 2,
                  cpu: int = -1, perf: bool = True, progress: bool = True, argv: list[str] | None = None,
-                 print_table: bool = False, katran_src: str | None = None) -> dict:
+                 print_table: bool = False, katran_src: str | None = None, ab_ebpf: str | None = None) -> dict:
     from . import plots, report
 
     started = time.time()
     ctx = Context(quick=quick, out_dir=out_dir, progress=Progress(progress), cpu=cpu, vms=vms, perf=perf,
-                  katran_src=katran_src)
+                  katran_src=katran_src, ab_ebpf=ab_ebpf)
     results: dict = {}
     for name in sections:
         ctx.progress.section = name
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--katran-src", metavar="DIR",
                     help="a facebookincubator/katran checkout: build its balancer and time it beside xdpgw "
                          "(section katran; needs clang and llc)")
+    ap.add_argument("--ab-ebpf", metavar="DIR",
+                    help="another build's ebpf/ directory (same map layouts): time it beside this tree's program "
+                         "(section ab; without it, the section times this tree's program against itself)")
     ap.add_argument("--list", action="store_true", help="list the sections and exit")
     ap.add_argument("--cleanup", metavar="PREFIX",
                     help="remove what a crashed run (e.g. xgb3f2) left: namespaces, pins, the fleet's processes and "
@@ -121,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             print(f"bench: {problem}", file=sys.stderr)
             return 2
+    if args.ab_ebpf is not None:
+        from .ab import ebpf_dir_problem
+
+        problem = ebpf_dir_problem(args.ab_ebpf)
+        if problem:
+            print(f"bench: {problem}", file=sys.stderr)
+            return 2
     if os.geteuid() != 0:
         print("bench: must run as root (BPF programs, network namespaces)", file=sys.stderr)
         return 2
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         doc = run_sections(sections, quick=args.quick, out_dir=args.out, vms=args.vms, cpu=args.cpu,
                            perf=not args.no_perf, progress=not args.no_progress, argv=argv, print_table=True,
-                           katran_src=args.katran_src)
+                           katran_src=args.katran_src, ab_ebpf=args.ab_ebpf)
     except (KeyboardInterrupt, Terminated) as exc:
         print(f"\nbench: interrupted ({exc or 'Ctrl-C'}); everything it built was removed", file=sys.stderr)
         return 130

@@ -143,6 +143,7 @@ class Context:
     vms: int = 2                  # VM namespaces of the end-to-end topology
     perf: bool = True             # sample a profile with perf when it is installed
     katran_src: str | None = None # a Katran checkout to build and time beside xdpgw
+    ab_ebpf: str | None = None    # another build's ebpf/ directory, timed beside this tree's
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:

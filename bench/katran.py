@@ -358,23 +358,25 @@ def run(ctx: Context) -> dict:
             "info": info}
 
 
+def class_rotation(c: Cls, hit_flows: int) -> Rotation:
+    """A class's flows: `hit_flows` established ones, or a never-ending run of new ones.
+    UDP frames are padded to the TCP ones' 72 bytes (the rotator restores the first 64)."""
+    return Rotation.v4(c.kind, F.SRC["new"] if c.new_flows else F.SRC["established"],
+                       NEW_PERIOD if c.new_flows else hit_flows, payload=30 if c.kind.startswith("udp") else 18)
+
+
 def _time(base, rotator, gw, katran, repeat: int, trials: int, hit_flows: int, p):
     """The fresh/steady phases of every class, and plain XDP_DROP (repeat) for the rotator's cost."""
     base_rot = Rotation.v4("tcp4", F.SRC["hit"], hit_flows)
     baselines = [Timed(name, base_rot, base.fd(name)) for name in ("xdp_drop_min", "xdp_redirect_min")]
     gw_tables = FlowTables("xdpgw", FLOW_ENTRIES, gw.dp.clear_flows)
 
-    def rot(c: Cls) -> Rotation:
-        # UDP frames padded to the TCP ones' 72 bytes (the rotator restores the first 64)
-        return Rotation.v4(c.kind, F.SRC["new"] if c.new_flows else F.SRC["established"],
-                           NEW_PERIOD if c.new_flows else hit_flows, payload=30 if c.kind.startswith("udp") else 18)
-
-    timed = [Timed(c.key, rot(c), gw.fd, gw_tables, c.new_flows, not c.new_flows, gw.counters)
-             for c in XDPGW_CLASSES]
+    timed = [Timed(c.key, class_rotation(c, hit_flows), gw.fd, gw_tables, c.new_flows, not c.new_flows,
+                   gw.counters) for c in XDPGW_CLASSES]
     if katran is not None:
         k_tables = FlowTables("Katran", FLOW_ENTRIES, katran.empty)
-        timed += [Timed(c.key, rot(c), katran.fd, k_tables, c.new_flows, not c.new_flows, katran.counters,
-                        katran.restart_rate_window) for c in KATRAN_CLASSES]
+        timed += [Timed(c.key, class_rotation(c, hit_flows), katran.fd, k_tables, c.new_flows, not c.new_flows,
+                        katran.counters, katran.restart_rate_window) for c in KATRAN_CLASSES]
     frame0 = F.flows4("tcp4", F.SRC["hit"], 0, 1)[0]
     drop_repeat = float(np.median([run_repeat(base.fd("xdp_drop_min"), frame0, repeat) for _ in range(3)]))
     return fresh_and_steady(rotator, repeat, trials, baselines, timed, p), drop_repeat

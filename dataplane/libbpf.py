@@ -264,6 +264,14 @@ def prog_tag(prog_fd: int) -> str:
     return bytes(_prog_info(prog_fd, ProgInfo()).tag).hex()
 
 
+def prog_map_ids(prog_fd: int) -> list[int]:
+    """The kernel ids of the maps a program uses."""
+    n = _prog_info(prog_fd, ProgInfo()).nr_map_ids
+    ids = (ct.c_uint32 * n)()
+    _prog_info(prog_fd, ProgInfo(nr_map_ids=n, map_ids=ct.addressof(ids)))
+    return list(ids)
+
+
 def prog_jited_lines(prog_fd: int) -> list[tuple[int, int, str]]:
     """Where each source line of a JIT-compiled program starts: (kernel address,
     line number, source text), sorted by address; empty without BTF line info."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("per_packet", "katran", "scaling", "e2e", "control", "breakdown", "metrics", "fleet")
+SECTIONS = ("per_packet", "katran", "scaling", "e2e", "control", "breakdown", "metrics", "fleet", "ab")
 PLOTS = ("per_packet.png", "katran.png", "scaling_flows.png", "scaling_vms.png", "e2e.png", "maglev.png",
          "breakdown.png", "fleet.png")
 
@@ -58,7 +59,10 @@ def test_every_figure_has_a_baseline_and_a_ratio(quick_run, section):
         # quick sizes measure nothing: a net-of-harness figure may even come out
         # at zero on a busy machine, so only the shape is checked, not the sign
         assert isinstance(r["baseline_value"], (int, float)) and math.isfinite(r["baseline_value"]), r
-        if r["baseline_value"]:
+        if r.get("paired_ratio") is not None:
+            # measured in pairs back to back: the median of the pairs' ratios
+            assert r["ratio"] == r["paired_ratio"] and r["ratio"] > 0, r
+        elif r["baseline_value"]:
             assert r["ratio"] == pytest.approx(r["value"] / r["baseline_value"])
         else:
             assert r["ratio"] is None
@@ -137,6 +141,45 @@ def test_katran_checkout_checked_before_running(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"bench: --katran-src {tmp_path}: no katran/lib/bpf/balancer.bpf.c (expected a facebookincubator/katran "
         "checkout)"]
+
+
+def test_ab_without_a_build_is_this_tree_against_itself(quick_run):
+    _, _, doc = quick_run
+    sec = doc["sections"]["ab"]
+    assert sec["info"]["other"].startswith("this tree again (A/A")
+    keys = {r["key"] for r in sec["results"]}
+    assert {f"{c}@{state}" for c in ("hit_udp_tunnel", "hit_udp_local", "new_udp_tunnel", "new_udp_local")
+            for state in ("fresh", "steady")} <= keys
+    for r in sec["results"]:
+        assert r["checks"]["this"]["ok"] and r["checks"]["other"]["ok"], r
+        assert len(r["params"]["this_ns"]) == len(r["params"]["other_ns"]) >= 1
+
+
+def test_ab_build_checked_before_running(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench", "--ab-ebpf", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"bench: --ab-ebpf {tmp_path}: no xdpgw.c there (give the ebpf/ directory of a build)"]
+
+
+def test_ab_refuses_a_build_with_other_map_layouts(tmp_path):
+    """A build whose Maglev lines hold 8 VM ids instead of 16: this tree's control
+    plane cannot program it, and the section says so in one line."""
+    other = tmp_path / "ebpf"
+    shutil.copytree(ROOT / "ebpf", other)
+    structs = other / "structs.h"
+    text = structs.read_text()
+    assert "#define MAGLEV_LINE_SLOTS 16" in text
+    structs.write_text(text.replace("#define MAGLEV_LINE_SLOTS 16", "#define MAGLEV_LINE_SLOTS 8"))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--only", "ab", "--quick", "--no-progress",
+                           "--ab-ebpf", str(other), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    err = json.loads((out / "latest.json").read_text())["sections"]["ab"]["error"]
+    assert err.startswith(f"RuntimeError: --ab-ebpf {other}: this tree's control plane cannot load and program")
+    assert err.endswith("compare builds with the same map layouts")
 
 
 def test_plots_written(quick_run):
