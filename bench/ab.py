@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from dataplane import libbpf
 from dataplane.program import ENTRY_FILE, program_source
 
@@ -23,8 +21,8 @@ from . import frames as F
 from .common import Context, Measurement, median, paired_ratio, pinned
 from .katran import FLOW_ENTRIES, STATE_NAMES, XDPGW_CLASSES, class_rotation
 from .programs import Rotation, load_baselines, load_rotator, load_xdpgw
-from .testrun import STATES, FlowTables, Timed, counter_check, fresh_and_steady, rotated_entry, rotated_value, \
-    run_repeat
+from .testrun import STATES, FlowTables, Timed, counter_check, fresh_and_steady, plain_drop_ns, rotated_entry, \
+    rotated_value
 
 SECTION = "ab"
 ARMS = ("this", "other")
@@ -94,8 +92,7 @@ def run(ctx: Context) -> dict:
             timed += [Timed(f"{arm}:{c.key}", class_rotation(c, hit_flows), gw.fd, tables, c.new_flows,
                             not c.new_flows, gw.counters) for c in XDPGW_CLASSES]
         with pinned(ctx.cpu):
-            frame0 = F.flows4("tcp4", F.SRC["hit"], 0, 1)[0]
-            drop_repeat = float(np.median([run_repeat(base.fd("xdp_drop_min"), frame0, repeat) for _ in range(3)]))
+            drop_repeat = plain_drop_ns(base.fd("xdp_drop_min"), repeat)
             states = fresh_and_steady(rotator, repeat, trials, baselines, timed, p)
     finally:
         for obj in (*arms.values(), rotator, base):

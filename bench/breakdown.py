@@ -28,7 +28,7 @@ from . import frames as F
 from .common import Context, Measurement, median, pinned
 from .programs import Rotation, compile_bench, load_baselines, load_rotator, load_xdpgw, xlated_calls
 from .profiling import bpf_line_profile, perf_profile
-from .testrun import Rotated, run_repeat
+from .testrun import Rotated, plain_drop_ns
 
 SECTION = "breakdown"
 
@@ -145,8 +145,7 @@ def run(ctx: Context) -> dict:
         _load_variants(progs, ("as_is", "no_capture") if ctx.quick else None, info, p)
         info["xlated_calls"] = {key: xlated_calls(g.fd) for key, (_, g) in progs.items() if key == "as_is"}
         with pinned(ctx.cpu):
-            frame0 = F.flows4("tcp4", F.SRC["hit"], 0, 1)[0]
-            drop_repeat = median(run_repeat(base.fd("xdp_drop_min"), frame0, 100_000) for _ in range(3))
+            drop_repeat = plain_drop_ns(base.fd("xdp_drop_min"), 100_000)
             hit_rot = Rotation.v4("tcp4", F.SRC["hit"], hit_flows)
             new_rot = Rotation.v4("tcp4", F.SRC["new"], 1 << 30)
             capture_rots = {"hot": Rotation.v4("tcp4", F.SRC["hit"], min(hit_flows, CAPTURE_HOT_FLOWS)),

@@ -44,8 +44,8 @@ from dataplane import libbpf
 from . import frames as F
 from .common import Context, Measurement, paired_ratio, pinned
 from .programs import Rotation, load_baselines, load_rotator, load_xdpgw, possible_cpus
-from .testrun import (STATES, FlowTables, Timed, counter_check, fresh_and_steady, rotated_entry, rotated_value,
-                      run_repeat)
+from .testrun import (STATES, FlowTables, Timed, counter_check, fresh_and_steady, plain_drop_ns, rotated_entry,
+                      rotated_value)
 
 SECTION = "katran"
 BALANCER_SOURCE = "katran/lib/bpf/balancer.bpf.c"
@@ -377,8 +377,7 @@ def _time(base, rotator, gw, katran, repeat: int, trials: int, hit_flows: int, p
         k_tables = FlowTables("Katran", FLOW_ENTRIES, katran.empty)
         timed += [Timed(c.key, class_rotation(c, hit_flows), katran.fd, k_tables, c.new_flows, not c.new_flows,
                         katran.counters, katran.restart_rate_window) for c in KATRAN_CLASSES]
-    frame0 = F.flows4("tcp4", F.SRC["hit"], 0, 1)[0]
-    drop_repeat = float(np.median([run_repeat(base.fd("xdp_drop_min"), frame0, repeat) for _ in range(3)]))
+    drop_repeat = plain_drop_ns(base.fd("xdp_drop_min"), repeat)
     return fresh_and_steady(rotator, repeat, trials, baselines, timed, p), drop_repeat
 
 

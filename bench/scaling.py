@@ -18,9 +18,9 @@ import ipaddress
 import numpy as np
 
 from . import frames as F
-from .common import Context, Measurement, median, pinned
+from .common import Context, Measurement, pinned
 from .programs import WEB, Rotation, count_entries, fill_flows, load_baselines, load_rotator, load_xdpgw, possible_cpus
-from .testrun import Rotated, counter_check
+from .testrun import Rotated, counter_check, plain_drop_ns
 
 SECTION = "scaling"
 NEW_PERIOD = 1 << 30
@@ -88,10 +88,7 @@ def run(ctx: Context) -> dict:
         base.set_target(0, "02:00:00:0c:00:01", "02:00:00:0b:00:01", 1)
         rotator = load_rotator()
         with pinned(ctx.cpu):
-            from .testrun import run_repeat
-
-            frame0 = F.flows4("tcp4", F.SRC["hit"], 0, 1)[0]
-            drop_repeat = median(run_repeat(base.fd("xdp_drop_min"), frame0, repeat) for _ in range(3))
+            drop_repeat = plain_drop_ns(base.fd("xdp_drop_min"), repeat)
             info["drop_repeat_ns"] = drop_repeat
 
             # ---- flow-table size --------------------------------------------------

@@ -50,6 +50,15 @@ def run_repeat(fd: int, frame: bytes, repeat: int) -> int:
     return libbpf.prog_test_run(fd, frame, repeat=repeat)[2]
 
 
+def plain_drop_ns(drop_fd: int, repeat: int) -> float:
+    """XDP_DROP timed with plain repeat (no rotator), median of 3: a rotated
+    run's overhead is the rotated XDP_DROP's time minus this."""
+    from . import frames as F
+
+    frame = F.flows4("tcp4", F.SRC["hit"], 0, 1)[0]
+    return float(median(run_repeat(drop_fd, frame, repeat) for _ in range(3)))
+
+
 def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(k, 0)}
 

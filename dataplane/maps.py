@@ -76,6 +76,14 @@ def _family_check(field: str, endpoint: IPAddress, source: IPAddress) -> int:
     return endpoint.version
 
 
+def _delete_others(table, keep: set[bytes]) -> None:
+    """Delete every entry of a bcc table whose key's bytes are not in `keep`
+    (the second half of "make the map hold exactly these": write, then delete)."""
+    for key in list(table.keys()):
+        if bytes(key) not in keep:
+            table.__delitem__(key)
+
+
 def _encap(field: str, tunnel: Tunnel) -> int:
     if tunnel.encap not in S.ENCAPS:
         raise ValueError(f"{field}: encap {tunnel.encap!r} must be one of {sorted(S.ENCAPS)}")
@@ -114,10 +122,8 @@ class Dataplane:
             libbpf.update_elem(self._fd(f"region_prefixes_v{net.version}"), self._lpm_key(net),
                                ct.c_uint32(region), f"region prefix {net}")
         for version in (4, 6):
-            table = self._table(f"region_prefixes_v{version}")
-            for key in list(table.keys()):
-                if (version, bytes(key)) not in wanted:
-                    table.__delitem__(key)
+            _delete_others(self._table(f"region_prefixes_v{version}"),
+                           {raw for v, raw in wanted if v == version})
         self._next_flow_generation()
 
     def _lpm_type(self, version: int):
@@ -158,9 +164,7 @@ class Dataplane:
             libbpf.update_elem(filter_fd, ct.c_uint32(slot), ct.c_uint32(1), f"vip_filter[{slot}]")
         for raw, info in entries.items():
             table[S.ServiceKey.from_buffer_copy(raw)] = info
-        for key in list(table.keys()):
-            if bytes(key) not in entries:
-                table.__delitem__(key)
+        _delete_others(table, set(entries))
         for slot in {vip_slot(raw[:16]) for raw in have} - slots:
             libbpf.update_elem(filter_fd, ct.c_uint32(slot), ct.c_uint32(0), f"vip_filter[{slot}]")
         self._next_flow_generation()
@@ -238,6 +242,7 @@ class Dataplane:
                 if libbpf.lookup_elem(fd, ct.c_uint32(slot), ifindex, f"tx_ports[{slot}]")}
 
     def set_vm(self, vm_id: int, where: LocalPort | Tunnel, state: str = "active") -> None:
+        self._check_vm(vm_id, state)
         self._table("vm_location")[ct.c_uint32(vm_id)] = self._vm_location(vm_id, where, state)
 
     def set_vms(self, vms: Iterable[tuple[int, LocalPort | Tunnel, str]]) -> None:
@@ -258,7 +263,7 @@ class Dataplane:
                                 len(ids), "vm_location")
 
     def _vm_location(self, vm_id: int, where: LocalPort | Tunnel, state: str) -> S.VmLocation:
-        self._check_vm(vm_id, state)
+        """The entry of a checked (vm_id, state) at `where`; checks `where`."""
         loc = S.VmLocation(state=VM_STATES[state])
         if isinstance(where, LocalPort):
             if not 0 <= where.slot < self.sizes.max_ports:
@@ -381,13 +386,9 @@ class Dataplane:
         wanted = {bytes(S.addr16(a)) for a in addresses}
         for raw in wanted:
             table[S.DecapKey.from_buffer_copy(raw)] = ct.c_uint32(1)
-        for key in list(table.keys()):
-            if bytes(key) not in wanted:
-                table.__delitem__(key)
+        _delete_others(table, wanted)
         for version, trie in tries.items():
-            for key in list(trie.keys()):
-                if (version, bytes(key)) not in wanted_nets:
-                    trie.__delitem__(key)
+            _delete_others(trie, {raw for v, raw in wanted_nets if v == version})
 
     def decap(self) -> dict:
         """What set_decap wrote: {"addresses": [...], "trusted": [...], "gue_port": n}."""

@@ -51,8 +51,8 @@ static __always_inline __u32 flow_generation_now(void)
 }
 
 /* The IPv4 table's key of an IPv4 flow (`key` holds its addresses IPv4-mapped),
- * built in registers and stored as the two words the cache and the table's
- * hash load (see ipv4_mapped). */
+ * built in registers and stored as whole words, as the table's hash loads it
+ * (see ipv4_mapped). */
 static __always_inline void flow_key4_of(const struct flow_key *key, struct flow_key4 *k4)
 {
     __u32 src, dst;

@@ -78,8 +78,7 @@ struct flow_key {                     /* the parsed flow of either family; flow_
 };
 
 /* flow_table4's key: an IPv4 flow without the mapped prefixes, so the LRU
- * hashes and compares 16 bytes instead of 40. Its last 8 bytes are laid out
- * as flow_key's (flow_key4_of copies them in one piece). */
+ * hashes and compares 16 bytes instead of 40 (ebpf/lb.h flow_key4_of). */
 struct flow_key4 {
     __u8 src[4];
     __u8 dst[4];
